@@ -1,0 +1,1 @@
+"""First-stage autoencoders: networks, VQ codebook, Gaussian posterior, LPIPS, GAN loss."""
