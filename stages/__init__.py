@@ -1,1 +1,10 @@
-"""One module per pipeline stage, each exposing ``run(cfg)``."""
+"""The pipeline's stages, one module each, in run order.
+
+A stage module has ``NAME``, ``SECTIONS`` (the config sections its output depends on),
+``INPUTS`` (the upstream stages it reads) and ``run(cfg)``.
+"""
+
+from stages import prepare
+
+PIPELINE = (prepare,)
+BY_NAME = {stage.NAME: stage for stage in PIPELINE}

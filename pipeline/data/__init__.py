@@ -1,0 +1,1 @@
+"""Images in, WebDataset shards out (``shards``), and shards streamed back (``stream``)."""

@@ -1,0 +1,213 @@
+"""Stage artifacts: what a stage made, from what, with which config.
+
+Each stage writes ``<runs_dir>/<experiment>/<stage>/manifest.json`` last and atomically. A
+downstream stage trusts an upstream directory only through its manifest: it must exist, be
+``complete``, and agree with every other upstream it was made from (hashes of the input
+manifests are recorded and compared).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import logging
+import platform
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from pipeline import atomic, config
+from pipeline.errors import LatentpipeError
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+RUNNING, COMPLETE, FAILED = "running", "complete", "failed"
+HASHED_FILE_LIMIT = 256 << 20  # sha256 of outputs up to this size; larger ones get size only
+_VERSIONED = ("torch", "torchvision", "numpy", "pillow", "webdataset", "accelerate", "deepspeed", "timm")
+
+
+class StageInputError(LatentpipeError):
+    """An upstream artifact is missing, unfinished, or from a different upstream run."""
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def describe_file(path: Path, root: Path, **extra: Any) -> dict:
+    """An output entry: path relative to the stage directory, size, sha256 when small."""
+    entry = {"path": str(path.relative_to(root)), "bytes": path.stat().st_size}
+    if entry["bytes"] <= HASHED_FILE_LIMIT:
+        entry["sha256"] = sha256_file(path)
+    return {**entry, **extra}
+
+
+def library_versions() -> dict:
+    versions = {"python": platform.python_version(), "latentpipe": _version("latentpipe")}
+    for name in _VERSIONED:
+        if (found := _version(name)) is not None:
+            versions[name] = found
+    return versions
+
+
+def _version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def git_commit() -> str | None:
+    """The commit of the latentpipe checkout in use (None when installed from a wheel)."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    dirty = subprocess.run(
+        ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True, text=True, timeout=10,
+    ).stdout.strip()
+    return out.stdout.strip() + ("+dirty" if dirty else "")
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def read(stage_dir: Path) -> dict | None:
+    path = Path(stage_dir) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise StageInputError(f"{path} is not valid JSON ({err}); rerun that stage") from None
+
+
+def manifest_hash(stage_dir: Path) -> str:
+    return sha256_file(Path(stage_dir) / MANIFEST)
+
+
+def write(stage_dir: Path, manifest: dict) -> None:
+    atomic.write_text(Path(stage_dir) / MANIFEST, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+
+
+def check_inputs(cfg: config.Config, inputs: Sequence[str]) -> dict[str, str]:
+    """Manifest hashes of the upstream stages, after checking they exist, are complete and agree.
+
+    Two upstreams agree when every one that was made from another recorded that other's
+    current manifest hash (e.g. the encode stage made from an autoencoder trained on older
+    shards than the prepare stage now holds is refused).
+    """
+    manifests, hashes = {}, {}
+    for name in inputs:
+        directory = cfg.stage_dir(name)
+        found = read(directory)
+        if found is None:
+            raise StageInputError(
+                f"stage '{name}' has no manifest in {directory}: run `latentpipe {name}` first"
+            )
+        if found.get("status") != COMPLETE:
+            raise StageInputError(
+                f"stage '{name}' in {directory} is {found.get('status')!r}, not complete: "
+                f"rerun `latentpipe {name}`"
+            )
+        manifests[name], hashes[name] = found, manifest_hash(directory)
+    for name, found in manifests.items():
+        for upstream, recorded in found.get("inputs", {}).items():
+            if upstream in hashes and hashes[upstream] != recorded:
+                raise StageInputError(
+                    f"stage '{name}' was made from a different '{upstream}' "
+                    f"(recorded manifest {recorded[:12]}, current {hashes[upstream][:12]}): "
+                    f"rerun `latentpipe {name}` or restore the matching '{upstream}' output"
+                )
+    return hashes
+
+
+def up_to_date(cfg: config.Config, stage: str, sections: Sequence[str], inputs: Sequence[str]) -> tuple[bool, str]:
+    """Whether a stage's existing output can be reused, and why (not)."""
+    found = read(cfg.stage_dir(stage))
+    if found is None:
+        return False, "no manifest"
+    if found.get("status") != COMPLETE:
+        return False, f"status {found.get('status')}"
+    wanted = config.section_hash(cfg, sections)
+    if found.get("config_hash") != wanted:
+        return False, f"config changed ({found.get('config_hash', '')[:12]} -> {wanted[:12]})"
+    for name in inputs:
+        directory = cfg.stage_dir(name)
+        if not (directory / MANIFEST).is_file():
+            return False, f"input '{name}' missing"
+        if found.get("inputs", {}).get(name) != manifest_hash(directory):
+            return False, f"input '{name}' changed"
+    return True, "complete"
+
+
+@dataclass
+class StageRecord:
+    """What a running stage reports into its manifest."""
+
+    directory: Path
+    outputs: list = field(default_factory=list)
+    metrics: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+
+    def add_output(self, path: Path, **extra: Any) -> None:
+        self.outputs.append(describe_file(Path(path), self.directory, **extra))
+
+
+@contextlib.contextmanager
+def stage_run(
+    cfg: config.Config, stage: str, sections: Sequence[str], inputs: Sequence[str] = ()
+) -> Iterator[StageRecord]:
+    """Check inputs, mark the stage running, save the resolved config; on exit, write the manifest.
+
+    The manifest is written last: ``complete`` only when the body finished, ``failed`` (with
+    the error) when it raised. A manifest from an earlier complete run is replaced by
+    ``running`` first, so a crash never leaves stale outputs looking complete.
+    """
+    directory = cfg.stage_dir(stage)
+    input_hashes = check_inputs(cfg, inputs)
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic.write_text(directory / "config.yaml", config.to_yaml(cfg))
+    manifest = {
+        "stage": stage,
+        "status": RUNNING,
+        "config_hash": config.section_hash(cfg, sections),
+        "inputs": input_hashes,
+        "outputs": [],
+        "metrics": {},
+        "versions": library_versions(),
+        "git_commit": git_commit(),
+        "command": sys.argv,
+        "started_at": _now(),
+        "finished_at": None,
+    }
+    write(directory, manifest)
+    record = StageRecord(directory)
+    try:
+        yield record
+    except BaseException as err:
+        manifest.update(status=FAILED, error=f"{type(err).__name__}: {err}", finished_at=_now())
+        write(directory, manifest)
+        raise
+    manifest.update(
+        status=COMPLETE, outputs=record.outputs, metrics=record.metrics, finished_at=_now(), **record.extra
+    )
+    write(directory, manifest)
+    log.info("%s: complete (%s)", stage, directory / MANIFEST)
