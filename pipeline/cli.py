@@ -43,7 +43,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_config_args(run)
 
     for stage in stages.PIPELINE:
-        summary = (stage.__doc__ or "").strip().splitlines()[0]
+        summary = (stage.__doc__ or "").strip().splitlines()[0].replace("%", "%%")
         sub = commands.add_parser(stage.NAME, help=summary, description=stage.__doc__,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
         _add_config_args(sub)
@@ -101,7 +101,8 @@ def _dispatch(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger().setLevel(level)
     try:
         _dispatch(args)
     except LatentpipeError as err:

@@ -16,6 +16,7 @@ import logging
 import platform
 import subprocess
 import sys
+import uuid
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -187,6 +188,7 @@ def stage_run(
     atomic.write_text(directory / "config.yaml", config.to_yaml(cfg))
     manifest = {
         "stage": stage,
+        "run_id": uuid.uuid4().hex,  # two runs never share a manifest hash, even within a second
         "status": RUNNING,
         "config_hash": config.section_hash(cfg, sections),
         "inputs": input_hashes,

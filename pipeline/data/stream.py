@@ -336,8 +336,9 @@ class ShardLoader:
                         "on_error": on_error, "timeout": timeout}
         self.epoch = 0
         self.batches = 0
-        self.failures = [0] * self.layout.slots_per_rank
+        self.failures = [0] * self.layout.slots_per_rank  # this epoch, per slot: for resume
         self.slot_read_errors = [0] * self.layout.slots_per_rank
+        self.skipped = {"undecodable_samples": 0, "damaged_shards": 0}  # since construction
 
     def __len__(self) -> int:
         return self.layout.batches_per_epoch
@@ -351,9 +352,11 @@ class ShardLoader:
             multiprocessing_context="fork" if lay.num_workers else None,
         )
         for batch, meta in loader:
+            slot = meta["slot"]
             self.batches += 1
-            self.failures[meta["slot"]] = meta["failures"]
-            self.slot_read_errors[meta["slot"]] = meta["read_errors"]
+            self.skipped["undecodable_samples"] += meta["failures"] - self.failures[slot]
+            self.skipped["damaged_shards"] += meta["read_errors"] - self.slot_read_errors[slot]
+            self.failures[slot], self.slot_read_errors[slot] = meta["failures"], meta["read_errors"]
             yield batch
         if self.batches != lay.batches_per_epoch:  # a worker stopped short: never silently
             raise StreamError(f"rank {lay.rank} got {self.batches} of {lay.batches_per_epoch} batches in epoch {self.epoch}")
@@ -361,11 +364,6 @@ class ShardLoader:
         self.batches = 0
         self.failures = [0] * lay.slots_per_rank
         self.slot_read_errors = [0] * lay.slots_per_rank
-
-    @property
-    def skipped(self) -> dict:
-        """Undecodable samples and damaged shards skipped so far in this epoch."""
-        return {"undecodable_samples": sum(self.failures), "damaged_shards": sum(self.slot_read_errors)}
 
     def state_dict(self) -> dict:
         lay = self.layout

@@ -1,0 +1,201 @@
+"""The streaming loader: splitting, equal epochs, exact resume, damage, HTTP."""
+
+import functools
+import http.server
+import io
+import threading
+import time
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.data import shards
+from pipeline.data.stream import Layout, SampleDecodeError, ShardLoader, StreamError, slot_shards
+
+
+def _png(value, size=6):
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((size, size), value % 256, np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _write_shards(directory, sizes, corrupt=()):
+    """Shards holding sizes[i] samples each; keys are globally unique; ``corrupt`` keys get bad PNGs."""
+    directory.mkdir(parents=True, exist_ok=True)
+    n = 0
+    for index, size in enumerate(sizes):
+        with shards.ShardWriter(directory, "train", max_count=10**6, max_bytes=1 << 30, first_index=index) as w:
+            for _ in range(size):
+                key = f"s{n:05d}"
+                data = b"not a png" if key in corrupt else _png(n, size=8)
+                w.write({"__key__": key, "png": data, "cls": str(n % 10).encode()})
+                n += 1
+    return sorted(str(p) for p in directory.glob("train-*.tar"))
+
+
+def _keys(loader, limit=None):
+    out = []
+    for batch in loader:
+        out.append(tuple(batch["key"]))
+        if limit is not None and len(out) == limit:
+            break
+    return out
+
+
+def test_slots_get_disjoint_shards_covering_the_set_once_per_epoch():
+    urls = [f"s{i}.tar" for i in range(23)]
+    for world, workers in [(1, 1), (2, 1), (3, 2), (4, 3)]:
+        for epoch in range(3):
+            seen = []
+            for rank in range(world):
+                layout = Layout(len(urls), 1000, 4, rank, world, workers, seed=7)
+                for worker in range(layout.slots_per_rank):
+                    mine = slot_shards(urls, layout, epoch, rank * layout.slots_per_rank + worker)
+                    assert mine, "no rank or worker reads zero shards"
+                    seen += mine
+            assert sorted(seen) == sorted(urls)
+    layout = Layout(len(urls), 1000, 4, 0, 2, 1, seed=7)
+    assert slot_shards(urls, layout, 0, 0) != slot_shards(urls, layout, 1, 0), "reshuffled per epoch"
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_uneven_shards_give_every_rank_the_same_batch_count(tmp_path, workers):
+    urls = _write_shards(tmp_path, [3, 40, 5, 1, 17])  # 66 samples, very uneven
+    world, batch = 2, 4
+    per_rank = []
+    for rank in range(world):
+        loader = ShardLoader(urls, batch_size=batch, rank=rank, world_size=world, num_workers=workers,
+                             shuffle_buffer=8, seed=1)
+        epochs = [_keys(loader) for _ in range(2)]
+        per_rank.append(epochs)
+        assert [len(e) for e in epochs] == [66 // (world * batch)] * 2
+        assert all(len(k) == batch for e in epochs for k in e)
+    counts = Counter(k for rank in per_rank for batch_keys in rank[0] for k in batch_keys)
+    assert len(counts) >= 0.6 * 66, "ranks read mostly distinct samples"
+
+
+def test_fewer_shards_than_slots_splits_by_sample(tmp_path):
+    urls = _write_shards(tmp_path, [30])
+    keys = [set(k for b in _keys(ShardLoader(urls, batch_size=3, rank=r, world_size=2, num_workers=2, shuffle_buffer=4)) for k in b)
+            for r in range(2)]
+    assert keys[0] and keys[1] and not keys[0] & keys[1]
+
+
+def test_rank_output_does_not_depend_on_reading_in_workers_or_main_process(tmp_path):
+    urls = _write_shards(tmp_path, [12, 9, 15, 7])
+    kwargs = dict(batch_size=4, rank=1, world_size=2, shuffle_buffer=6, seed=3)
+    # one worker reading in a subprocess or in the main process: the same slot, the same batches
+    assert _keys(ShardLoader(urls, num_workers=1, **kwargs)) == _keys(ShardLoader(urls, num_workers=0, **kwargs))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_exact_resume_yields_the_uninterrupted_batches(tmp_path, workers):
+    urls = _write_shards(tmp_path, [11, 23, 7, 19, 14])
+    make = functools.partial(ShardLoader, urls, batch_size=4, rank=0, world_size=2, num_workers=workers,
+                             shuffle_buffer=10, seed=5, flip=True, crop=6)
+    uninterrupted = make()
+    reference = []
+    for _ in range(2):
+        reference += [(tuple(b["key"]), b["image"].clone()) for b in uninterrupted]
+    for stop in (1, 4, 5, len(uninterrupted) + 2):
+        first = make()
+        consumed = []
+        while len(consumed) < stop:
+            for b in first:
+                consumed.append(tuple(b["key"]))
+                if len(consumed) == stop:
+                    break
+        state = first.state_dict()
+        resumed = make()
+        resumed.load_state_dict(state)
+        rest = []
+        while len(consumed) + len(rest) < len(reference):
+            rest += [(tuple(b["key"]), b["image"]) for b in resumed]
+        assert consumed == [k for k, _ in reference[:stop]]
+        for (key, image), (ref_key, ref_image) in zip(rest, reference[stop:]):
+            assert key == ref_key
+            assert torch.equal(image, ref_image), "same augmentation after resume"
+
+
+def test_resume_is_exact_across_undecodable_samples(tmp_path):
+    urls = _write_shards(tmp_path, [10, 10, 10, 10], corrupt={"s00003", "s00012", "s00025"})
+    make = functools.partial(ShardLoader, urls, batch_size=3, num_workers=2, shuffle_buffer=5, seed=2)
+    reference = _keys(make())
+    assert not {"s00003", "s00012", "s00025"} & {k for b in reference for k in b}
+    for stop in range(1, len(reference)):
+        first = make()
+        assert _keys(first, stop) == reference[:stop]
+        resumed = make()
+        resumed.load_state_dict(first.state_dict())
+        assert _keys(resumed) == reference[stop:]
+    loader = make()
+    _keys(loader, len(reference) - 1)
+    assert loader.skipped["undecodable_samples"] >= 1
+
+
+def test_undecodable_sample_raises_when_asked(tmp_path):
+    urls = _write_shards(tmp_path, [10], corrupt={"s00004"})
+    with pytest.raises(SampleDecodeError, match="s00004"):
+        _keys(ShardLoader(urls, batch_size=2, on_error="raise", shuffle_buffer=1))
+
+
+def test_truncated_shard_is_skipped_with_a_warning(tmp_path, caplog):
+    urls = _write_shards(tmp_path, [20, 20])
+    data = open(urls[1], "rb").read()
+    with open(urls[1], "wb") as handle:
+        handle.write(data[: len(data) // 2 + 100])  # cut mid-member
+    loader = ShardLoader(urls, batch_size=4, samples_per_epoch=40, shuffle_buffer=4)
+    keys = {k for b in _keys(loader) for k in b}
+    assert keys and loader.skipped["damaged_shards"] >= 1
+    assert "skipping the rest of shard" in caplog.text
+
+
+def test_changed_layout_refuses_to_resume(tmp_path):
+    urls = _write_shards(tmp_path, [10, 10])
+    first = ShardLoader(urls, batch_size=2, num_workers=0)
+    _keys(first, 2)
+    other = ShardLoader(urls, batch_size=4, num_workers=0)
+    with pytest.raises(StreamError, match="batch_size: 2 -> 4"):
+        other.load_state_dict(first.state_dict())
+
+
+def test_too_little_data_for_one_batch_is_a_clear_error(tmp_path):
+    urls = _write_shards(tmp_path, [3])
+    with pytest.raises(StreamError, match="no full batch"):
+        ShardLoader(urls, batch_size=4, world_size=1)
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def test_streaming_over_http_equals_local(tmp_path):
+    urls = _write_shards(tmp_path, [9, 14, 6])
+    handler = functools.partial(_QuietHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        port = server.server_address[1]
+        remote = f"http://127.0.0.1:{port}/train-{{000000..000002}}.tar"
+        kwargs = dict(batch_size=3, num_workers=2, shuffle_buffer=5, seed=9)
+        assert _keys(ShardLoader(remote, **kwargs)) == _keys(ShardLoader(urls, **kwargs))
+    finally:
+        server.shutdown()
+
+
+def test_unreachable_url_fails_fast_with_a_clear_error():
+    start = time.monotonic()
+    with pytest.raises(StreamError, match="cannot reach shard http://127.0.0.1:9/"):
+        ShardLoader("http://127.0.0.1:9/train-000000.tar", batch_size=2, timeout=5)
+    assert time.monotonic() - start < 10
+
+
+def test_pipe_urls_are_read(tmp_path):
+    urls = _write_shards(tmp_path, [6])
+    pipe = f"pipe:cat {urls[0]}"
+    assert _keys(ShardLoader(pipe, batch_size=2, shuffle_buffer=1)) == _keys(ShardLoader(urls, batch_size=2, shuffle_buffer=1))
