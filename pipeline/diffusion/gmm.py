@@ -1,0 +1,118 @@
+"""Gaussian-mixture oracle: exact denoiser, score and log-density at every noise level.
+
+For p_0 = sum_k pi_k N(mu_k, S_k), the VE-noised marginal x = x_0 + sigma eps is again a mixture,
+p_sigma = sum_k pi_k N(mu_k, S_k + sigma^2 I), so with responsibilities
+r_k(x) = pi_k N(x; mu_k, S_k + sigma^2 I) / p_sigma(x) (Bishop 2006, eq. 9.23):
+
+- score      grad log p_sigma(x) = sum_k r_k (S_k + sigma^2 I)^{-1} (mu_k - x)
+- denoiser   E[x_0 | x]          = sum_k r_k (mu_k + S_k (S_k + sigma^2 I)^{-1} (x - mu_k))
+- log p_sigma(x)                 = logsumexp_k (log pi_k + log N(x; mu_k, S_k + sigma^2 I))
+
+(Karras et al. 2022, "EDM", Sec. 3 uses the same identity D = x + sigma^2 grad log p.) Each S_k is
+diagonalised once (S_k = U_k diag(l_k) U_k^T), so any per-sample sigma costs O(K d^2). It is the
+reference for the sampler tests and benchmark, and a toy prior for users:
+
+    gmm = GaussianMixture.random(dim=2, components=3, generator=g)
+    x = pipeline.sampling.sample(gmm.denoiser, sigma_max * noise, sigmas, method="heun")
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from pipeline.diffusion.parameterization import batch_sigma
+
+__all__ = ["GaussianMixture"]
+
+
+class GaussianMixture:
+    def __init__(self, weights: Tensor, means: Tensor, covs: Tensor):
+        """``weights`` (K,), ``means`` (K, d), ``covs`` (K, d, d) symmetric positive definite."""
+        self.weights = weights / weights.sum()
+        self.means, self.covs = means, covs
+        self.eigvals, self.eigvecs = torch.linalg.eigh(covs)
+        if (self.eigvals <= 0).any():
+            raise ValueError("mixture covariances must be positive definite")
+
+    @property
+    def dim(self) -> int:
+        return self.means.shape[1]
+
+    @classmethod
+    def random(cls, dim: int, components: int, generator: torch.Generator, spread: float = 2.0,
+               scale: tuple[float, float] = (0.05, 0.4), dtype=torch.float64) -> "GaussianMixture":
+        """Random means in [-spread, spread]^d, random rotated covariances with standard
+        deviations in ``scale`` and weights in [0.5, 1.5] (normalised)."""
+        g = generator
+        means = (2 * torch.rand(components, dim, generator=g, dtype=dtype) - 1) * spread
+        q, _ = torch.linalg.qr(torch.randn(components, dim, dim, generator=g, dtype=dtype))
+        std = scale[0] + (scale[1] - scale[0]) * torch.rand(components, dim, generator=g, dtype=dtype)
+        covs = q @ torch.diag_embed(std**2) @ q.transpose(-1, -2)
+        weights = 0.5 + torch.rand(components, generator=g, dtype=dtype)
+        return cls(weights, means, covs)
+
+    def to(self, dtype) -> "GaussianMixture":
+        return GaussianMixture(self.weights.to(dtype), self.means.to(dtype), self.covs.to(dtype))
+
+    # -- sampling ----------------------------------------------------------------------------
+    def sample(self, n: int, generator: torch.Generator | None = None, sigma: float = 0.0) -> Tensor:
+        """n draws from p_sigma (p_0 by default)."""
+        k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        z = torch.randn(n, self.dim, generator=generator, dtype=self.means.dtype)
+        chol = self.eigvecs[k] * self.eigvals[k].sqrt().unsqueeze(-2)
+        x = self.means[k] + (chol @ z.unsqueeze(-1)).squeeze(-1)
+        if sigma:
+            x = x + sigma * torch.randn(n, self.dim, generator=generator, dtype=self.means.dtype)
+        return x
+
+    # -- exact quantities at noise level sigma -----------------------------------------------
+    def _parts(self, x: Tensor, sigma):
+        """Responsibilities (B, K), per-component log-densities (B, K), projected residuals
+        (B, K, d) in the eigenbases and the noisy eigenvalues (B, K, d)."""
+        x = x.reshape(x.shape[0], -1)
+        s2 = batch_sigma(sigma, x).reshape(-1, 1, 1) ** 2
+        lam = self.eigvals.to(x.dtype).unsqueeze(0) + s2                     # (B, K, d)
+        r = torch.einsum("kde,bkd->bke", self.eigvecs.to(x.dtype), x.unsqueeze(1) - self.means.to(x.dtype))
+        logn = -0.5 * ((r * r / lam).sum(-1) + lam.log().sum(-1) + self.dim * math.log(2 * math.pi))
+        logw = logn + self.weights.to(x.dtype).log()
+        return torch.softmax(logw, -1), logw, r, lam
+
+    def log_prob(self, x: Tensor, sigma=0.0) -> Tensor:
+        """log p_sigma(x) per sample."""
+        return torch.logsumexp(self._parts(x, sigma)[1], -1)
+
+    def score(self, x: Tensor, sigma) -> Tensor:
+        """grad_x log p_sigma(x)."""
+        resp, _, r, lam = self._parts(x, sigma)
+        g = torch.einsum("kde,bke->bkd", self.eigvecs.to(x.dtype), -r / lam)
+        return (resp.unsqueeze(-1) * g).sum(1).reshape(x.shape)
+
+    def denoiser(self, x: Tensor, sigma, **cond) -> Tensor:
+        """E[x_0 | x_0 + sigma eps = x]: the exact D of the mixture (the Bayes-optimal denoiser)."""
+        resp, _, r, lam = self._parts(x, sigma)
+        shrink = self.eigvals.to(x.dtype).unsqueeze(0) / lam
+        m = self.means.to(x.dtype) + torch.einsum("kde,bke->bkd", self.eigvecs.to(x.dtype), shrink * r)
+        return (resp.unsqueeze(-1) * m).sum(1).reshape(x.shape)
+
+    __call__ = denoiser
+
+    # -- conditioning --------------------------------------------------------------------
+    def condition(self, index: Tensor, value: Tensor, noise_std: float = 0.0) -> "GaussianMixture":
+        """p(x_rest | y) for the observation y = x[index] + noise_std * n: again a mixture, with
+        each component conditioned (Bishop 2006, eqs. 2.81-2.82) and reweighted by its evidence
+        N(y; mu_k[index], S_k[index, index] + noise_std^2 I)."""
+        index = torch.as_tensor(index)
+        rest = torch.tensor([i for i in range(self.dim) if i not in set(index.tolist())])
+        s_oo = self.covs[:, index][:, :, index] + noise_std**2 * torch.eye(len(index), dtype=self.covs.dtype)
+        s_ro = self.covs[:, rest][:, :, index]
+        s_rr = self.covs[:, rest][:, :, rest]
+        gain = s_ro @ torch.linalg.inv(s_oo)
+        resid = value - self.means[:, index]
+        means = self.means[:, rest] + (gain @ resid.unsqueeze(-1)).squeeze(-1)
+        covs = s_rr - gain @ s_ro.transpose(-1, -2)
+        evidence = torch.distributions.MultivariateNormal(self.means[:, index], s_oo).log_prob(value)
+        weights = torch.softmax(self.weights.log() + evidence, 0)
+        return GaussianMixture(weights, means, 0.5 * (covs + covs.transpose(-1, -2)))

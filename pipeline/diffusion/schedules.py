@@ -1,0 +1,270 @@
+"""Forward noising processes and their view in the variance-exploding (VE) frame.
+
+Every process noises data as x_t = alpha_t x_0 + sigma_t eps. Samplers work in the VE frame
+x = x_t / alpha_t = x_0 + sigma * eps with sigma = sigma_t / alpha_t (Karras et al. 2022, "EDM",
+eq. 4 and Table 1), so each process provides:
+
+- ``marginal(t)``        -> (alpha_t, sigma_t) of q(x_t | x_0);
+- ``sigma_ve(t)`` / ``t_of_sigma(sigma)``: the VE noise level of a time and back;
+- ``input_scale(sigma)`` -> alpha_t at that VE level (the network sees x_t = alpha_t x);
+- ``network_time(sigma)`` -> the time input the network was trained with (DDPM's integer t,
+  the SDE's continuous t, NCSN's level index);
+- ``training_sigmas(n, generator)``: noise levels drawn for training;
+- ``sigmas(n)``: the process's own sampling grid (descending, ending at 0);
+- ``sde(t)`` -> (f_t, g_t) of dx = f_t x dt + g_t dw for the SDE processes (Song et al. 2021,
+  "Score-based generative modeling through SDEs", eqs. 9-12 and Appendix B).
+
+Times are float64 tensors internally; results follow the dtype of the caller's tensor.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["DDPM", "VP", "SubVP", "VE", "NCSN"]
+
+
+def _as_f64(x) -> Tensor:
+    return torch.as_tensor(x, dtype=torch.float64)
+
+
+def _like(value: Tensor, ref) -> Tensor:
+    """``value`` in the dtype/device of ``ref`` (float64 when ``ref`` is not a float tensor)."""
+    if isinstance(ref, Tensor) and ref.is_floating_point():
+        return value.to(dtype=ref.dtype, device=ref.device)
+    return value
+
+
+def _nearest_index(table: Tensor, sigma) -> Tensor:
+    """Index of the entry of an increasing positive ``table`` nearest to ``sigma`` in log space."""
+    s = _as_f64(sigma).to(table.device).clamp_min(1e-30).log()
+    return (s.unsqueeze(-1) - table.log()).abs().argmin(-1)
+
+
+def _vp_scale(sigma: Tensor) -> Tensor:
+    """alpha = 1 / sqrt(1 + sigma^2): variance preservation alpha^2 + sigma_t^2 = 1 in the VE frame."""
+    return torch.rsqrt(1 + sigma * sigma)
+
+
+class DDPM:
+    """Discrete DDPM (Ho et al. 2020): q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I).
+
+    Index ``t`` runs 0..T-1 as in diffusers (the paper's t = index + 1). ``alphas`` = 1 - beta,
+    ``alphas_cumprod`` = alphabar_t = prod_{i <= t} alpha_i.
+    """
+
+    def __init__(self, betas):
+        self.betas = _as_f64(betas)
+        self.alphas = 1 - self.betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, 0)
+        self.T = len(self.betas)
+        # sigma_ve of every timestep, increasing: sqrt((1 - alphabar) / alphabar).
+        self.sigma_table = ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt()
+
+    @classmethod
+    def linear(cls, T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> "DDPM":
+        """Linear betas from 1e-4 to 0.02 over T = 1000 (Ho et al. 2020, Sec. 4)."""
+        return cls(torch.linspace(beta_start, beta_end, T, dtype=torch.float64))
+
+    @classmethod
+    def cosine(cls, T: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> "DDPM":
+        """Cosine schedule (Nichol & Dhariwal 2021, eq. 17): alphabar(t) = f(t)/f(0),
+        f(t) = cos^2(((t/T + s)/(1 + s)) pi/2), beta_t = 1 - alphabar_t/alphabar_{t-1} <= 0.999."""
+        t = torch.arange(T + 1, dtype=torch.float64) / T
+        f = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
+        return cls((1 - f[1:] / f[:-1]).clamp(max=max_beta))
+
+    # -- marginals and posteriors --------------------------------------------------------
+    def marginal(self, t) -> tuple[Tensor, Tensor]:
+        """q(x_t | x_0) = N(sqrt(alphabar_t) x_0, (1 - alphabar_t) I) (Ho et al. eq. 4)."""
+        ab = self.alphas_cumprod[torch.as_tensor(t)]
+        return ab.sqrt(), (1 - ab).sqrt()
+
+    def step(self, x_prev: Tensor, t, noise: Tensor) -> Tensor:
+        """One forward step x_t ~ q(x_t | x_{t-1}) (Ho et al. eq. 2) with the given noise."""
+        b = _like(self.betas[torch.as_tensor(t)], x_prev)
+        return (1 - b).sqrt() * x_prev + b.sqrt() * noise
+
+    def posterior_variance(self, t) -> Tensor:
+        """beta~_t = (1 - alphabar_{t-1}) / (1 - alphabar_t) beta_t (Ho et al. eq. 7)."""
+        t = torch.as_tensor(t)
+        ab_prev = torch.where(t > 0, self.alphas_cumprod[(t - 1).clamp_min(0)], _as_f64(1.0))
+        return (1 - ab_prev) / (1 - self.alphas_cumprod[t]) * self.betas[t]
+
+    def posterior_mean(self, t, x_t: Tensor, x0: Tensor) -> Tensor:
+        """mu~_t = sqrt(alphabar_{t-1}) beta_t/(1 - alphabar_t) x_0
+        + sqrt(alpha_t)(1 - alphabar_{t-1})/(1 - alphabar_t) x_t (Ho et al. eq. 7)."""
+        t = torch.as_tensor(t)
+        ab = self.alphas_cumprod[t]
+        ab_prev = torch.where(t > 0, self.alphas_cumprod[(t - 1).clamp_min(0)], _as_f64(1.0))
+        c0 = _like(ab_prev.sqrt() * self.betas[t] / (1 - ab), x_t)
+        ct = _like(self.alphas[t].sqrt() * (1 - ab_prev) / (1 - ab), x_t)
+        return c0 * x0 + ct * x_t
+
+    def posterior_mean_from_eps(self, t, x_t: Tensor, eps: Tensor) -> Tensor:
+        """mu~_t = 1/sqrt(alpha_t) (x_t - beta_t/sqrt(1 - alphabar_t) eps) (Ho et al. eq. 11)."""
+        t = torch.as_tensor(t)
+        a = _like(self.alphas[t], x_t)
+        c = _like(self.betas[t] / (1 - self.alphas_cumprod[t]).sqrt(), x_t)
+        return (x_t - c * eps) / a.sqrt()
+
+    # -- VE frame --------------------------------------------------------------------------
+    def sigma_ve(self, t) -> Tensor:
+        return self.sigma_table[torch.as_tensor(t)]
+
+    def network_time(self, sigma) -> Tensor:
+        """The integer timestep whose sigma_ve is nearest to ``sigma`` (log scale)."""
+        return _nearest_index(self.sigma_table, sigma)
+
+    t_of_sigma = network_time
+
+    def input_scale(self, sigma: Tensor) -> Tensor:
+        return _vp_scale(sigma)
+
+    def training_sigmas(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """t ~ Uniform{0..T-1} (Ho et al. Algorithm 1), returned as sigma_ve."""
+        t = torch.randint(0, self.T, (n,), generator=generator)
+        return self.sigma_table[t]
+
+    def sigmas(self, n: int | None = None) -> Tensor:
+        """All T timesteps (or ``n`` uniformly spaced ones) as a descending VE grid ending at 0."""
+        from pipeline.sampling.grids import ddpm_sigmas, ddpm_timesteps
+
+        return ddpm_sigmas(self, ddpm_timesteps(self.T, n or self.T))
+
+
+class _SDEProcess:
+    """Shared VE-frame view of a continuous-time process with t in [t_min, 1]."""
+
+    t_min: float
+
+    def marginal(self, t) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def sigma_ve(self, t) -> Tensor:
+        alpha, sigma = self.marginal(t)
+        return sigma / alpha
+
+    def network_time(self, sigma) -> Tensor:
+        return self.t_of_sigma(sigma)
+
+    def input_scale(self, sigma) -> Tensor:
+        t = self.t_of_sigma(sigma)
+        return _like(self.marginal(t)[0], sigma)
+
+    def training_sigmas(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """t ~ Uniform[t_min, 1] (Song et al. 2021, eq. 7), returned as sigma_ve."""
+        t = self.t_min + (1 - self.t_min) * torch.rand(n, generator=generator, dtype=torch.float64)
+        return self.sigma_ve(t)
+
+    def sigmas(self, n: int, t_end: float = 1e-3) -> Tensor:
+        """n times uniform in [t_end, 1] (Song et al. 2021's sampling grid), VE frame, then 0."""
+        t = torch.linspace(1, t_end, n, dtype=torch.float64)
+        return torch.cat([self.sigma_ve(t), t.new_zeros(1)])
+
+
+class VP(_SDEProcess):
+    """VP-SDE dx = -1/2 beta(t) x dt + sqrt(beta(t)) dw, beta(t) = beta_min + t (beta_max - beta_min)
+    (Song et al. 2021, eq. 11); marginal alpha_t = exp(-1/4 t^2 (b_max - b_min) - 1/2 t b_min),
+    sigma_t^2 = 1 - alpha_t^2 (eq. 29). The T -> infinity limit of DDPM with beta_i = beta(i/T)/T."""
+
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, t_min: float = 1e-5):
+        self.beta_min, self.beta_max, self.t_min = beta_min, beta_max, t_min
+
+    def beta(self, t) -> Tensor:
+        return self.beta_min + _as_f64(t) * (self.beta_max - self.beta_min)
+
+    def log_alpha(self, t) -> Tensor:
+        t = _as_f64(t)
+        return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
+
+    def marginal(self, t) -> tuple[Tensor, Tensor]:
+        log_a = self.log_alpha(t)
+        return log_a.exp(), (-torch.expm1(2 * log_a)).sqrt()
+
+    def _t_of_log_alpha(self, log_a: Tensor) -> Tensor:
+        # Solve 1/4 d t^2 + 1/2 b_min t = -log alpha for t >= 0 (EDM Table 1, sigma^-1 for VP).
+        d = self.beta_max - self.beta_min
+        return (-0.5 * self.beta_min + (0.25 * self.beta_min**2 - d * log_a).sqrt()) / (0.5 * d)
+
+    def t_of_sigma(self, sigma) -> Tensor:
+        return _like(self._t_of_log_alpha(-0.5 * torch.log1p(_as_f64(sigma) ** 2)), sigma)
+
+    def sde(self, t) -> tuple[Tensor, Tensor]:
+        b = self.beta(t)
+        return -0.5 * b, b.sqrt()
+
+
+class SubVP(VP):
+    """sub-VP SDE dx = -1/2 beta(t) x dt + sqrt(beta(t)(1 - exp(-2 int_0^t beta))) dw
+    (Song et al. 2021, eq. 12): same mean as VP, std sigma_t = 1 - alpha_t^2 (eq. 30)."""
+
+    def marginal(self, t) -> tuple[Tensor, Tensor]:
+        log_a = self.log_alpha(t)
+        return log_a.exp(), -torch.expm1(2 * log_a)
+
+    def t_of_sigma(self, sigma) -> Tensor:
+        # sigma_ve = (1 - a^2)/a  =>  a = (sqrt(sigma^2 + 4) - sigma) / 2.
+        s = _as_f64(sigma)
+        return _like(self._t_of_log_alpha(torch.log(((s * s + 4).sqrt() - s) / 2)), sigma)
+
+    def sde(self, t) -> tuple[Tensor, Tensor]:
+        b = self.beta(t)
+        return -0.5 * b, (b * -torch.expm1(4 * self.log_alpha(t))).sqrt()
+
+
+class VE(_SDEProcess):
+    """VE-SDE dx = sqrt(d sigma^2/dt) dw with sigma(t) = sigma_min (sigma_max/sigma_min)^t
+    (Song et al. 2021, eq. 9 and Appendix C): alpha_t = 1, sigma_t = sigma(t)."""
+
+    def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, t_min: float = 1e-5):
+        self.sigma_min, self.sigma_max, self.t_min = sigma_min, sigma_max, t_min
+
+    def marginal(self, t) -> tuple[Tensor, Tensor]:
+        t = _as_f64(t)
+        return torch.ones_like(t), self.sigma_min * (self.sigma_max / self.sigma_min) ** t
+
+    def t_of_sigma(self, sigma) -> Tensor:
+        s = _as_f64(sigma)
+        return _like(torch.log(s / self.sigma_min) / math.log(self.sigma_max / self.sigma_min), sigma)
+
+    def input_scale(self, sigma) -> Tensor:
+        return torch.ones_like(_like(_as_f64(sigma), sigma))
+
+    def sde(self, t) -> tuple[Tensor, Tensor]:
+        s = self.marginal(t)[1]
+        return torch.zeros_like(s), s * math.sqrt(2 * math.log(self.sigma_max / self.sigma_min))
+
+
+class NCSN:
+    """NCSN's noise levels sigma_1 < ... < sigma_L, geometric (Song & Ermon 2019, Sec. 4.2): the
+    discrete form of the VE-SDE. The network is conditioned on the level index."""
+
+    def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, levels: int = 232):
+        self.levels = torch.exp(torch.linspace(math.log(sigma_min), math.log(sigma_max), levels, dtype=torch.float64))
+
+    def marginal(self, i) -> tuple[Tensor, Tensor]:
+        s = self.levels[torch.as_tensor(i)]
+        return torch.ones_like(s), s
+
+    def sigma_ve(self, i) -> Tensor:
+        return self.levels[torch.as_tensor(i)]
+
+    def network_time(self, sigma) -> Tensor:
+        return _nearest_index(self.levels, sigma)
+
+    t_of_sigma = network_time
+
+    def input_scale(self, sigma) -> Tensor:
+        return torch.ones_like(_like(_as_f64(sigma), sigma))
+
+    def training_sigmas(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """A level drawn uniformly per sample (Song & Ermon 2019, eq. 6)."""
+        return self.levels[torch.randint(0, len(self.levels), (n,), generator=generator)]
+
+    def sigmas(self, n: int | None = None) -> Tensor:
+        """The levels from sigma_L down to sigma_1, then 0 (the final denoising step)."""
+        return torch.cat([self.levels.flip(0), self.levels.new_zeros(1)])
