@@ -212,12 +212,12 @@ def _store(entry: WeightFile, source: IO[bytes], cache: Path) -> None:
     cache.mkdir(parents=True, exist_ok=True)
     tmp = cache / f".{entry.filename}.tmp"
     try:
-        if entry.convert == "numpy-pickle":
-            from safetensors.numpy import save_file
+        with open(tmp, "wb") as out:
+            if entry.convert == "numpy-pickle":
+                from safetensors.numpy import save
 
-            save_file(flatten_arrays(NumpyOnlyUnpickler(source).load()), str(tmp))
-        else:
-            with open(tmp, "wb") as out:
+                out.write(save(flatten_arrays(NumpyOnlyUnpickler(source).load())))
+            else:
                 shutil.copyfileobj(source, out, 1 << 20)
         got = sha256_of(tmp)
         if got != entry.sha256:
