@@ -1,0 +1,142 @@
+"""Training losses. Weighting is explicit: every loss takes ``weighting(sigma) -> weight`` over
+the VE noise levels drawn by ``process.training_sigmas``.
+
+With x_t = alpha x_0 + s eps (s = alpha sigma) and the network seeing (x_t, network_time(sigma)):
+- ``eps_loss``: L_simple = E ||eps - eps_theta(x_t, t)||^2 (Ho et al. 2020, eq. 14);
+- ``x0_loss``:  E ||x_0 - x0_theta(x_t, t)||^2;
+- ``v_loss``:   E ||v - v_theta(x_t, t)||^2, v = alpha eps - s x_0 (Salimans & Ho 2022, Sec. 4);
+- ``dsm_loss``: denoising score matching sum_i lambda(sigma_i) E ||s_theta(x_t, i) + eps / s||^2
+  with grad log q(x_t | x_0) = -eps / s and lambda(sigma) = s^2 by default
+  (Song & Ermon 2019, eqs. 2 and 6; Vincent 2011);
+- ``vlb``: the DDPM variational bound L_T + sum_t L_{t-1} + L_0 in closed form, bits/dim
+  (Ho et al. 2020, eq. 5, eq. 13 for the discretised decoder L_0).
+Squared norms are means over the non-batch dimensions.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from pipeline.diffusion.parameterization import batch_sigma
+
+__all__ = ["eps_loss", "x0_loss", "v_loss", "dsm_loss", "vlb", "vlb_term", "constant", "sigma_squared"]
+
+Weighting = Callable[[Tensor], Tensor]
+
+
+def constant(sigma: Tensor) -> Tensor:
+    """lambda = 1 (L_simple's weighting)."""
+    return torch.ones_like(sigma)
+
+
+def sigma_squared(sigma: Tensor) -> Tensor:
+    """lambda(sigma) = sigma^2 in the VE frame (NCSN's choice, Song & Ermon 2019, Sec. 4.2)."""
+    return sigma**2
+
+
+def _perturb(net, process, x0: Tensor, generator, **cond):
+    """Draw sigma and eps, build x_t = alpha x_0 + s eps and run the network on it."""
+    sigma = batch_sigma(process.training_sigmas(x0.shape[0], generator), x0)
+    alpha = process.input_scale(sigma).to(x0.dtype)
+    eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+    s = alpha * sigma
+    out = net(alpha * x0 + s * eps, process.network_time(sigma.reshape(-1)), **cond)
+    return sigma.reshape(-1), alpha, s, eps, out
+
+
+def _weighted_mse(pred: Tensor, target: Tensor, weight: Tensor) -> Tensor:
+    per_sample = (pred - target).pow(2).reshape(pred.shape[0], -1).mean(1)
+    return (weight.to(per_sample.dtype) * per_sample).mean()
+
+
+def eps_loss(net, process, x0: Tensor, generator=None, weighting: Weighting = constant, **cond) -> Tensor:
+    sigma, _, _, eps, out = _perturb(net, process, x0, generator, **cond)
+    return _weighted_mse(out, eps, weighting(sigma))
+
+
+def x0_loss(net, process, x0: Tensor, generator=None, weighting: Weighting = constant, **cond) -> Tensor:
+    sigma, _, _, _, out = _perturb(net, process, x0, generator, **cond)
+    return _weighted_mse(out, x0, weighting(sigma))
+
+
+def v_loss(net, process, x0: Tensor, generator=None, weighting: Weighting = constant, **cond) -> Tensor:
+    sigma, alpha, s, eps, out = _perturb(net, process, x0, generator, **cond)
+    return _weighted_mse(out, alpha * eps - s * x0, weighting(sigma))
+
+
+def dsm_loss(net, process, x0: Tensor, generator=None, weighting: Weighting | None = None, **cond) -> Tensor:
+    """Weighted DSM; the default weighting lambda = s^2 (sigma^2 for VE/NCSN) makes every level's
+    term O(1) (Song & Ermon 2019, eq. 6)."""
+    sigma, alpha, s, eps, out = _perturb(net, process, x0, generator, **cond)
+    weight = weighting(sigma) if weighting is not None else (s.reshape(-1)) ** 2
+    return _weighted_mse(out, -eps / s, weight)
+
+
+# -- the variational bound ------------------------------------------------------------------
+def _normal_kl(mean1: Tensor, var1, mean2: Tensor, var2) -> Tensor:
+    """KL(N(mean1, var1) || N(mean2, var2)) per element (closed form)."""
+    return 0.5 * (torch.log(var2 / var1) + (var1 + (mean1 - mean2) ** 2) / var2 - 1)
+
+
+def _discretised_gaussian_log_likelihood(x0: Tensor, mean: Tensor, var) -> Tensor:
+    """log of N(mean, var) mass on x0's bin of width 2/255 in [-1, 1], edge bins extended to
+    +-infinity (Ho et al. 2020, eq. 13)."""
+    normal = torch.distributions.Normal(mean, torch.as_tensor(var, dtype=mean.dtype).sqrt())
+    upper = torch.where(x0 > 0.999, torch.ones_like(x0), normal.cdf(x0 + 1 / 255))
+    lower = torch.where(x0 < -0.999, torch.zeros_like(x0), normal.cdf(x0 - 1 / 255))
+    return torch.log((upper - lower).clamp_min(1e-12))
+
+
+def _decoder_variance(process, t: Tensor, variance: str) -> Tensor:
+    """sigma_t^2 of p_theta: beta_t or beta~_t; beta~ at t = 0 is 0 and takes beta~ at t = 1,
+    as in Ho et al.'s code (posterior_log_variance_clipped)."""
+    if variance == "beta":
+        return process.betas[t]
+    return process.posterior_variance(torch.where(t == 0, torch.ones_like(t), t))
+
+
+def vlb_term(eps_net, process, x0: Tensor, t: Tensor, noise: Tensor, variance: str = "posterior", **cond) -> Tensor:
+    """Per-sample L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p_theta(x_{t-1} | x_t)) in nats (index t >= 1),
+    or L_0 = -log p_theta(x_0 | x_1) for t = 0, at x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise."""
+    t = torch.as_tensor(t).reshape(-1).expand(x0.shape[0])
+    shape = (-1,) + (1,) * (x0.dim() - 1)
+    a, s = (c.to(x0.dtype).reshape(shape) for c in process.marginal(t))
+    x_t = a * x0 + s * noise
+    mean = process.posterior_mean_from_eps(t.reshape(shape), x_t, eps_net(x_t, t, **cond))
+    var = _decoder_variance(process, t, variance).to(x0.dtype).reshape(shape)
+    true_mean = process.posterior_mean(t.reshape(shape), x_t, x0)
+    true_var = process.posterior_variance(t).to(x0.dtype).reshape(shape)
+    kl = _normal_kl(true_mean, true_var.clamp_min(1e-30), mean, var)
+    nll = -_discretised_gaussian_log_likelihood(x0, mean, var)
+    per_elem = torch.where((t == 0).reshape(shape), nll, kl)
+    return per_elem.reshape(x0.shape[0], -1).sum(1)
+
+
+def _prior_kl(process, x0: Tensor) -> Tensor:
+    """L_T = KL(q(x_T | x_0) || N(0, I)) per sample, nats."""
+    a, s = process.marginal(process.T - 1)
+    kl = _normal_kl(a.to(x0.dtype) * x0, (s**2).to(x0.dtype), torch.zeros_like(x0), torch.tensor(1.0, dtype=x0.dtype))
+    return kl.reshape(x0.shape[0], -1).sum(1)
+
+
+def vlb(eps_net, process, x0: Tensor, generator=None, variance: str = "posterior", full: bool = False, **cond) -> Tensor:
+    """Per-sample L_VLB in bits/dim for data x0 in [-1, 1] on the 8-bit grid.
+
+    ``full=False``: the unbiased one-term estimate L_T + T L_{t-1} with t ~ Uniform{0..T-1}
+    (one network call; differentiable, usable as a loss term). ``full=True``: all T terms.
+    """
+    dims = x0[0].numel()
+    total = _prior_kl(process, x0)
+    if full:
+        for t in range(process.T):
+            noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+            total = total + vlb_term(eps_net, process, x0, torch.tensor(t), noise, variance, **cond)
+    else:
+        t = torch.randint(0, process.T, (x0.shape[0],), generator=generator)
+        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+        total = total + process.T * vlb_term(eps_net, process, x0, t, noise, variance, **cond)
+    return total / (dims * math.log(2))
