@@ -43,9 +43,10 @@ def check_backend(backend: str) -> None:
 
 
 def _math_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    wide = torch.promote_types(q.dtype, torch.float32)  # fp16/bf16 -> fp32; fp64 stays fp64
     scale = 1.0 / math.sqrt(q.shape[-1])
-    logits = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale
-    return torch.matmul(logits.softmax(dim=-1), v.float()).to(q.dtype)
+    logits = torch.matmul(q.to(wide), k.to(wide).transpose(-2, -1)) * scale
+    return torch.matmul(logits.softmax(dim=-1), v.to(wide)).to(q.dtype)
 
 
 def _xformers_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:

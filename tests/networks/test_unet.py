@@ -1,0 +1,109 @@
+"""U-Net invariants: zero-initialised branches are the identity, layout consistency, conditioning."""
+
+import pytest
+import torch
+
+from pipeline.networks import build_denoiser
+from pipeline.networks.unet import UNET_PRESETS, AttentionBlock, Res, ResBlock, UNet, UNetConfig, unet_layout
+
+TINY = dict(
+    input_size=8,
+    model_channels=8,
+    channel_mult=(1, 2),
+    attention_resolutions=(4,),
+    num_head_channels=8,
+    norm_groups=4,
+    num_res_blocks=1,
+)
+
+
+def randomise(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    return net
+
+
+def inputs(batch=3, size=8, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 4, size, size, generator=gen), torch.rand(batch, generator=gen) * 1000
+
+
+def test_zero_initialised_blocks_are_the_identity():
+    net = UNet(UNetConfig(**TINY, num_classes=2, learn_sigma=True))
+    emb = torch.randn(2, net.config.embed_dim)
+    checked = 0
+    for module in net.modules():
+        if isinstance(module, ResBlock):
+            x = torch.randn(2, module.conv1.in_channels, 4, 4)
+            assert torch.equal(module(x, emb), module.skip(x))
+            checked += 1
+        elif isinstance(module, AttentionBlock):
+            x = torch.randn(2, module.norm.num_channels, 4, 4)
+            assert torch.equal(module(x), x)
+            checked += 1
+    assert checked >= 5
+    x, t = inputs()
+    out = net(x, t, torch.tensor([0, 1, 2]))
+    assert out.shape == (3, 8, 8, 8) and not out.any()
+
+
+@pytest.mark.parametrize("preset", sorted(UNET_PRESETS))
+def test_layout_skips_pair_up_and_resolution_returns(preset):
+    config = UNetConfig(**UNET_PRESETS[preset])
+    layout = unet_layout(config)
+    assert len(layout.decoder) == len(layout.encoder) + 1  # one skip per encoder group + the stem
+    sizes = [spec.size for group in layout.decoder for spec in group if isinstance(spec, Res)]
+    assert sizes[-1] == config.input_size and min(sizes) == config.input_size // 2 ** (len(config.channel_mult) - 1)
+    with torch.device("meta"):
+        net = UNet(config)
+        assert net(torch.empty(2, 4, config.input_size, config.input_size), torch.empty(2)).shape == (
+            2, 4, config.input_size, config.input_size,
+        )
+
+
+def test_attention_only_at_the_configured_resolutions():
+    layout = unet_layout(UNetConfig(**{**TINY, "attention_resolutions": (8,)}))
+    encoder_attn = [s.size for g in layout.encoder for s in g if type(s).__name__ == "Attn"]
+    assert encoder_attn == [8]
+
+
+def test_samples_do_not_interact_within_a_batch():
+    net = randomise(UNet(UNetConfig(**TINY, num_classes=3)))
+    x, t = inputs(batch=4)
+    y = torch.tensor([0, 1, 2, 3])
+    whole = net(x, t, y)
+    for i in range(4):
+        torch.testing.assert_close(net(x[i : i + 1], t[i : i + 1], y[i : i + 1]), whole[i : i + 1])
+
+
+def test_conditioning_contract():
+    net = randomise(UNet(UNetConfig(**TINY, num_classes=3)))
+    x, t = inputs()
+    assert net.null_class == 3
+    null = torch.full((3,), 3)
+    torch.testing.assert_close(net(x, t), net(x, t, null))
+    assert not torch.allclose(net(x, t, torch.tensor([0, 1, 2])), net(x, t, null))
+    torch.testing.assert_close(net(x, t[:1].expand(3)), net(x, t[0]))
+    with pytest.raises(ValueError, match="unconditional"):
+        UNet(UNetConfig(**TINY))(x, t, null)
+
+
+def test_dropout_is_active_in_training_only():
+    net = randomise(UNet(UNetConfig(**TINY, dropout=0.5)))
+    x, t = inputs()
+    net.eval()
+    torch.testing.assert_close(net(x, t), net(x, t))
+    net.train()
+    assert not torch.allclose(net(x, t), net(x, t))
+
+
+@pytest.mark.gpu
+def test_channels_last_on_gpu_matches_contiguous():
+    net = randomise(build_denoiser("unet", **TINY)).cuda()
+    x, t = (v.cuda() for v in inputs())
+    out = net(x, t)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    reference = randomise(build_denoiser("unet", **TINY, channels_last=False)).cuda()
+    torch.testing.assert_close(out, reference(x, t), atol=1e-4, rtol=1e-4)
