@@ -24,8 +24,8 @@ z_q = e_k.
 
 Several ranks: every statistic that depends on the batch goes through two collectives passed
 in by the runtime: ``all_reduce`` (elementwise sum over ranks) for counts and EMA sums, and
-``all_gather`` (concatenation along dim 0 in rank order) for the vectors that k-means and
-restarts sample from. Random choices use a generator seeded from (seed, step), identical on
+``all_gather`` (concatenation along dim 0 in rank order; ranks may contribute different numbers
+of rows) for the vectors that k-means and restarts sample from (only on the steps that need them). Random choices use a generator seeded from (seed, step), identical on
 every rank. Hence one rank with batch 2B and two ranks with B each hold the same codebook.
 The defaults (identity) are the single-process case; nothing is detected at construction.
 """
@@ -219,6 +219,7 @@ class Codebook(nn.Module):
         codebook_loss = flat.new_zeros(()) if self.ema else F.mse_loss(flat.detach(), e)
         counts = self.all_reduce(torch.bincount(idx, minlength=self.num_codes).float())
         if self.training:
+            self._warn_if_batch_cannot_fill(int(counts.sum()))
             self._update(flat.detach().float(), idx, counts)
         z_q = (flat + (e - flat).detach()).view(n, h, w, d).permute(0, 3, 1, 2)
         return Quantized(self.proj_out(z_q), idx.view(n, h, w), commitment, codebook_loss, counts)
@@ -226,13 +227,6 @@ class Codebook(nn.Module):
     @torch.no_grad()
     def _collect_for_kmeans(self, flat: Tensor) -> None:
         pool = self.all_gather(flat.float())
-        if pool.shape[0] < self.num_codes and not self._warned_small_batch:
-            self._warned_small_batch = True
-            warnings.warn(
-                f"codebook has {self.num_codes} codes but a training step yields only "
-                f"{pool.shape[0]} encoder vectors (batch x latent height x width, all ranks): "
-                f"k-means starts with repeated vectors and at most {pool.shape[0]} codes can be "
-                f"used per step; lower num_codes or raise the batch size", stacklevel=3)
         self._kmeans_pool.append(pool)
         if len(self._kmeans_pool) < self.kmeans_batches:
             return
@@ -247,6 +241,15 @@ class Codebook(nn.Module):
         self.last_used.fill_(int(self.step))
         self.initialised.fill_(True)
         self._kmeans_pool = []
+
+    def _warn_if_batch_cannot_fill(self, vectors: int) -> None:
+        if vectors < self.num_codes and not self._warned_small_batch:
+            self._warned_small_batch = True
+            warnings.warn(
+                f"codebook has {self.num_codes} codes but a training step yields only {vectors} "
+                f"encoder vectors (batch x latent height x width, all ranks): at most {vectors} "
+                f"codes can be used per step and k-means starts from repeated vectors; lower "
+                f"num_codes or raise the batch size", stacklevel=3)
 
     @torch.no_grad()
     def _update(self, flat: Tensor, idx: Tensor, counts: Tensor) -> None:

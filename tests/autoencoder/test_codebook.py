@@ -47,6 +47,7 @@ def test_lookup_is_the_nearest_code():
     assert torch.equal(nearest(x, codes, chunk=64), brute)
 
 
+@pytest.mark.filterwarnings("ignore:codebook has")
 def test_ema_update_matches_the_equations():
     cb = Codebook(4, 2, ema=True, decay=0.9, eps=1e-5, kmeans_batches=0, dead_after=0).train()
     cb.codes.copy_(torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]]))
@@ -65,6 +66,7 @@ def test_ema_update_matches_the_equations():
     torch.testing.assert_close(cb.codes, m_new / smoothed[:, None])
 
 
+@pytest.mark.filterwarnings("ignore:codebook has")
 def test_laplace_smoothing_keeps_never_used_codes_finite():
     cb = Codebook(64, 3, ema=True, decay=0.5, kmeans_batches=0, dead_after=0).train()
     for _ in range(60):  # N of unused codes decays to ~1e-18
