@@ -4,6 +4,7 @@
     latentpipe <stage> [--config X] [key=value ...]               one stage
     latentpipe config show [--config X] [--docs] [key=value ...]  the resolved config
     latentpipe data inspect PATH|PATTERN|URL [--sheet out.png]    what is in a shard set
+    latentpipe weights fetch|list                                 pretrained LPIPS/FID weights
 
 Without ``--config`` the embedded default experiment is used (spelled out in configs/tiny.yaml).
 """
@@ -60,6 +61,9 @@ def _build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("spec", metavar="PATH|PATTERN|URL")
     inspect.add_argument("--sheet", help="write a PNG contact sheet of the first images here")
     inspect.add_argument("--timeout", type=float, default=30.0, help="seconds per URL before giving up")
+
+    weights = commands.add_parser("weights", add_help=False, help="fetch/list pretrained weights (LPIPS, FID)")
+    weights.add_argument("arguments", nargs=argparse.REMAINDER, help="see `latentpipe weights --help`")
     return parser
 
 
@@ -77,14 +81,18 @@ def run_pipeline(cfg: config.Config, force: Sequence[str] = ()) -> None:
         stage.run(cfg)
 
 
-def _dispatch(args: argparse.Namespace) -> None:
+def _dispatch(args: argparse.Namespace) -> int:
     import stages
 
+    if args.command == "weights":
+        from pipeline import weights
+
+        return weights.main(args.arguments)
     if args.command == "data":
         from pipeline.data.inspect import inspect
 
         print(json.dumps(inspect(args.spec, sheet=args.sheet, timeout=args.timeout), indent=2))
-        return
+        return 0
     cfg = config.load(args.config, args.overrides)
     if args.command == "config":
         if args.docs:
@@ -96,15 +104,21 @@ def _dispatch(args: argparse.Namespace) -> None:
         run_pipeline(cfg, args.force)
     else:
         stages.BY_NAME[args.command].run(cfg)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _build_parser().parse_args(argv)
+    parser = _build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "weights":  # its own parser reads its options, --help included
+        args.arguments += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger().setLevel(level)
     try:
-        _dispatch(args)
+        return _dispatch(args)
     except LatentpipeError as err:
         if args.verbose:
             raise
@@ -113,7 +127,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("latentpipe: interrupted", file=sys.stderr)
         return 130
-    return 0
 
 
 if __name__ == "__main__":
