@@ -124,7 +124,7 @@ class Codebook(nn.Module):
         uniform in [-1/K, 1/K] as in VQGAN), subsampled to at most ``kmeans_max_samples``.
     dead_after: a code unused for this many training steps is reset to a random encoder vector
         of the current step (0 disables).
-    seed: seeds the generator of k-means and restarts (with the step; the same on all ranks).
+    seed: seeds the initial codes, and (with the step) k-means and restarts: the same on all ranks.
     all_reduce / all_gather: the cross-rank collectives described in the module docstring.
     """
 
@@ -160,7 +160,8 @@ class Codebook(nn.Module):
         d = lookup_dim or dim
         self.proj_in = nn.Conv2d(dim, d, 1) if lookup_dim else nn.Identity()
         self.proj_out = nn.Conv2d(d, dim, 1) if lookup_dim else nn.Identity()
-        init = torch.empty(num_codes, d).uniform_(-1.0 / num_codes, 1.0 / num_codes)
+        g = torch.Generator().manual_seed(seed)  # same initial codes on every rank
+        init = (torch.rand(num_codes, d, generator=g) * 2 - 1) / num_codes
         if cosine:
             init = F.normalize(init, dim=1)
         if ema:
