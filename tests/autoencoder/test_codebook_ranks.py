@@ -1,6 +1,7 @@
 """Codebook state under two real gloo ranks with batch B each == one process with batch 2B."""
 
 import socket
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -51,7 +52,8 @@ def all_gather(t: torch.Tensor) -> torch.Tensor:
 
 def worker(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=timedelta(seconds=60))
     try:
         torch.save(run(make_codebook(all_reduce, all_gather), rank, world), f"{out}/rank{rank}.pt")
     finally:
