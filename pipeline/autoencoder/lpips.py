@@ -50,8 +50,8 @@ def _backbone(net: str) -> tuple[nn.ModuleList, list[int]]:
 class LPIPS(nn.Module):
     """Per-image LPIPS distance between two batches in [-1, 1] of shape (N, 3, H, W).
 
-    ``net``: "alex" (the LPIPS paper's default, used as the training loss in LDM/VQGAN use
-    "vgg") or "vgg". The parameters are frozen; gradients flow to the inputs only.
+    ``net``: "alex" (the LPIPS authors' recommended metric) or "vgg" (the perceptual loss that
+    VQGAN and LDM train with). The parameters are frozen; gradients flow to the inputs only.
     ``cache``: weight cache directory (default :func:`pipeline.weights.cache_dir`). A missing
     file raises :class:`pipeline.weights.WeightsMissingError` naming the fetch command.
     """
