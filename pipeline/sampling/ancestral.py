@@ -47,8 +47,11 @@ def euler(denoiser, x: Tensor, sigmas: Tensor, generator: torch.Generator | None
 def _beta_split(sigma: Tensor, sigma_next: Tensor) -> tuple[Tensor, Tensor]:
     # Mean mu~_t (Ho et al. 2020, eq. 7) is the eta = 1 DDIM mean; the noise has variance
     # beta_t = 1 - abar_t/abar_{t-1} instead of beta~_t, i.e. in the VE frame of a VP process
-    # sigma_up^2 = beta_t / abar_{t-1} = (sigma^2 - sigma_next^2)(1 + sigma_next^2)/(1 + sigma^2).
+    # sigma_up^2 = beta_t / abar_{t-1} = (sigma^2 - sigma_next^2)(1 + sigma_next^2)/(1 + sigma^2);
+    # the last step adds no noise (Ho et al. Algorithm 2, z = 0 if t = 1).
     sigma_down, _ = ancestral_split(sigma, sigma_next, 1.0)
+    if sigma_next == 0:
+        return sigma_down, sigma_next
     return sigma_down, ((sigma**2 - sigma_next**2) * (1 + sigma_next**2) / (1 + sigma**2)).sqrt()
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from pipeline.diffusion.parameterization import batch_sigma
 from pipeline.sampling.steps import denoise, noise_like
 
 
@@ -53,21 +52,24 @@ def _langevin_step(x: Tensor, denoised: Tensor, sigma, step, z: Tensor) -> Tenso
     return _pull(x, denoised, step / sigma**2, (2 * step).sqrt(), z)
 
 
-def _per_sample_norm(v: Tensor) -> Tensor:
-    return batch_sigma(v.reshape(v.shape[0], -1).norm(dim=1), v)
+def _mean_norm(v: Tensor) -> Tensor:
+    return v.reshape(v.shape[0], -1).norm(dim=1).mean()
 
 
 def pc(denoiser, x: Tensor, sigmas: Tensor, generator: torch.Generator | None = None,
        predictor: str = "reverse_diffusion", corrector_steps: int = 1, snr: float = 0.16) -> Tensor:
     """Predictor-corrector sampling (Song et al. 2021, Algorithm 2 for VE; corrector Algorithm 4):
-    at each level ``corrector_steps`` Langevin steps with step 2 (snr ||z|| / ||grad log p||)^2
-    (norms per sample), then a ``predictor`` step ("reverse_diffusion" or "euler_maruyama")."""
+    at each level ``corrector_steps`` Langevin steps with step 2 (snr ||z|| / ||grad log p||)^2,
+    then a ``predictor`` step ("reverse_diffusion" or "euler_maruyama"). As in the reference
+    implementation the norms are per-sample norms averaged over the batch: per-sample ratios are
+    heavy-tailed in low dimension (||grad log p|| near 0 gives unbounded steps). This couples the
+    step size, not the noise, to the batch; for image-sized samples the norms concentrate."""
     coefs = _PREDICTORS[predictor]
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
         for _ in range(corrector_steps):
             denoised = denoise(denoiser, x, sigma)
             z = noise_like(x, generator)
-            ratio = snr * _per_sample_norm(z) / _per_sample_norm((denoised - x) / sigma**2)
+            ratio = snr * _mean_norm(z) / _mean_norm((denoised - x) / sigma**2)
             x = _langevin_step(x, denoised, sigma, 2 * ratio**2, z)
         x = _predict(denoiser, x, sigma, sigma_next, coefs, generator)
     return x

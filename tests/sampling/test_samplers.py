@@ -1,0 +1,176 @@
+"""Samplers against the exact denoiser of a Gaussian mixture, and their contract.
+
+Convergence thresholds come from the finite-sample floor: the sliced W1 between two fresh
+mixture sample sets of the same size (mean + 3 std over repeats). A sampler that is exact up to
+its discretisation lands in that band once its budget is large enough, and its coarse budget
+must sit clearly above it (so the test would notice a sampler that does nothing)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.diffusion.gmm import GaussianMixture, sliced_wasserstein
+from pipeline.sampling import METHODS, karras_sigmas, sample
+
+N = 2000
+SIGMA_MAX = 80.0
+
+
+def _g(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def gmm() -> GaussianMixture:
+    return GaussianMixture.random(dim=2, components=3, generator=_g(0))
+
+
+@pytest.fixture(scope="module")
+def floor(gmm) -> float:
+    values = torch.tensor([
+        sliced_wasserstein(gmm.sample(N, _g(100 + i)), gmm.sample(N, _g(200 + i)), generator=_g(7))
+        for i in range(8)
+    ])
+    return float(values.mean() + 3 * values.std())
+
+
+def _error(gmm, method: str, sigmas, **options) -> float:
+    noise = SIGMA_MAX * torch.randn(N, 2, generator=_g(2), dtype=torch.float64)
+    x = sample(gmm.denoiser, noise, sigmas, method=method, generator=_g(3), **options)
+    return sliced_wasserstein(x, gmm.sample(N, _g(1)), generator=_g(7))
+
+
+def _grid(n: int, sigma_min: float = 0.002):
+    return karras_sigmas(sigma_min, SIGMA_MAX, n)
+
+
+# (coarse budget, fine budget) per method: grid sizes, plus options.
+BUDGETS = {
+    "ddpm": ((10, {}), (200, {})),
+    "ddim": ((10, {"eta": 0.5}), (200, {"eta": 0.5})),
+    "euler": ((10, {}), (200, {})),
+    "heun": ((5, {}), (25, {})),
+    "rk45": ((2, {"rtol": 1e-1, "atol": 1e-1}), (2, {"rtol": 1e-5, "atol": 1e-5})),
+    "euler_maruyama": ((10, {}), (200, {})),
+    "pc": ((10, {}), (100, {})),
+    "langevin": ((10, {"steps_per_level": 10, "step_ratio": 0.2}), (20, {"steps_per_level": 20, "step_ratio": 0.2})),
+    "dpmpp_2m": ((5, {}), (25, {})),
+    "dpmpp_3m_sde": ((10, {}), (50, {})),
+}
+
+
+def test_every_method_has_a_budget():
+    assert set(BUDGETS) == set(METHODS)
+
+
+@pytest.mark.parametrize("method", sorted(BUDGETS))
+def test_converges_to_the_mixture(gmm, floor, method):
+    (n_coarse, coarse), (n_fine, fine) = BUDGETS[method]
+    sigma_min = 0.01 if method == "langevin" else 0.002
+    err_fine = _error(gmm, method, _grid(n_fine, sigma_min), **fine)
+    err_coarse = _error(gmm, method, _grid(n_coarse, sigma_min), **coarse)
+    assert err_fine <= floor, f"{method}: {err_fine:.4f} above the finite-sample band {floor:.4f}"
+    assert err_coarse > err_fine and err_coarse > floor, f"{method}: coarse {err_coarse:.4f} vs fine {err_fine:.4f}"
+
+
+def test_ddim_eta0_is_euler_and_eta1_is_ddpm_posterior(gmm):
+    noise = SIGMA_MAX * torch.randn(64, 2, generator=_g(4), dtype=torch.float64)
+    sigmas = _grid(12)
+    assert torch.equal(sample(gmm.denoiser, noise, sigmas, "ddim", eta=0.0), sample(gmm.denoiser, noise, sigmas, "euler"))
+    a = sample(gmm.denoiser, noise, sigmas, "ddim", generator=_g(5), eta=1.0)
+    b = sample(gmm.denoiser, noise, sigmas, "ddpm", generator=_g(5), variance="posterior")
+    assert torch.equal(a, b)
+
+
+def test_euler_matches_an_independent_pf_ode_euler_in_the_vp_frame(gmm):
+    # DDIM eta=0 in x_t = x / sqrt(1 + sigma^2) coordinates (DDIM eq. 13 with eps from D).
+    noise = SIGMA_MAX * torch.randn(64, 2, generator=_g(4), dtype=torch.float64)
+    sigmas = _grid(12)
+    x_t = noise / (1 + sigmas[0] ** 2).sqrt()
+    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        a, a_next = (1 + s**2).rsqrt(), (1 + s_next**2).rsqrt()
+        x0 = gmm.denoiser(x_t / a, s)
+        eps = (x_t / a - x0) / s
+        x_t = a_next * x0 + (1 - a_next**2).sqrt() * eps
+    torch.testing.assert_close(sample(gmm.denoiser, noise, sigmas, "euler"), x_t, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_deterministic_for_a_generator_and_leaves_inputs_alone(gmm, method):
+    noise = SIGMA_MAX * torch.randn(32, 2, generator=_g(6), dtype=torch.float64)
+    sigmas = _grid(6)
+    noise_copy, sigmas_copy = noise.clone(), sigmas.clone()
+    a = sample(gmm.denoiser, noise, sigmas, method, generator=_g(8))
+    b = sample(gmm.denoiser, noise, sigmas, method, generator=_g(8))
+    assert torch.equal(a, b)
+    assert torch.equal(noise, noise_copy) and torch.equal(sigmas, sigmas_copy)
+    c = sample(gmm.denoiser, noise, sigmas, method, generator=_g(9))
+    stochastic = method in {"ddpm", "euler_maruyama", "pc", "langevin", "dpmpp_3m_sde"}
+    assert (not torch.equal(a, c)) == stochastic
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_math_runs_in_the_noise_dtype(gmm, method, dtype):
+    seen = set()
+
+    def denoiser(x, sigma):
+        seen.update({x.dtype, sigma.dtype})
+        return gmm.denoiser(x, sigma)
+
+    noise = SIGMA_MAX * torch.randn(8, 2, generator=_g(6), dtype=dtype)
+    out = sample(denoiser, noise, _grid(4), method, generator=_g(8))
+    assert out.dtype == dtype and seen == {dtype}
+
+
+def test_rk45_reports_nfe_and_tightens_with_tolerance(gmm):
+    noise = SIGMA_MAX * torch.randn(64, 2, generator=_g(4), dtype=torch.float64)
+    sigmas = _grid(2)
+    ref = sample(gmm.denoiser, noise, sigmas, "rk45", rtol=1e-9, atol=1e-9)
+    errors, nfes = [], []
+    for tol in (1e-3, 1e-6):
+        info = {}
+        x = sample(gmm.denoiser, noise, sigmas, "rk45", info=info, rtol=tol, atol=tol)
+        errors.append(float((x - ref).abs().max()))
+        nfes.append(info["nfe"])
+        assert info["nfe"] == 1 + 6 * info["steps"] + 1  # first evaluation, 6 per step (FSAL), final D
+    assert errors[1] < errors[0] / 100 and nfes[1] > nfes[0]
+
+
+def test_rk45_result_does_not_depend_on_the_rest_of_the_batch(gmm):
+    noise = SIGMA_MAX * torch.randn(16, 2, generator=_g(4), dtype=torch.float64)
+    sigmas = _grid(2)
+    whole = sample(gmm.denoiser, noise, sigmas, "rk45")
+    alone = sample(gmm.denoiser, noise[3:4], sigmas, "rk45")
+    torch.testing.assert_close(whole[3:4], alone, rtol=1e-12, atol=1e-12)
+
+
+def test_heun_churn_is_stochastic_and_zero_churn_is_algorithm_1(gmm):
+    noise = SIGMA_MAX * torch.randn(64, 2, generator=_g(4), dtype=torch.float64)
+    sigmas = _grid(10)
+    plain = sample(gmm.denoiser, noise, sigmas, "heun")
+    assert torch.equal(plain, sample(gmm.denoiser, noise, sigmas, "heun", generator=_g(1), churn=0.0))
+    churned = sample(gmm.denoiser, noise, sigmas, "heun", generator=_g(1), churn=10.0, churn_min=0.05, churn_max=50)
+    assert not torch.equal(plain, churned)
+
+
+def test_nfe_counts(gmm):
+    noise = SIGMA_MAX * torch.randn(4, 2, generator=_g(4), dtype=torch.float64)
+    sigmas = _grid(10)  # 10 levels + 0 -> 10 steps
+    expected = {"ddpm": 10, "ddim": 10, "euler": 10, "heun": 19, "euler_maruyama": 10, "pc": 20,
+                "langevin": 10 * 10 + 1, "dpmpp_2m": 10, "dpmpp_3m_sde": 10}
+    for method, nfe in expected.items():
+        info = {}
+        sample(gmm.denoiser, noise, sigmas, method, generator=_g(1), info=info)
+        assert info["nfe"] == nfe, method
+
+
+def test_rejects_bad_grids_and_names(gmm):
+    noise = torch.zeros(2, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="end at 0"):
+        sample(gmm.denoiser, noise, torch.tensor([2.0, 1.0]))
+    with pytest.raises(ValueError, match="descending"):
+        sample(gmm.denoiser, noise, torch.tensor([1.0, 2.0, 0.0]))
+    with pytest.raises(ValueError, match="unknown sampling method"):
+        sample(gmm.denoiser, noise, torch.tensor([1.0, 0.0]), method="nope")
