@@ -18,7 +18,7 @@ import sys
 from typing import Sequence
 
 from pipeline import config, manifest
-from pipeline.errors import LatentpipeError
+from pipeline.errors import REQUEUE_EXIT_CODE, LatentpipeError, StageInterrupted
 
 log = logging.getLogger("latentpipe")
 
@@ -124,6 +124,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"latentpipe: error: {err}", file=sys.stderr)
         return 2
+    except StageInterrupted as stopped:
+        print(f"latentpipe: {stopped} (exit code {REQUEUE_EXIT_CODE}: requeue)", file=sys.stderr)
+        return REQUEUE_EXIT_CODE
     except KeyboardInterrupt:
         print("latentpipe: interrupted", file=sys.stderr)
         return 130

@@ -117,11 +117,86 @@ class DataConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class AutoencoderConfig:
+    """The autoencoder stage: a VQ-VAE (EMA codebook) or KL-VAE trained on the prepare shards."""
+
+    kind: Literal["vq", "kl"] = option("vq", "VQ-VAE with a codebook, or Gaussian KL-VAE.")
+    channels: int = option(32, "Base width of the encoder/decoder.")
+    channel_mult: tuple[int, ...] = option(
+        (1, 2, 2), "Width multiplier per level; len - 1 downsamplings give the factor f = 2**(len - 1).")
+    num_res_blocks: int = option(1, "Residual blocks per level.")
+    attention: bool = option(True, "Self-attention at the lowest resolution.")
+    latent_channels: int = option(4, "Channels of the latent (the codebook vectors' dimension for VQ).")
+    dropout: float = option(0.0, "Dropout inside residual blocks.")
+    norm_groups: int = option(8, "GroupNorm groups (must divide every width).")
+    num_codes: int = option(256, "VQ: codebook size K.")
+    codebook_ema: bool = option(True, "VQ: learn codes by EMA (else by the vq loss gradient).")
+    codebook_decay: float = option(0.99, "VQ: EMA decay gamma.")
+    commitment_beta: float = option(0.25, "VQ: commitment weight beta.")
+    kmeans_init: bool = option(True, "VQ: initialise codes by k-means on the first batch's encoder outputs.")
+    dead_code_steps: int = option(50, "VQ: restart codes unused for this many steps (0: never).")
+    cosine_codes: bool = option(False, "VQ: l2-normalised (cosine) codes.")
+    lookup_dim: Optional[int] = option(None, "VQ: lower-dimensional lookup projection (None: off).")
+    kl_weight: float = option(1e-6, "KL: weight of KL(q(z|x) || N(0, I)) in the loss.")
+    reconstruction_loss: Literal["l2", "l1"] = option("l2", "Pixel reconstruction term.")
+    lpips: Literal["alex", "vgg", "none"] = option("alex", "LPIPS network of the perceptual loss.")
+    lpips_weight: float = option(0.2, "Weight of the LPIPS term.")
+    gan_weight: float = option(0.0, "PatchGAN hinge loss weight (0: no discriminator).")
+    gan_start_step: int = option(2000, "Step from which the adversarial terms are on.")
+    batch_size: int = option(32, "Images per rank per step.")
+    learning_rate: float = option(4e-4, "AdamW learning rate.")
+    betas: tuple[float, float] = option((0.5, 0.9), "AdamW betas (as VQGAN).")
+    weight_decay: float = option(0.0, "AdamW weight decay.")
+    grad_clip: float = option(1.0, "Gradient norm clip (0: off).")
+    max_steps: int = option(600, "Training steps in total.")
+    time_budget_minutes: Optional[float] = option(
+        None, "Stop (checkpoint, exit code 75) after this long in one job; rerunning resumes.")
+    mixed_precision: Literal["no", "bf16", "fp16"] = option("no", "Autocast precision.")
+    max_nonfinite_steps: int = option(10, "Stop with an error after this many non-finite losses in a row.")
+    num_workers: int = option(1, "DataLoader workers per rank.")
+    shuffle_buffer: int = option(1000, "Samples in the streaming shuffle buffer.")
+    flip: bool = option(False, "Random horizontal flips (off for digits).")
+    log_every: int = option(50, "Steps between metric logs.")
+    image_every: int = option(200, "Steps between input/reconstruction PNG grids.")
+    checkpoint_every: int = option(200, "Steps between checkpoints.")
+    keep_checkpoints: int = option(2, "Newest checkpoints kept.")
+
+    def validate(self, key: str) -> None:
+        if not 2 <= len(self.channel_mult) <= 5 or any(m < 1 for m in self.channel_mult):
+            _fail(f"{key}.channel_mult", f"needs 2 to 5 positive levels (f = 2..16), got {self.channel_mult}")
+        widths = [self.channels * m for m in self.channel_mult]
+        if self.channels < 1 or any(w % self.norm_groups for w in widths):
+            _fail(f"{key}.norm_groups", f"{self.norm_groups} must divide every width {widths}")
+        for name in ("num_res_blocks", "latent_channels", "batch_size", "max_steps", "log_every",
+                     "image_every", "checkpoint_every", "keep_checkpoints", "max_nonfinite_steps"):
+            if getattr(self, name) < 1:
+                _fail(f"{key}.{name}", f"must be at least 1, got {getattr(self, name)}")
+        if self.kind == "vq" and self.num_codes < 2:
+            _fail(f"{key}.num_codes", f"must be at least 2, got {self.num_codes}")
+        if not 0.0 <= self.codebook_decay < 1.0:
+            _fail(f"{key}.codebook_decay", f"must be in [0, 1), got {self.codebook_decay}")
+        if self.lookup_dim is not None and not 1 <= self.lookup_dim < self.latent_channels:
+            _fail(f"{key}.lookup_dim", f"must be in [1, latent_channels={self.latent_channels}), got {self.lookup_dim}")
+        if self.learning_rate <= 0:
+            _fail(f"{key}.learning_rate", f"must be positive, got {self.learning_rate}")
+        if self.time_budget_minutes is not None and self.time_budget_minutes <= 0:
+            _fail(f"{key}.time_budget_minutes", f"must be positive, got {self.time_budget_minutes}")
+        if self.num_workers < 0 or self.dead_code_steps < 0 or self.gan_weight < 0 or self.lpips_weight < 0:
+            _fail(key, "num_workers, dead_code_steps, gan_weight and lpips_weight must be >= 0")
+
+    @property
+    def factor(self) -> int:
+        """Spatial downsampling factor f."""
+        return 2 ** (len(self.channel_mult) - 1)
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     """The whole experiment: one section per stage."""
 
     experiment: ExperimentConfig = option(ExperimentConfig(), "Name, run directory, seed.")
     data: DataConfig = option(DataConfig(), "The prepare stage.")
+    autoencoder: AutoencoderConfig = option(AutoencoderConfig(), "The autoencoder stage.")
 
     @property
     def run_dir(self) -> Path:

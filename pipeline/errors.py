@@ -7,3 +7,12 @@ Their messages say what is wrong and how to fix it; the CLI prints them without 
 
 class LatentpipeError(Exception):
     """Bad input, config, artifact or environment; the message names the fix."""
+
+
+REQUEUE_EXIT_CODE = 75
+"""Exit code of a stage that stopped early but cleanly (checkpoint saved): requeue and rerun it."""
+
+
+class StageInterrupted(Exception):
+    """A stage stopped early on purpose (signal, time budget) after saving its state; rerunning
+    the same command resumes it."""

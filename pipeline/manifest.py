@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from pipeline import atomic, config
-from pipeline.errors import LatentpipeError
+from pipeline.errors import LatentpipeError, StageInterrupted
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-RUNNING, COMPLETE, FAILED = "running", "complete", "failed"
+RUNNING, COMPLETE, FAILED, INTERRUPTED = "running", "complete", "failed", "interrupted"
 HASHED_FILE_LIMIT = 256 << 20  # sha256 of outputs up to this size; larger ones get size only
 _VERSIONED = ("torch", "torchvision", "numpy", "pillow", "webdataset", "accelerate", "deepspeed", "timm")
 
@@ -174,17 +174,23 @@ class StageRecord:
 
 @contextlib.contextmanager
 def stage_run(
-    cfg: config.Config, stage: str, sections: Sequence[str], inputs: Sequence[str] = ()
+    cfg: config.Config, stage: str, sections: Sequence[str], inputs: Sequence[str] = (), *, is_main: bool = True
 ) -> Iterator[StageRecord]:
     """Check inputs, mark the stage running, save the resolved config; on exit, write the manifest.
 
     The manifest is written last: ``complete`` only when the body finished, ``failed`` (with
     the error) when it raised. A manifest from an earlier complete run is replaced by
-    ``running`` first, so a crash never leaves stale outputs looking complete.
+    ``running`` first, so a crash never leaves stale outputs looking complete. A stage stopped
+    on purpose (:class:`StageInterrupted`) is ``interrupted``: rerunning it resumes. Only the
+    main rank (``is_main``) writes; the others check the inputs and fill their record unused.
     """
     directory = cfg.stage_dir(stage)
     input_hashes = check_inputs(cfg, inputs)
     directory.mkdir(parents=True, exist_ok=True)
+    record = StageRecord(directory)
+    if not is_main:
+        yield record
+        return
     atomic.write_text(directory / "config.yaml", config.to_yaml(cfg))
     manifest = {
         "stage": stage,
@@ -201,11 +207,11 @@ def stage_run(
         "finished_at": None,
     }
     write(directory, manifest)
-    record = StageRecord(directory)
     try:
         yield record
     except BaseException as err:
-        manifest.update(status=FAILED, error=f"{type(err).__name__}: {err}", finished_at=_now())
+        status = INTERRUPTED if isinstance(err, StageInterrupted) else FAILED
+        manifest.update(status=status, error=f"{type(err).__name__}: {err}", finished_at=_now())
         write(directory, manifest)
         raise
     manifest.update(

@@ -39,6 +39,8 @@ from typing import IO, Callable, Iterable, Sequence
 
 import numpy as np
 
+from pipeline.errors import LatentpipeError
+
 FETCH_COMMAND = "latentpipe weights fetch"
 
 
@@ -101,7 +103,7 @@ REGISTRY: dict[str, WeightFile] = {
 }
 
 
-class WeightsMissingError(FileNotFoundError):
+class WeightsMissingError(LatentpipeError, FileNotFoundError):
     """A weight file is absent from (or corrupt in) the cache; the message says how to fetch it."""
 
 

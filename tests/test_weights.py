@@ -114,21 +114,13 @@ def test_cli_list_and_unknown_name(capsys):
     assert "unknown weights 'no-such-weights'" in capsys.readouterr().err
 
 
-@pytest.fixture(scope="session")
-def cache():
-    absent = weights.missing(weights.REGISTRY)
-    if absent and not os.environ.get("LATENTPIPE_REQUIRE_WEIGHTS"):
-        pytest.skip(f"weights {absent} not in {weights.cache_dir()}; run `{weights.FETCH_COMMAND}`")
-    return weights.cache_dir()
-
-
-def test_cached_files_match_the_registry(cache):
+def test_cached_files_match_the_registry(weights_cache):
     for name in weights.REGISTRY:
-        weights.path(name, cache)  # verifies the sha256
+        weights.path(name, weights_cache)  # verifies the sha256
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
-def test_fid_inception_is_torchscript_with_2048_features(cache):
-    net = torch.jit.load(str(weights.path("fid-inception", cache, verify=False)), map_location="cpu")
+def test_fid_inception_is_torchscript_with_2048_features(weights_cache):
+    net = torch.jit.load(str(weights.path("fid-inception", weights_cache, verify=False)), map_location="cpu")
     with torch.no_grad():
         assert net.eval()(torch.zeros(1, 3, 299, 299)).shape == (1, 2048)

@@ -447,3 +447,18 @@ class ShardLoader:
         if not 0 <= state["batches"] <= lay.batches_per_epoch:
             raise StreamError(f"loader state has {state['batches']} batches of {lay.batches_per_epoch}")
         self.epoch, self.batches, self.failures = state["epoch"], state["batches"], list(state["failures"])
+
+
+def sequential_batches(urls: str | Sequence[str], batch_size: int, *, timeout: float = 30.0,
+                       with_meta: bool = False) -> Iterator[dict]:
+    """Every sample of the shards once, in shard order, in batches (the last may be smaller):
+    for evaluation and encoding, where order and completeness matter more than shuffling."""
+    batch: list[dict] = []
+    for url in expand_urls(urls):
+        for raw in read_shard(url, timeout):
+            batch.append(decode_sample(raw, with_meta))
+            if len(batch) == batch_size:
+                yield collate(batch)
+                batch = []
+    if batch:
+        yield collate(batch)

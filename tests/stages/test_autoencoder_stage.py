@@ -1,0 +1,112 @@
+"""`latentpipe autoencoder` end to end on real digits: outputs, exact resume, bad input."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline import config, manifest
+from pipeline.autoencoder.build import build_autoencoder
+from pipeline.errors import LatentpipeError, StageInterrupted
+from pipeline.runtime import preemption
+from stages import autoencoder, prepare
+
+TINY = ["data.source=digits", "data.limit=300", "data.resolution=16", "data.workers=0",
+        "autoencoder.channels=8", "autoencoder.channel_mult=[1,2,2]", "autoencoder.num_codes=32",
+        "autoencoder.batch_size=8", "autoencoder.num_workers=0", "autoencoder.shuffle_buffer=50",
+        "autoencoder.log_every=2", "autoencoder.image_every=4", "autoencoder.checkpoint_every=3",
+        "autoencoder.dead_code_steps=3", "autoencoder.dropout=0.1"]
+
+
+def _cfg(root, *overrides):
+    return config.load(overrides=[f"experiment.runs_dir={root}", *TINY, *overrides])
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    prepare.run(_cfg(root))
+    return root
+
+
+def _fresh_copy(prepared, tmp_path):
+    """A run directory holding only the shared prepare output."""
+    import shutil
+
+    shutil.copytree(prepared / "tiny" / "prepare", tmp_path / "tiny" / "prepare")
+    return tmp_path
+
+
+@pytest.mark.parametrize("kind", ["vq", "kl"])
+def test_trains_exports_and_reports(prepared, tmp_path, lpips_cache, kind):
+    cfg = _cfg(_fresh_copy(prepared, tmp_path), f"autoencoder.kind={kind}", "autoencoder.max_steps=6")
+    out = autoencoder.run(cfg)
+    found = manifest.read(out)
+    assert found["status"] == "complete" and found["metrics"]["steps"] == 6
+    assert found["metrics"]["val_images"] == manifest.read(cfg.stage_dir("prepare"))["metrics"]["val_count"]
+    assert {"val_psnr", "val_ssim", "val_lpips"} <= set(found["metrics"])
+    if kind == "vq":
+        assert 0 < found["metrics"]["val_codebook_usage"] <= 1
+    assert found["latent"] == {"channels": 4, "resolution": 4, "kind": kind}
+    model = build_autoencoder(cfg.autoencoder, 1)
+    model.load_state_dict(load_file(out / autoencoder.WEIGHTS_FILE))
+    assert (out / "metrics.jsonl").read_text().count("\n") == 3
+    assert list((out / "images").glob("reconstructions-*.png"))
+
+
+def test_interrupted_and_resumed_equals_uninterrupted(prepared, tmp_path, lpips_cache, monkeypatch):
+    reference = _cfg(_fresh_copy(prepared, tmp_path / "a"), "autoencoder.max_steps=8")
+    autoencoder.run(reference)
+    expected = load_file(reference.stage_dir("autoencoder") / autoencoder.WEIGHTS_FILE)
+
+    cfg = _cfg(_fresh_copy(prepared, tmp_path / "b"), "autoencoder.max_steps=8")
+    calls = {"n": 0}
+
+    def signal_at_step_5(self):
+        calls["n"] += 1
+        return "SIGUSR1" if calls["n"] == 6 else None  # checked before steps 0..5
+
+    monkeypatch.setattr(preemption.StopSignal, "reason", signal_at_step_5)
+    with pytest.raises(StageInterrupted, match="step 5"):
+        autoencoder.run(cfg)
+    assert manifest.read(cfg.stage_dir("autoencoder"))["status"] == "interrupted"
+    monkeypatch.undo()
+    autoencoder.run(cfg)
+    resumed = load_file(cfg.stage_dir("autoencoder") / autoencoder.WEIGHTS_FILE)
+    assert resumed.keys() == expected.keys()
+    for name in expected:
+        assert torch.equal(resumed[name], expected[name]), name
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_stage(prepared, tmp_path, lpips_cache, monkeypatch):
+    cfg = _cfg(_fresh_copy(prepared, tmp_path), "autoencoder.max_steps=20", "autoencoder.max_nonfinite_steps=3")
+    real = autoencoder.Objective.__call__
+    calls = {"n": 0}
+
+    def sometimes_nan(self, model, x, gen):
+        calls["n"] += 1
+        loss, x_hat, terms, counts = real(self, model, x, gen)
+        return (loss * float("nan") if calls["n"] in (2, 5, 6, 7) else loss), x_hat, terms, counts
+
+    monkeypatch.setattr(autoencoder.Objective, "__call__", sometimes_nan)
+    with pytest.raises(autoencoder.NonFiniteLossError, match="3 non-finite losses in a row"):
+        autoencoder.run(cfg)
+
+
+def test_resolution_not_divisible_by_the_factor_is_refused(tmp_path):
+    cfg = _cfg(tmp_path, "data.resolution=12", "autoencoder.channel_mult=[1,1,1,1]")
+    prepare.run(cfg)
+    with pytest.raises(LatentpipeError, match="f=8, which does not divide the prepared resolution 12"):
+        autoencoder.run(cfg)
+
+
+def test_missing_lpips_weights_fail_before_training_with_the_fetch_command(prepared, tmp_path, monkeypatch):
+    monkeypatch.setenv("LATENTPIPE_CACHE", str(tmp_path / "empty-cache"))
+    cfg = _cfg(_fresh_copy(prepared, tmp_path))
+    with pytest.raises(LatentpipeError, match="latentpipe weights fetch"):
+        autoencoder.run(cfg)
+    assert not (cfg.stage_dir("autoencoder") / "checkpoints").exists()
+
+
+def test_refuses_to_start_without_prepare(tmp_path):
+    with pytest.raises(manifest.StageInputError, match="run `latentpipe prepare` first"):
+        autoencoder.run(_cfg(tmp_path))
