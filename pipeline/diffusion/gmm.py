@@ -70,32 +70,46 @@ class GaussianMixture:
 
     # -- exact quantities at noise level sigma -----------------------------------------------
     def _parts(self, x: Tensor, sigma):
-        """Responsibilities (B, K), per-component log-densities (B, K), projected residuals
-        (B, K, d) in the eigenbases and the noisy eigenvalues (B, K, d)."""
+        """Log of pi_k N(x; mu_k, C_k) (B, K) and P_k = C_k^{-1} (x - mu_k) (B, K, d) with
+        C_k = S_k + sigma^2 I. ``sigma`` is per sample (scalar, (B,), (B, 1...)), through the
+        eigenbasis, or per element (x's shape: C_k = S_k + diag(sigma^2), through Cholesky),
+        which conditions exactly on coordinates given at sigma = 0."""
         x = x.reshape(x.shape[0], -1)
-        s2 = batch_sigma(sigma, x).reshape(-1, 1, 1) ** 2
-        lam = self.eigvals.to(x.dtype).unsqueeze(0) + s2                     # (B, K, d)
-        r = torch.einsum("kde,bkd->bke", self.eigvecs.to(x.dtype), x.unsqueeze(1) - self.means.to(x.dtype))
-        logn = -0.5 * ((r * r / lam).sum(-1) + lam.log().sum(-1) + self.dim * math.log(2 * math.pi))
-        logw = logn + self.weights.to(x.dtype).log()
-        return torch.softmax(logw, -1), logw, r, lam
+        sig = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+        resid = x.unsqueeze(1) - self.means.to(x.dtype)                       # (B, K, d)
+        if sig.numel() == x.numel() and self.dim > 1:
+            cov = self.covs.to(x.dtype) + torch.diag_embed(sig.reshape(x.shape) ** 2).unsqueeze(1)
+            chol = torch.linalg.cholesky(cov)                                  # (B, K, d, d)
+            prec_resid = torch.cholesky_solve(resid.unsqueeze(-1), chol).squeeze(-1)
+            logdet = 2 * chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+        else:
+            lam = self.eigvals.to(x.dtype).unsqueeze(0) + batch_sigma(sig, x).reshape(-1, 1, 1) ** 2
+            u = self.eigvecs.to(x.dtype)
+            prec_resid = torch.einsum("kde,bke->bkd", u, torch.einsum("kde,bkd->bke", u, resid) / lam)
+            logdet = lam.log().sum(-1)
+        quad = (resid * prec_resid).sum(-1)
+        logw = -0.5 * (quad + logdet + self.dim * math.log(2 * math.pi)) + self.weights.to(x.dtype).log()
+        return logw, prec_resid
+
+    def responsibilities(self, x: Tensor, sigma=0.0) -> Tensor:
+        """p(component k | x) at noise level sigma, (B, K)."""
+        return torch.softmax(self._parts(x, sigma)[0], -1)
 
     def log_prob(self, x: Tensor, sigma=0.0) -> Tensor:
         """log p_sigma(x) per sample."""
-        return torch.logsumexp(self._parts(x, sigma)[1], -1)
+        return torch.logsumexp(self._parts(x, sigma)[0], -1)
 
     def score(self, x: Tensor, sigma) -> Tensor:
         """grad_x log p_sigma(x)."""
-        resp, _, r, lam = self._parts(x, sigma)
-        g = torch.einsum("kde,bke->bkd", self.eigvecs.to(x.dtype), -r / lam)
-        return (resp.unsqueeze(-1) * g).sum(1).reshape(x.shape)
+        logw, prec_resid = self._parts(x, sigma)
+        return -(torch.softmax(logw, -1).unsqueeze(-1) * prec_resid).sum(1).reshape(x.shape)
 
     def denoiser(self, x: Tensor, sigma, **cond) -> Tensor:
-        """E[x_0 | x_0 + sigma eps = x]: the exact D of the mixture (the Bayes-optimal denoiser)."""
-        resp, _, r, lam = self._parts(x, sigma)
-        shrink = self.eigvals.to(x.dtype).unsqueeze(0) / lam
-        m = self.means.to(x.dtype) + torch.einsum("kde,bke->bkd", self.eigvecs.to(x.dtype), shrink * r)
-        return (resp.unsqueeze(-1) * m).sum(1).reshape(x.shape)
+        """E[x_0 | x_0 + sigma eps = x]: the exact D of the mixture (the Bayes-optimal denoiser).
+        With a per-element ``sigma`` (zeros on known coordinates) it is the exact conditional D."""
+        logw, prec_resid = self._parts(x, sigma)
+        m = self.means.to(x.dtype) + torch.einsum("kde,bke->bkd", self.covs.to(x.dtype), prec_resid)
+        return (torch.softmax(logw, -1).unsqueeze(-1) * m).sum(1).reshape(x.shape)
 
     __call__ = denoiser
 

@@ -67,3 +67,16 @@ def test_sliced_wasserstein_is_zero_on_itself_and_sees_a_shift():
     a = GMM.sample(1000, _g(6))
     assert sliced_wasserstein(a, a) == 0
     assert sliced_wasserstein(a, a + 0.5, generator=_g(1)) > 0.2
+
+
+def test_per_element_sigma_with_a_clean_coordinate_is_the_conditional_denoiser():
+    gmm = GaussianMixture.random(dim=3, components=3, generator=_g(7))
+    y = torch.tensor([0.2], dtype=torch.float64)
+    cond = gmm.condition(torch.tensor([1]), y)
+    x_rest = gmm.sample(16, _g(8), sigma=0.6)[:, [0, 2]]
+    x = torch.stack([x_rest[:, 0], y.expand(16), x_rest[:, 1]], 1)
+    sigma = torch.tensor([0.6, 0.0, 0.6], dtype=torch.float64).expand(16, 3)
+    torch.testing.assert_close(gmm.denoiser(x, sigma)[:, [0, 2]], cond.denoiser(x_rest, 0.6))
+    torch.testing.assert_close(gmm.denoiser(x, sigma)[:, 1], y.expand(16))
+    # and a per-element sigma that is constant equals the per-sample path
+    torch.testing.assert_close(gmm.denoiser(x, torch.full((16, 3), 0.6, dtype=torch.float64)), gmm.denoiser(x, 0.6))
