@@ -16,6 +16,11 @@ with u from a few conjugate-gradient steps and the covariance held fixed when di
 - "none": C = 0 (Chung et al. 2023, "DPS", without its step-size heuristic), needs noise_std > 0.
 The wrapped denoiser works with every sampler, ODE or SDE. ``A`` must be linear and batch-wise
 (a differentiable torch function of x_0 of shape (B, ...)).
+
+Inpainting (known values under a mask) is the case A x = mask * x. When the denoiser accepts a
+per-element sigma (networks trained with per-token noise levels, Chen et al. 2024, "Diffusion
+Forcing"; the Gaussian-mixture oracle), ``inpainting(..., method="per_element_sigma")`` is exact:
+the known entries enter clean, at sigma = 0, so D returns E[x_0 | x_unknown, x_0,known = y].
 """
 
 from __future__ import annotations
@@ -86,7 +91,25 @@ def posterior_denoiser(denoiser, A: Callable[[Tensor], Tensor], y: Tensor, noise
     return conditional
 
 
-def inpainting(denoiser, known: Tensor, mask: Tensor, noise_std: float = 0.0, **options):
-    """Condition on ``known`` where ``mask`` is 1 (pixels or latents): A x = mask * x."""
+def inpainting(denoiser, known: Tensor, mask: Tensor, method: str = "posterior", noise_std: float = 0.0, **options):
+    """Condition on ``known`` where ``mask`` is 1 (pixels or latents).
+
+    ``method="posterior"``: :func:`posterior_denoiser` with A x = mask * x (any denoiser;
+    ``options`` go there). ``method="per_element_sigma"``: exact for denoisers that take a sigma
+    of x's shape; D_y(x, sigma) = D(mask y + (1 - mask) x, (1 - mask) sigma) on the unknown
+    entries and y on the known ones (noise-free observations only).
+    """
     mask = mask.to(known.dtype)
-    return posterior_denoiser(denoiser, lambda z: mask * z, mask * known, noise_std, **options)
+    if method == "posterior":
+        return posterior_denoiser(denoiser, lambda z: mask * z, mask * known, noise_std, **options)
+    if method != "per_element_sigma":
+        raise ValueError(f"method must be 'posterior' or 'per_element_sigma', got {method!r}")
+    if noise_std or options:
+        raise ValueError("per_element_sigma inpainting takes noise-free observations and no options")
+
+    def conditional(x: Tensor, sigma) -> Tensor:
+        s = batch_sigma(sigma, x)
+        x_in = mask * known + (1 - mask) * x
+        return mask * known + (1 - mask) * denoiser(x_in, (1 - mask) * s)
+
+    return conditional
