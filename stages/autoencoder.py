@@ -21,7 +21,7 @@ from safetensors.torch import save as safetensors_bytes
 from tqdm import tqdm
 
 from pipeline import atomic, config, manifest
-from pipeline.autoencoder import LPIPS, PatchDiscriminator, adaptive_weight, gan_factor, generator_loss, hinge_d_loss
+from pipeline.autoencoder import LPIPS, PatchDiscriminator, lpips_input, adaptive_weight, gan_factor, generator_loss, hinge_d_loss
 from pipeline.autoencoder.build import build_autoencoder
 from pipeline.autoencoder.codebook import perplexity
 from pipeline.autoencoder.kl import bits_per_dim, negative_elbo
@@ -57,17 +57,6 @@ def _image_spec(cfg: config.Config) -> tuple[int, int]:
     return channels, resolution
 
 
-LPIPS_MIN_SIZE = 32  # AlexNet's 11x11/4 stem and pools reduce smaller images to nothing
-
-
-def _lpips_input(x: torch.Tensor) -> torch.Tensor:
-    """Gray -> 3 channels; images below 32 px upsampled (bilinear) so LPIPS sees a feature map."""
-    x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
-    if min(x.shape[-2:]) < LPIPS_MIN_SIZE:
-        x = F.interpolate(x, size=(LPIPS_MIN_SIZE, LPIPS_MIN_SIZE), mode="bilinear", align_corners=False)
-    return x
-
-
 def _endless(loader: ShardLoader):
     """Batches epoch after epoch (each ``iter(loader)`` continues where the last stopped)."""
     while True:
@@ -99,7 +88,7 @@ class Objective:
             loss = pixel
             terms.update(kl=elbo["kl"].mean().item(), nelbo_bpd=bits_per_dim(elbo["nelbo"].mean(), dims).item())
         if self.lpips is not None and cfg.lpips_weight > 0:
-            perceptual = self.lpips(_lpips_input(x_hat.float()), _lpips_input(x.float())).mean()
+            perceptual = self.lpips(lpips_input(x_hat.float()), lpips_input(x.float())).mean()
             loss = loss + cfg.lpips_weight * perceptual
             terms["lpips"] = perceptual.item()
         terms["reconstruction"] = pixel.item()
@@ -126,7 +115,7 @@ def _validate(model, cfg: config.Config, lpips: LPIPS | None, device) -> dict:
             totals["psnr"] += float(psnr(x_hat, x).sum())
             totals["ssim"] += float(ssim(x_hat, x).sum())
             if lpips is not None:
-                totals["lpips"] += float(lpips(_lpips_input(x_hat), _lpips_input(x)).sum())
+                totals["lpips"] += float(lpips(lpips_input(x_hat), lpips_input(x)).sum())
             count += x.shape[0]
     metrics = {f"val_{k}": v / count for k, v in totals.items() if k != "lpips" or lpips is not None}
     metrics["val_images"] = count
@@ -186,7 +175,7 @@ def run(cfg: config.Config) -> Path:
         images_seen, window_start = 0, time.perf_counter()
         model.train()
         with StopSignal(budget) as stop, tqdm(total=ae.max_steps, initial=step, desc="autoencoder",
-                                              disable=not runtime.is_main, leave=False) as bar:
+                                              disable=None if runtime.is_main else True, leave=False) as bar:
             batches = _endless(loader)
             while step < ae.max_steps:
                 if runtime.any(stop.reason() is not None):

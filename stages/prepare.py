@@ -96,7 +96,7 @@ def _write_split(split: str, items: list, data: config.DataConfig, directory: Pa
     writer = shards.ShardWriter(directory, split, max_count=data.shard_max_count, max_bytes=data.shard_max_bytes,
                                 first_index=len(state["shards"]), on_shard=published)
     results = pool.imap(_Converter(data), items[start:], chunksize=8) if pool else map(_Converter(data), items[start:])
-    with writer, tqdm(total=len(items), initial=start, desc=f"prepare {split}", unit="img", leave=False) as bar:
+    with writer, tqdm(total=len(items), initial=start, desc=f"prepare {split}", unit="img", leave=False, disable=None) as bar:
         for position, (item, (sample, error)) in enumerate(zip(items[start:], results), start):
             bar.update()
             if error is not None:

@@ -112,3 +112,17 @@ class LPIPS(nn.Module):
 def _unit_channels(f: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
     """y_hat = y / (||y||_2 over channels + eps), as lpips.normalize_tensor."""
     return f / (f.pow(2).sum(dim=1, keepdim=True).sqrt() + eps)
+
+
+MIN_SIZE = 32
+"""Smallest side LPIPS is computed at: AlexNet's 11x11/4 stem and pools reduce smaller images to nothing."""
+
+
+def lpips_input(x: torch.Tensor) -> torch.Tensor:
+    """Any training image batch in [-1, 1] -> what :class:`LPIPS` takes: one channel repeated to
+    three; images smaller than ``MIN_SIZE`` upsampled bilinearly (a documented deviation for
+    tiny images such as 8x8-32x32 digits, where LPIPS would otherwise be undefined)."""
+    x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+    if min(x.shape[-2:]) < MIN_SIZE:
+        x = torch.nn.functional.interpolate(x, size=(MIN_SIZE, MIN_SIZE), mode="bilinear", align_corners=False)
+    return x
