@@ -113,7 +113,8 @@ def _validate(model, cfg: config.Config, lpips: LPIPS | None, device) -> dict:
                 x_hat, _ = model(x, generator=None)
             x_hat = x_hat.clamp(-1, 1)
             totals["psnr"] += float(psnr(x_hat, x).sum())
-            totals["ssim"] += float(ssim(x_hat, x).sum())
+            side = min(x.shape[-2:])  # the standard 11-px window, shrunk (odd) for tiny images
+            totals["ssim"] += float(ssim(x_hat, x, window=min(11, side - 1 + side % 2)).sum())
             if lpips is not None:
                 totals["lpips"] += float(lpips(lpips_input(x_hat), lpips_input(x)).sum())
             count += x.shape[0]
