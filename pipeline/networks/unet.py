@@ -52,7 +52,9 @@ class UNetConfig:
     gradient_checkpointing: bool = False
     """Recompute each block's activations in backward instead of storing them."""
     channels_last: bool = True
-    """On CUDA, run the convolutions in channels-last (NHWC) memory format (faster cuDNN kernels)."""
+    """On CUDA, feed the convolutions channels-last (NHWC) activations (faster cuDNN kernels).
+    ``net.to(memory_format=torch.channels_last)`` also converts the weights once, sparing cuDNN
+    a per-call weight copy."""
 
     def __post_init__(self) -> None:
         levels = len(self.channel_mult)
