@@ -40,8 +40,11 @@ def _like(value: Tensor, ref) -> Tensor:
 
 def _nearest_index(table: Tensor, sigma) -> Tensor:
     """Index of the entry of an increasing positive ``table`` nearest to ``sigma`` in log space."""
+    log_table = table.log()
     s = _as_f64(sigma).to(table.device).clamp_min(1e-30).log()
-    return (s.unsqueeze(-1) - table.log()).abs().argmin(-1)
+    hi = torch.searchsorted(log_table, s).clamp(1, len(table) - 1)
+    closer_to_lo = (s - log_table[hi - 1]) < (log_table[hi] - s)
+    return torch.where(closer_to_lo, hi - 1, hi)
 
 
 def _vp_scale(sigma: Tensor) -> Tensor:

@@ -80,3 +80,13 @@ def test_per_element_sigma_with_a_clean_coordinate_is_the_conditional_denoiser()
     torch.testing.assert_close(gmm.denoiser(x, sigma)[:, 1], y.expand(16))
     # and a per-element sigma that is constant equals the per-sample path
     torch.testing.assert_close(gmm.denoiser(x, torch.full((16, 3), 0.6, dtype=torch.float64)), gmm.denoiser(x, 0.6))
+
+
+def test_mmd_to_the_mixture_is_near_zero_for_its_samples_and_sees_a_small_shift():
+    gmm = GaussianMixture.random(dim=2, components=3, generator=_g(9))
+    exact = [gmm.mmd(gmm.sample(2000, _g(20 + i)), bandwidth=0.3) for i in range(3)]
+    shifted = gmm.mmd(gmm.sample(2000, _g(30)) + 0.05, bandwidth=0.3)
+    assert max(abs(e) for e in exact) < 0.2 * shifted
+    # A wrong closed-form term (E_qp or E_pp) would leave a bias at every bandwidth.
+    for bandwidth in (0.1, 1.0):
+        assert abs(gmm.mmd(gmm.sample(4000, _g(40)), bandwidth=bandwidth)) < 0.01
