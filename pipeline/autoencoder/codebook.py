@@ -218,7 +218,9 @@ class Codebook(nn.Module):
         e = codes[idx].to(flat.dtype)
         commitment = self.beta * F.mse_loss(flat, e.detach())
         codebook_loss = flat.new_zeros(()) if self.ema else F.mse_loss(flat.detach(), e)
-        counts = self.all_reduce(torch.bincount(idx, minlength=self.num_codes).float())
+        counts = torch.bincount(idx, minlength=self.num_codes).float()
+        if self.training:  # evaluation is per-rank work: a lone rank must never wait in a collective
+            counts = self.all_reduce(counts)
         if self.training:
             self._warn_if_batch_cannot_fill(int(counts.sum()))
             self._update(flat.detach().float(), idx, counts)
