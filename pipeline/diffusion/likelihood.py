@@ -1,7 +1,7 @@
 """Exact likelihood through the probability-flow ODE, and encode/decode along it.
 
 In u = log sigma the PF-ODE of the VE frame is dx/du = x - D(x, e^u) (EDM eq. 4 times sigma).
-The instantaneous change of variables (Chen et al. 2018, Theorem 1; Song et al. 2021, eq. 39)
+The instantaneous change of variables (Chen et al. 2018, Theorem 1; Song et al. 2021, Appendix D.2)
 gives log p_{sigma_min}(x) = log p_{sigma_max}(x(u_max)) + int_{u_min}^{u_max} tr(d f/dx) du with
 tr(d f/dx) = d - tr(dD/dx); tr(dD/dx) ~ v^T (dD/dx) v for fixed Rademacher or Gaussian v
 (Hutchinson 1990; Skilling 1989; Grathwohl et al. 2019, "FFJORD"). The ODE runs with the adaptive

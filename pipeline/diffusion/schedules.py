@@ -172,7 +172,7 @@ class _SDEProcess:
 class VP(_SDEProcess):
     """VP-SDE dx = -1/2 beta(t) x dt + sqrt(beta(t)) dw, beta(t) = beta_min + t (beta_max - beta_min)
     (Song et al. 2021, eq. 11); marginal alpha_t = exp(-1/4 t^2 (b_max - b_min) - 1/2 t b_min),
-    sigma_t^2 = 1 - alpha_t^2 (eq. 29). The T -> infinity limit of DDPM with beta_i = beta(i/T)/T."""
+    sigma_t^2 = 1 - alpha_t^2 (Appendix B, eq. 29). The T -> infinity limit of DDPM with beta_i = beta(i/T)/T."""
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, t_min: float = 1e-5):
         self.beta_min, self.beta_max, self.t_min = beta_min, beta_max, t_min
@@ -203,7 +203,7 @@ class VP(_SDEProcess):
 
 class SubVP(VP):
     """sub-VP SDE dx = -1/2 beta(t) x dt + sqrt(beta(t)(1 - exp(-2 int_0^t beta))) dw
-    (Song et al. 2021, eq. 12): same mean as VP, std sigma_t = 1 - alpha_t^2 (eq. 30)."""
+    (Song et al. 2021, eq. 12): same mean as VP, std sigma_t = 1 - alpha_t^2 (Appendix B, eq. 29)."""
 
     def marginal(self, t) -> tuple[Tensor, Tensor]:
         log_a = self.log_alpha(t)

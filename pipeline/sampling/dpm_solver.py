@@ -35,9 +35,9 @@ def dpmpp_2m(denoiser, x: Tensor, sigmas: Tensor, generator: torch.Generator | N
 
 def dpmpp_3m_sde(denoiser, x: Tensor, sigmas: Tensor, generator: torch.Generator | None = None,
                  eta: float = 1.0) -> Tensor:
-    """DPM-Solver++(3M) SDE (Lu et al. 2022, Sec. 4 / Appendix B for the third-order multistep
-    and the SDE variant; the form of k-diffusion's ``sample_dpmpp_3m_sde``): the data-prediction
-    SDE with noise fraction ``eta`` (eta = 0: the deterministic 3M ODE solver). With
+    """Third-order multistep DPM-Solver++ with the SDE variant's noise (Lu et al. 2022, Sec. 4's
+    multistep construction taken to order 3, as in Crowson's k-diffusion ``sample_dpmpp_3m_sde``):
+    noise fraction ``eta`` (eta = 0: the deterministic 3M ODE solver). With
     h_eta = (1 + eta) h, x <- e^{-h_eta} x + (1 - e^{-h_eta}) D + phi_2 D1 - phi_3 D2
     + sigma_next sqrt(1 - e^{-2 eta h}) z, where D1, D2 are divided differences of past D."""
     d1 = d2 = h1 = h2 = None

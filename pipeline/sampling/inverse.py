@@ -8,7 +8,8 @@ p(x_0 | x) ~ N(D(x), C): p(y | x) ~ N(y; A D, noise_std^2 I + A C A^T), which gi
     D_y = D + sigma^2 J^T A^T u,   (noise_std^2 I + A C A^T) u = y - A D,   J = dD/dx,
 
 with u from a few conjugate-gradient steps and the covariance held fixed when differentiating
-(Song et al. 2023, "Pseudoinverse-guided diffusion" (PiGDM), eq. 7; Rozet et al. 2024, "MMPS").
+(Song et al. 2023, "Pseudoinverse-guided diffusion models" (PiGDM), Sec. 3; Rozet et al. 2024,
+"Learning diffusion priors from observations by expectation maximization" (MMPS), Sec. 4).
 ``covariance``:
 - "jacobian": C = sigma^2 J, the exact posterior covariance (Tweedie's second moment, Meng et al.
   2021); then D_y is the exact conditional mean whenever p(x_0 | x) is Gaussian;

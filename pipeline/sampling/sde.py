@@ -3,7 +3,8 @@
 Reverse SDE (Anderson 1982; Song et al. 2021, eq. 6) of dx = sqrt(2 sigma) dw (f = 0,
 g^2 = d sigma^2/dsigma): dx = -2 sigma grad log p_sigma(x) dsigma + sqrt(2 sigma) dw_bar with
 grad log p_sigma(x) = (D - x)/sigma^2. Every step below has the form x + a (D - x) + b z; a
-step to sigma = 0 is the denoising jump x <- D (Song et al. 2021, Appendix G "denoising").
+step to sigma = 0 is the denoising jump x <- D (Jolicoeur-Martineau et al. 2021, "Adversarial
+score matching and improved sampling", Sec. 4; the last step of Song et al. 2021's samplers).
 """
 
 from __future__ import annotations
@@ -20,12 +21,12 @@ def _pull(x: Tensor, denoised: Tensor, a, b, z: Tensor) -> Tensor:
 
 
 def _euler_maruyama_coefs(sigma, sigma_next):
-    # dx = 2 (x - D)/sigma dsigma + sqrt(2 sigma |dsigma|) z (Kloeden & Platen 1992, eq. 9.1.1).
+    # dx = 2 (x - D)/sigma dsigma + sqrt(2 sigma |dsigma|) z (Kloeden & Platen 1992, Sec. 9.1).
     return 2 * (sigma - sigma_next) / sigma, (2 * sigma * (sigma - sigma_next)).sqrt()
 
 
 def _reverse_diffusion_coefs(sigma, sigma_next):
-    # Song et al. 2021, eq. 47 (VE): x + (sigma^2 - sigma_next^2) score + sqrt(sigma^2 - sigma_next^2) z.
+    # Song et al. 2021, Appendix E, reverse-diffusion predictor (VE): x + (sigma^2 - sigma_next^2) score + sqrt(sigma^2 - sigma_next^2) z.
     return (sigma**2 - sigma_next**2) / sigma**2, (sigma**2 - sigma_next**2).sqrt()
 
 
