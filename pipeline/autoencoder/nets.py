@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from pipeline.autoencoder.codebook import Codebook, Quantized
 from pipeline.autoencoder.kl import DiagonalGaussian
+from pipeline.networks.layers import Upsample
 
 FACTORS = (2, 4, 8, 16)
 
@@ -70,17 +71,6 @@ class Downsample(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class Upsample(nn.Module):
-    """Nearest-neighbour x2 then a 3x3 conv."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 def _middle(channels: int, groups: int, dropout: float, attention: bool) -> nn.Sequential:

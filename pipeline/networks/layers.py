@@ -97,3 +97,14 @@ def run_block(block: nn.Module, *args: Tensor, checkpoint: bool) -> Tensor:
     if checkpoint and torch.is_grad_enabled():
         return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
     return block(*args)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 then a 3x3 conv (the DDPM/ADM and VQGAN up-sampling layer)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.networks.embeddings import ConditionEmbedder
-from pipeline.networks.layers import SelfAttention, check_backend, run_block
+from pipeline.networks.layers import SelfAttention, Upsample, check_backend, run_block
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -208,15 +208,6 @@ class AttentionBlock(nn.Module):
 class Downsample(nn.Conv2d):
     def __init__(self, channels: int):
         super().__init__(channels, channels, 3, stride=2, padding=1)
-
-
-class Upsample(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class Group(nn.ModuleList):
