@@ -36,9 +36,10 @@ def _fresh_copy(prepared, tmp_path):
     return tmp_path
 
 
-@pytest.mark.parametrize("kind", ["vq", "kl"])
-def test_trains_exports_and_reports(prepared, tmp_path, lpips_cache, kind):
-    cfg = _cfg(_fresh_copy(prepared, tmp_path), f"autoencoder.kind={kind}", "autoencoder.max_steps=6")
+@pytest.mark.parametrize("kind, precision", [("vq", "no"), ("kl", "no"), ("vq", "bf16")])
+def test_trains_exports_and_reports(prepared, tmp_path, lpips_cache, kind, precision):
+    cfg = _cfg(_fresh_copy(prepared, tmp_path), f"autoencoder.kind={kind}", "autoencoder.max_steps=6",
+               f"autoencoder.mixed_precision={precision}")
     out = autoencoder.run(cfg)
     found = manifest.read(out)
     assert found["status"] == "complete" and found["metrics"]["steps"] == 6
