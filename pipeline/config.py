@@ -151,7 +151,7 @@ class AutoencoderConfig:
     max_steps: int = option(600, "Training steps in total.")
     time_budget_minutes: Optional[float] = option(
         None, "Stop (checkpoint, exit code 75) after this long in one job; rerunning resumes.")
-    mixed_precision: Literal["no", "bf16", "fp16"] = option("no", "Autocast precision.")
+    mixed_precision: Literal["fp32", "bf16", "fp16"] = option("fp32", "Autocast precision (fp16 adds a grad scaler).")
     max_nonfinite_steps: int = option(10, "Stop with an error after this many non-finite losses in a row.")
     num_workers: int = option(1, "DataLoader workers per rank.")
     shuffle_buffer: int = option(1000, "Samples in the streaming shuffle buffer.")

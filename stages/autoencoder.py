@@ -130,7 +130,7 @@ def _validate(model, cfg: config.Config, lpips: LPIPS | None, device) -> dict:
 
 def run(cfg: config.Config) -> Path:
     ae = cfg.autoencoder
-    runtime = Runtime(mixed_precision=ae.mixed_precision)
+    runtime = Runtime(precision=ae.mixed_precision)
     with manifest.stage_run(cfg, NAME, SECTIONS, INPUTS, is_main=runtime.is_main) as record:
         channels, resolution = _image_spec(cfg)
         lpips = LPIPS(ae.lpips).to(runtime.device) if ae.lpips != "none" else None  # fails early if weights are missing
@@ -160,11 +160,13 @@ def run(cfg: config.Config) -> Path:
                 runtime.unwrap(discriminator).load_state_dict(shared["discriminator"])
                 d_optimizer.load_state_dict(shared["d_optimizer"])
             loader.load_state_dict(own["loader"])
+            runtime.load_state_dict(shared["runtime"])
             step = int(shared["step"])
             log.info("autoencoder: resumed from %s (step %d)", found, step)
 
         def save() -> None:
-            shared = {"model": runtime.unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "step": step}
+            shared = {"model": runtime.unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                      "runtime": runtime.state_dict()}
             if discriminator is not None:
                 shared.update(discriminator=runtime.unwrap(discriminator).state_dict(), d_optimizer=d_optimizer.state_dict())
             checkpoint.save(checkpoints, step, shared, {"loader": loader.state_dict()}, runtime, ae.keep_checkpoints)
@@ -202,20 +204,20 @@ def run(cfg: config.Config) -> Path:
                     if nonfinite_in_a_row >= ae.max_nonfinite_steps:
                         raise NonFiniteLossError(
                             f"{nonfinite_in_a_row} non-finite losses in a row at step {step}: lower "
-                            f"autoencoder.learning_rate, use mixed_precision=no, or check the data")
+                            f"autoencoder.learning_rate, use mixed_precision=fp32, or check the data")
                     continue
                 nonfinite_in_a_row = 0
                 optimizer.zero_grad(set_to_none=True)
                 runtime.backward(loss)
                 if ae.grad_clip > 0:
-                    runtime.clip_grad_norm(model.parameters(), ae.grad_clip)
-                optimizer.step()
+                    runtime.clip_grad_norm(model.parameters(), ae.grad_clip, optimizer)
+                runtime.step(optimizer)
                 if gan_on:
                     d_optimizer.zero_grad(set_to_none=True)
                     with runtime.autocast():
                         d_loss = hinge_d_loss(discriminator(x), discriminator(x_hat.detach()))
                     runtime.backward(d_loss)
-                    d_optimizer.step()
+                    runtime.step(d_optimizer)
                     terms["gan_d"] = d_loss.item()
                 step += 1
                 images_seen += x.shape[0] * runtime.world_size

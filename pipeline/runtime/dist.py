@@ -15,16 +15,23 @@ import torch
 import torch.distributed as torch_dist
 
 
-class Runtime:
-    """One rank's view of the job: accelerate's ``Accelerator`` plus the collectives we need."""
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-    def __init__(self, *, mixed_precision: str = "no", cpu: bool | None = None):
+
+class Runtime:
+    """One rank's view of the job: accelerate's ``Accelerator`` plus the collectives we need.
+
+    Mixed precision is applied here (autocast, and a gradient scaler for fp16) rather than by
+    accelerate: accelerate keeps its precision in process-global state that refuses to change,
+    and one ``latentpipe run`` process runs several stages with their own precisions.
+    """
+
+    def __init__(self, *, precision: str = "fp32", cpu: bool | None = None):
         from accelerate import Accelerator
 
-        self.accelerator = Accelerator(
-            mixed_precision=mixed_precision,
-            cpu=not torch.cuda.is_available() if cpu is None else cpu,
-        )
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available() if cpu is None else cpu)
+        self.dtype = PRECISIONS[precision]
+        self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
 
     @property
     def rank(self) -> int:
@@ -50,13 +57,30 @@ class Runtime:
         return self.accelerator.unwrap_model(model)
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        return self.accelerator.autocast()
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None)
 
     def backward(self, loss: torch.Tensor) -> None:
-        self.accelerator.backward(loss)
+        self.accelerator.backward(loss if self.scaler is None else self.scaler.scale(loss))
 
-    def clip_grad_norm(self, parameters, max_norm: float) -> torch.Tensor:
+    def clip_grad_norm(self, parameters, max_norm: float, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
         return self.accelerator.clip_grad_norm_(parameters, max_norm)
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Optimizer step (skipped by the fp16 scaler when gradients overflowed)."""
+        if self.scaler is None:
+            optimizer.step()
+        else:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+
+    def state_dict(self) -> dict:
+        return {} if self.scaler is None else {"scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
 
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()

@@ -36,7 +36,7 @@ def _fresh_copy(prepared, tmp_path):
     return tmp_path
 
 
-@pytest.mark.parametrize("kind, precision", [("vq", "no"), ("kl", "no"), ("vq", "bf16")])
+@pytest.mark.parametrize("kind, precision", [("vq", "fp32"), ("kl", "fp32"), ("vq", "bf16"), ("vq", "fp16")])
 def test_trains_exports_and_reports(prepared, tmp_path, lpips_cache, kind, precision):
     cfg = _cfg(_fresh_copy(prepared, tmp_path), f"autoencoder.kind={kind}", "autoencoder.max_steps=6",
                f"autoencoder.mixed_precision={precision}")
