@@ -136,3 +136,36 @@ def test_writer_rolls_over_by_bytes(tmp_path):
             writer.write({"__key__": f"k{i}", "npy": b"x" * 20000})
     sizes = [p.stat().st_size for p in sorted(tmp_path.glob("train-*.tar"))]
     assert len(sizes) > 1 and all(s <= (1 << 16) + 2 * 10240 for s in sizes)
+
+
+def test_list_source_reads_paths_and_urls_and_skips_unreachable_ones(tmp_path):
+    import functools
+    import http.server
+    import threading
+
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for i in range(3):
+        Image.new("RGB", (10, 10), (80 * i, 0, 0)).save(images / f"local{i}.png")
+    served = tmp_path / "served"
+    served.mkdir()
+    Image.new("L", (12, 12), 200).save(served / "remote.png")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        listing = tmp_path / "list.txt"
+        listing.write_text("# comment\nimgs/local0.png\nimgs/local1.png\n\n"
+                           f"{images / 'local2.png'}\nhttp://127.0.0.1:{port}/remote.png\n"
+                           f"http://127.0.0.1:{port}/missing.png\n")
+        cfg = _cfg(tmp_path, "data.source=list", f"data.path={listing}", "data.resolution=8", "data.url_timeout=5")
+        found = manifest.read(prepare.run(cfg))
+    finally:
+        server.shutdown()
+    assert found["metrics"]["train_count"] + found["metrics"]["val_count"] == 4
+    (skipped,) = found["skipped"]
+    assert skipped["source"].endswith("/missing.png") and "cannot fetch" in skipped["error"]
+    sources = {json.loads(s["json"])["source"] for split in ("train", "val") for s in _samples(cfg.stage_dir("prepare"), split)}
+    assert f"http://127.0.0.1:{port}/remote.png" in sources and str(images / "local2.png") in sources
