@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.diffusion.gmm import GaussianMixture, sliced_wasserstein
+from pipeline.diffusion.gmm import GaussianMixture, sliced_wasserstein, sliced_wasserstein_floor
 from pipeline.sampling import karras_sigmas, sample
 from pipeline.sampling.inverse import inpainting, posterior_denoiser
 
@@ -18,14 +18,6 @@ SAMPLERS = sorted(FINE)
 
 def _g(seed):
     return torch.Generator().manual_seed(seed)
-
-
-def _floor(reference: GaussianMixture) -> float:
-    values = torch.tensor([
-        sliced_wasserstein(reference.sample(N, _g(100 + i)), reference.sample(N, _g(200 + i)), generator=_g(7))
-        for i in range(8)
-    ])
-    return float(values.mean() + 3 * values.std())
 
 
 def _run(denoiser, method, dim):
@@ -43,7 +35,7 @@ def test_known_coordinate_of_the_mixture_gives_the_analytic_conditional(method):
     x = _run(inpainting(gmm.denoiser, known, mask, method="per_element_sigma"), method, 2)
     assert torch.equal(x[:, 0], y.expand(N))
     err = sliced_wasserstein(x[:, 1:], analytic.sample(N, _g(1)), generator=_g(7))
-    floor = _floor(analytic)
+    floor = sliced_wasserstein_floor(analytic, N)
     assert err <= floor, (err, floor)
 
 
@@ -65,7 +57,7 @@ def test_posterior_guidance_inpainting_is_exact_for_a_gaussian_prior(method):
     x = _run(inpainting(prior.denoiser, known, mask, cg_steps=1), method, 3)
     assert (x[:, 0] - 0.5).abs().max() < 1e-6
     err = sliced_wasserstein(x[:, 1:], analytic.sample(N, _g(1)), generator=_g(7))
-    floor = _floor(analytic)
+    floor = sliced_wasserstein_floor(analytic, N)
     assert err <= floor, (err, floor)
 
 
@@ -82,7 +74,7 @@ def test_noisy_linear_measurement_gives_the_analytic_posterior_for_a_gaussian_pr
     denoiser = posterior_denoiser(prior.denoiser, lambda z: z @ A.T, y.expand(N, 2), noise_std, cg_steps=2)
     x = _run(denoiser, method, 3)
     err = sliced_wasserstein(x, analytic.sample(N, _g(1)), generator=_g(7))
-    floor = _floor(analytic)
+    floor = sliced_wasserstein_floor(analytic, N)
     assert err <= floor, (err, floor)
 
 

@@ -1,7 +1,7 @@
 """Samplers against the exact denoiser of a Gaussian mixture, and their contract.
 
 Convergence thresholds come from the finite-sample floor: the sliced W1 between two fresh
-mixture sample sets of the same size (mean + 3 std over repeats). A sampler that is exact up to
+mixture sample sets of the same size (mean + 3 std over repeats, ``sliced_wasserstein_floor``). A sampler that is exact up to
 its discretisation lands in that band once its budget is large enough, and its coarse budget
 must sit clearly above it (so the test would notice a sampler that does nothing)."""
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.diffusion.gmm import GaussianMixture, sliced_wasserstein
+from pipeline.diffusion.gmm import GaussianMixture, sliced_wasserstein, sliced_wasserstein_floor
 from pipeline.sampling import METHODS, karras_sigmas, sample
 
 N = 2000
@@ -28,11 +28,7 @@ def gmm() -> GaussianMixture:
 
 @pytest.fixture(scope="module")
 def floor(gmm) -> float:
-    values = torch.tensor([
-        sliced_wasserstein(gmm.sample(N, _g(100 + i)), gmm.sample(N, _g(200 + i)), generator=_g(7))
-        for i in range(8)
-    ])
-    return float(values.mean() + 3 * values.std())
+    return sliced_wasserstein_floor(gmm, N)
 
 
 def _error(gmm, method: str, sigmas, **options) -> float:
