@@ -121,7 +121,7 @@ class AutoencoderConfig:
     """The autoencoder stage: a VQ-VAE (EMA codebook) or KL-VAE trained on the prepare shards."""
 
     kind: Literal["vq", "kl"] = option("vq", "VQ-VAE with a codebook, or Gaussian KL-VAE.")
-    channels: int = option(32, "Base width of the encoder/decoder.")
+    channels: int = option(16, "Base width of the encoder/decoder.")
     channel_mult: tuple[int, ...] = option(
         (1, 2, 2), "Width multiplier per level; len - 1 downsamplings give the factor f = 2**(len - 1).")
     num_res_blocks: int = option(1, "Residual blocks per level.")
@@ -148,7 +148,7 @@ class AutoencoderConfig:
     betas: tuple[float, float] = option((0.5, 0.9), "AdamW betas (as VQGAN).")
     weight_decay: float = option(0.0, "AdamW weight decay.")
     grad_clip: float = option(1.0, "Gradient norm clip (0: off).")
-    max_steps: int = option(600, "Training steps in total.")
+    max_steps: int = option(1500, "Training steps in total.")
     time_budget_minutes: Optional[float] = option(
         None, "Stop (checkpoint, exit code 75) after this long in one job; rerunning resumes.")
     mixed_precision: Literal["fp32", "bf16", "fp16"] = option("fp32", "Autocast precision (fp16 adds a grad scaler).")
@@ -156,9 +156,9 @@ class AutoencoderConfig:
     num_workers: int = option(1, "DataLoader workers per rank.")
     shuffle_buffer: int = option(1000, "Samples in the streaming shuffle buffer.")
     flip: bool = option(False, "Random horizontal flips (off for digits).")
-    log_every: int = option(50, "Steps between metric logs.")
-    image_every: int = option(200, "Steps between input/reconstruction PNG grids.")
-    checkpoint_every: int = option(200, "Steps between checkpoints.")
+    log_every: int = option(100, "Steps between metric logs.")
+    image_every: int = option(500, "Steps between input/reconstruction PNG grids.")
+    checkpoint_every: int = option(500, "Steps between checkpoints.")
     keep_checkpoints: int = option(2, "Newest checkpoints kept.")
 
     def validate(self, key: str) -> None:
