@@ -38,7 +38,8 @@ def mmd2_unbiased(x: Tensor, y: Tensor) -> Tensor:
 def kernel_inception_distance(
     x: Tensor, y: Tensor, *, generator: torch.Generator, subsets: int = 100, subset_size: int = 1000
 ) -> tuple[float, float]:
-    """(mean, standard deviation) of :func:`mmd2_unbiased` over ``subsets`` random subset pairs.
+    """(mean, standard deviation) of :func:`mmd2_unbiased` over ``subsets`` random subset pairs
+    (the standard deviation of the subset values, numpy's ddof=0, as both references report).
 
     ``generator`` (on the CPU) draws the subsets; with ``subset_size`` at least both set sizes
     every subset is the whole set and the result does not depend on it.
@@ -53,4 +54,4 @@ def kernel_inception_distance(
         )
         for _ in range(subsets)
     ])
-    return float(values.mean()), float(values.std()) if subsets > 1 else 0.0
+    return float(values.mean()), float(values.std(correction=0))
