@@ -62,15 +62,14 @@ def net(weights_cache):
 
 
 def test_real_network_features(net):
-    """7 images through the real network (~0.4 s each on one CPU core): 2048-d non-negative pool
+    """6 images through the real network (~0.4 s each on one CPU core): 2048-d non-negative pool
     features, independent of the batch they come in, gray == RGB-repeated gray; FID(x, x) = 0."""
     gray = images((1, 1, 28, 28), seed=3)
     x = torch.cat([gray.expand(-1, 3, -1, -1), images((2, 3, 28, 28), seed=4)])
     together = net(x)
     assert together.shape == (3, DIMS) and together.dtype == torch.float32
     assert torch.isfinite(together).all() and (together >= 0).all()
-    apart = torch.cat([net(x[:1]), net(x[1:])])
+    apart = torch.cat([net(gray), net(x[1:])])  # other batches, and the 1-channel image as such
     torch.testing.assert_close(apart, together, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(net(gray)[0], together[0], rtol=1e-4, atol=1e-4)
     stats = FeatureStats.of(together)
     assert abs(frechet_distance(stats, stats)) < 1e-6 * np.trace(stats.cov)
