@@ -19,6 +19,8 @@ Times are float64 tensors internally; results follow the dtype of the caller's t
 
 from __future__ import annotations
 
+import abc
+
 import math
 
 import torch
@@ -139,13 +141,14 @@ class DDPM:
         return ddpm_sigmas(self, ddpm_timesteps(self.T, n or self.T))
 
 
-class _SDEProcess:
+class _SDEProcess(abc.ABC):
     """Shared VE-frame view of a continuous-time process with t in [t_min, 1]."""
 
     t_min: float
 
+    @abc.abstractmethod
     def marginal(self, t) -> tuple[Tensor, Tensor]:
-        raise NotImplementedError
+        """(alpha_t, sigma_t) of x_t = alpha_t x_0 + sigma_t eps."""
 
     def sigma_ve(self, t) -> Tensor:
         alpha, sigma = self.marginal(t)
