@@ -325,9 +325,13 @@ def to_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def section_hash(cfg: Config, sections: Sequence[str]) -> str:
-    """sha256 of the named sections: what a stage's output depends on, nothing more."""
+def section_hash(cfg: Config, sections: Sequence[str], ignore: Sequence[str] = ()) -> str:
+    """sha256 of the named sections (less the dotted keys in ``ignore``): what a stage's
+    output depends on, nothing more."""
     data = {name: to_dict(getattr(cfg, name)) for name in sections}
+    for key in ignore:
+        section, _, name = key.partition(".")
+        data[section].pop(name)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 

@@ -164,6 +164,7 @@ class StageRecord:
     """What a running stage reports into its manifest."""
 
     directory: Path
+    inputs: dict = field(default_factory=dict)  # upstream stage -> manifest hash
     outputs: list = field(default_factory=list)
     metrics: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
@@ -187,7 +188,7 @@ def stage_run(
     directory = cfg.stage_dir(stage)
     input_hashes = check_inputs(cfg, inputs)
     directory.mkdir(parents=True, exist_ok=True)
-    record = StageRecord(directory)
+    record = StageRecord(directory, inputs=input_hashes)
     if not is_main:
         yield record
         return

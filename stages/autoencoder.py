@@ -10,6 +10,7 @@ SSIM, LPIPS, codebook usage), ``autoencoder.safetensors`` and the manifest.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -38,6 +39,10 @@ NAME = "autoencoder"
 SECTIONS = ("data", "autoencoder")
 INPUTS = ("prepare",)
 WEIGHTS_FILE = "autoencoder.safetensors"
+# Changing these continues training from a checkpoint; any other change starts afresh.
+RESUMABLE_CHANGES = ("autoencoder.max_steps", "autoencoder.time_budget_minutes", "autoencoder.log_every",
+                     "autoencoder.image_every", "autoencoder.checkpoint_every", "autoencoder.keep_checkpoints",
+                     "autoencoder.num_workers")
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +51,12 @@ class NonFiniteLossError(LatentpipeError):
     """Too many non-finite losses in a row."""
 
 
-def _image_spec(cfg: config.Config) -> tuple[int, int]:
+def _image_spec(prepared: dict, ae: config.AutoencoderConfig) -> tuple[int, int]:
     """(channels, resolution) of the prepared images, checked against the autoencoder."""
-    image = manifest.read(cfg.stage_dir("prepare"))["image"]
-    channels, resolution = image["channels"], image["resolution"]
-    if resolution % cfg.autoencoder.factor:
+    channels, resolution = prepared["image"]["channels"], prepared["image"]["resolution"]
+    if resolution % ae.factor:
         raise LatentpipeError(
-            f"autoencoder.channel_mult gives f={cfg.autoencoder.factor}, which does not divide the "
+            f"autoencoder.channel_mult gives f={ae.factor}, which does not divide the "
             f"prepared resolution {resolution}: change data.resolution or autoencoder.channel_mult")
     return channels, resolution
 
@@ -132,7 +136,8 @@ def run(cfg: config.Config) -> Path:
     ae = cfg.autoencoder
     runtime = Runtime(precision=ae.mixed_precision)
     with manifest.stage_run(cfg, NAME, SECTIONS, INPUTS, is_main=runtime.is_main) as record:
-        channels, resolution = _image_spec(cfg)
+        prepared = manifest.read(cfg.stage_dir("prepare"))
+        channels, resolution = _image_spec(prepared, ae)
         lpips = LPIPS(ae.lpips).to(runtime.device) if ae.lpips != "none" else None  # fails early if weights are missing
         torch.manual_seed(derive_seed(cfg.experiment.seed, "autoencoder-init"))  # modules draw init weights globally
         model = build_autoencoder(ae, channels, seed=cfg.experiment.seed,
@@ -144,13 +149,14 @@ def run(cfg: config.Config) -> Path:
             d_optimizer = torch.optim.AdamW(discriminator.parameters(), lr=ae.learning_rate, betas=ae.betas)
             discriminator, d_optimizer = runtime.prepare(discriminator, d_optimizer)
         model, optimizer = runtime.prepare(model, optimizer)
-        prepared = manifest.read(cfg.stage_dir("prepare"))
         loader = ShardLoader(
             str(cfg.stage_dir("prepare") / "train-*.tar"), batch_size=ae.batch_size, rank=runtime.rank,
             world_size=runtime.world_size, num_workers=ae.num_workers, seed=cfg.experiment.seed,
             samples_per_epoch=prepared["splits"]["train"]["count"], shuffle_buffer=ae.shuffle_buffer, flip=ae.flip,
         )
         checkpoints = record.directory / "checkpoints"
+        resume_key = config.section_hash(cfg, SECTIONS, ignore=RESUMABLE_CHANGES) + json.dumps(record.inputs, sort_keys=True)
+        checkpoint.set_aside_if_stale(checkpoints, resume_key, runtime)
         step = 0
         if (found := checkpoint.latest(checkpoints)) is not None:
             shared, own = checkpoint.load(found, runtime.rank, runtime.world_size)
@@ -169,7 +175,8 @@ def run(cfg: config.Config) -> Path:
                       "runtime": runtime.state_dict()}
             if discriminator is not None:
                 shared.update(discriminator=runtime.unwrap(discriminator).state_dict(), d_optimizer=d_optimizer.state_dict())
-            checkpoint.save(checkpoints, step, shared, {"loader": loader.state_dict()}, runtime, ae.keep_checkpoints)
+            checkpoint.save(checkpoints, step, shared, {"loader": loader.state_dict()}, runtime, ae.keep_checkpoints,
+                            resume_key)
 
         metrics_log = MetricsLog(record.directory, enabled=runtime.is_main)
         objective = Objective(ae, lpips)

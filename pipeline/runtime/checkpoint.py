@@ -31,8 +31,9 @@ def _rank_file(rank: int) -> str:
 
 
 def save(directory: Path, step: int, shared: dict[str, Any], own: dict[str, Any], runtime: Runtime,
-         keep: int) -> Path:
-    """Write a checkpoint of ``step`` (collective: every rank calls it) and keep the newest ``keep``."""
+         keep: int, resume_key: str) -> Path:
+    """Write a checkpoint of ``step`` (collective: every rank calls it) and keep the newest ``keep``.
+    ``resume_key`` identifies what the state was trained on (see :func:`set_aside_if_stale`)."""
     directory = Path(directory)
     final = directory / f"step-{step:08d}"
     tmp = directory / f".step-{step:08d}{atomic.TMP_SUFFIX}"
@@ -47,7 +48,8 @@ def save(directory: Path, step: int, shared: dict[str, Any], own: dict[str, Any]
             torch.save(shared, handle)
     runtime.barrier()
     if runtime.is_main:
-        atomic.write_text(tmp / "complete.json", json.dumps({"step": step, "world_size": runtime.world_size}))
+        atomic.write_text(tmp / "complete.json",
+                          json.dumps({"step": step, "world_size": runtime.world_size, "resume_key": resume_key}))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -59,6 +61,21 @@ def save(directory: Path, step: int, shared: dict[str, Any], own: dict[str, Any]
 
 def _complete(directory: Path) -> list[Path]:
     return [p for p in directory.glob("step-*") if _STEP_DIR.match(p.name) and (p / "complete.json").is_file()]
+
+
+def set_aside_if_stale(directory: Path, resume_key: str, runtime: Runtime) -> None:
+    """Move checkpoints made under another ``resume_key`` (other config or inputs) to
+    ``<directory>.stale`` so the job starts afresh instead of resuming the wrong model."""
+    directory = Path(directory)
+    found = latest(directory)
+    stale = found is not None and json.loads((found / "complete.json").read_text()).get("resume_key") != resume_key
+    if stale and runtime.is_main:
+        aside = directory.with_name(directory.name + ".stale")
+        log.warning("checkpoints in %s come from another config or other inputs; moved to %s, starting afresh",
+                    directory, aside)
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(directory, aside)
+    runtime.barrier()
 
 
 def latest(directory: Path) -> Path | None:

@@ -111,3 +111,19 @@ def test_missing_lpips_weights_fail_before_training_with_the_fetch_command(prepa
 def test_refuses_to_start_without_prepare(tmp_path):
     with pytest.raises(manifest.StageInputError, match="run `latentpipe prepare` first"):
         autoencoder.run(_cfg(tmp_path))
+
+
+def test_checkpoints_from_another_config_are_set_aside_not_resumed(prepared, tmp_path, lpips_cache, caplog):
+    caplog.set_level("INFO")
+    root = _fresh_copy(prepared, tmp_path)
+    autoencoder.run(_cfg(root, "autoencoder.max_steps=3"))
+    directory = root / "tiny" / "autoencoder"
+    autoencoder.run(_cfg(root, "autoencoder.max_steps=6"))  # a longer budget continues
+    assert not (directory / "checkpoints.stale").exists()
+    assert "resumed from" in caplog.text
+
+    caplog.clear()
+    autoencoder.run(_cfg(root, "autoencoder.max_steps=6", "autoencoder.commitment_beta=0.5"))
+    assert "moved to" in caplog.text and "resumed from" not in caplog.text
+    assert sorted(p.name for p in (directory / "checkpoints.stale").iterdir()) == ["step-00000003", "step-00000006"]
+    assert sorted(p.name for p in (directory / "checkpoints").iterdir()) == ["step-00000003", "step-00000006"]
