@@ -191,12 +191,25 @@ class AutoencoderConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class EncodeConfig:
+    """The encode stage: the prepare shards through the trained autoencoder into latent shards."""
+
+    batch_size: int = option(256, "Images per encoder call.")
+    flip_twin: bool = option(True, "Also store the latents of each image's horizontal mirror (for flip augmentation).")
+
+    def validate(self, key: str) -> None:
+        if self.batch_size < 1:
+            _fail(f"{key}.batch_size", f"must be at least 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     """The whole experiment: one section per stage."""
 
     experiment: ExperimentConfig = option(ExperimentConfig(), "Name, run directory, seed.")
     data: DataConfig = option(DataConfig(), "The prepare stage.")
     autoencoder: AutoencoderConfig = option(AutoencoderConfig(), "The autoencoder stage.")
+    encode: EncodeConfig = option(EncodeConfig(), "The encode stage.")
 
     @property
     def run_dir(self) -> Path:
@@ -325,13 +338,18 @@ def to_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
+LOCATION_KEYS = ("experiment.name", "experiment.runs_dir")
+"""Where a run lives, not what it computes: never part of a stage's config hash."""
+
+
 def section_hash(cfg: Config, sections: Sequence[str], ignore: Sequence[str] = ()) -> str:
     """sha256 of the named sections (less the dotted keys in ``ignore``): what a stage's
     output depends on, nothing more."""
     data = {name: to_dict(getattr(cfg, name)) for name in sections}
-    for key in ignore:
+    for key in (*ignore, *LOCATION_KEYS):
         section, _, name = key.partition(".")
-        data[section].pop(name)
+        if section in data:
+            data[section].pop(name)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 

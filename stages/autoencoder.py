@@ -36,7 +36,7 @@ from pipeline.runtime.preemption import StopSignal
 from pipeline.seeding import derive_seed, generator
 
 NAME = "autoencoder"
-SECTIONS = ("data", "autoencoder")
+SECTIONS = ("experiment", "data", "autoencoder")  # experiment: its seed
 INPUTS = ("prepare",)
 WEIGHTS_FILE = "autoencoder.safetensors"
 # Changing these continues training from a checkpoint; any other change starts afresh.
