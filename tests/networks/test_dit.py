@@ -10,20 +10,6 @@ from pipeline.networks.embeddings import sincos_pos_embed_2d
 TINY = dict(width=32, depth=2, num_heads=2, input_size=8, in_channels=4)
 
 
-def randomise(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Give every parameter (the zero-initialised ones included) random values."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-    return net
-
-
-def inputs(batch=3, channels=4, size=8, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, channels, size, size, generator=gen), torch.rand(batch, generator=gen) * 1000
-
-
 def test_adaln_zero_block_is_the_identity_at_initialisation():
     net = DiT(DiTConfig(**TINY))
     tokens = torch.randn(2, net.config.num_tokens, 32)
@@ -34,9 +20,9 @@ def test_adaln_zero_block_is_the_identity_at_initialisation():
 
 
 @pytest.mark.parametrize("learn_sigma", [False, True])
-def test_network_outputs_zero_at_initialisation(learn_sigma):
+def test_network_outputs_zero_at_initialisation(learn_sigma, net_inputs):
     net = DiT(DiTConfig(**TINY, num_classes=5, learn_sigma=learn_sigma))
-    x, t = inputs()
+    x, t = net_inputs()
     out = net(x, t, torch.tensor([0, 4, 5]))
     assert out.shape == (3, 8 if learn_sigma else 4, 8, 8)
     assert not out.any()
@@ -53,33 +39,10 @@ def test_unpatchify_inverts_row_major_patches(patch_size):
 
 
 @pytest.mark.parametrize("patch_size", [1, 2, 4, 8])
-def test_forward_shapes_for_every_patch_size(patch_size):
+def test_forward_shapes_for_every_patch_size(patch_size, randomise, net_inputs):
     net = randomise(DiT(DiTConfig(**TINY, patch_size=patch_size, learn_sigma=True)))
-    x, t = inputs()
+    x, t = net_inputs()
     assert net(x, t).shape == (3, 8, 8, 8)
-
-
-def test_samples_do_not_interact_within_a_batch():
-    net = randomise(DiT(DiTConfig(**TINY, num_classes=3)))
-    x, t = inputs(batch=4)
-    y = torch.tensor([0, 1, 2, 3])
-    whole = net(x, t, y)
-    for i in range(4):
-        torch.testing.assert_close(net(x[i : i + 1], t[i : i + 1], y[i : i + 1]), whole[i : i + 1])
-
-
-def test_conditioning_contract():
-    net = randomise(DiT(DiTConfig(**TINY, num_classes=3)))
-    x, t = inputs()
-    assert net.null_class == 3
-    null = torch.full((3,), 3)
-    torch.testing.assert_close(net(x, t), net(x, t, null))  # y=None means the null class
-    assert not torch.allclose(net(x, t, torch.tensor([0, 1, 2])), net(x, t, null))
-    torch.testing.assert_close(net(x, t[:1].expand(3)), net(x, t[0]))  # a scalar t broadcasts
-    unconditional = DiT(DiTConfig(**TINY))
-    assert unconditional.null_class is None
-    with pytest.raises(ValueError, match="unconditional"):
-        unconditional(x, t, null)
 
 
 def test_position_embedding_is_fixed_sincos():

@@ -18,13 +18,6 @@ CASES = {
 }
 
 
-def randomise(net, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-    return net
-
 
 def batch(seed=1):
     gen = torch.Generator().manual_seed(seed)
@@ -40,7 +33,7 @@ def gradients(net, seed=2):
 
 
 @pytest.mark.parametrize("kind", CASES)
-def test_gradient_checkpointing_gives_identical_gradients(kind):
+def test_gradient_checkpointing_gives_identical_gradients(kind, randomise):
     net = randomise(build_denoiser(kind, **CASES[kind])).train()
     plain = gradients(net)
     net.gradient_checkpointing = True
@@ -59,7 +52,7 @@ def test_checkpointing_is_a_config_option(kind):
 
 
 @pytest.mark.parametrize("kind", CASES)
-def test_torch_compile_captures_one_graph(kind):
+def test_torch_compile_captures_one_graph(kind, randomise):
     """fullgraph=True fails on any graph break; aot_eager traces forward and backward without codegen."""
     net = randomise(build_denoiser(kind, **CASES[kind])).train()
     x, t, y = batch()
@@ -75,7 +68,7 @@ HAS_CXX = any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++"))
 
 
 @pytest.mark.skipif(not HAS_CXX, reason="torch.compile's CPU backend (inductor) needs a C++ compiler")
-def test_inductor_compiled_dit_matches_eager():
+def test_inductor_compiled_dit_matches_eager(randomise):
     """Generated CPU kernels compute the same function (one block keeps the cold compile ~20 s)."""
     net = randomise(build_denoiser("dit", **{**TINY_DIT, "depth": 1})).eval()
     x, t, y = batch()
