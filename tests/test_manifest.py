@@ -83,18 +83,3 @@ def test_atomic_write_leaves_the_old_file_on_failure(tmp_path):
             raise RuntimeError("crash mid-write")
     assert json.loads(target.read_text()) == {"v": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["f.json"]
-
-
-def test_atomic_directory_replaces_only_when_complete(tmp_path):
-    target = tmp_path / "ckpt"
-    with atomic.atomic_directory(target) as tmp:
-        (tmp / "a").write_text("1")
-    with pytest.raises(RuntimeError):
-        with atomic.atomic_directory(target) as tmp:
-            (tmp / "a").write_text("2")
-            raise RuntimeError
-    assert (target / "a").read_text() == "1"
-    with atomic.atomic_directory(target) as tmp:
-        (tmp / "a").write_text("3")
-    assert (target / "a").read_text() == "3"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]

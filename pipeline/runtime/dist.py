@@ -9,8 +9,6 @@ a plain ``python``/``latentpipe`` call is a world of one.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
-
 import torch
 import torch.distributed as torch_dist
 
@@ -114,11 +112,3 @@ class Runtime:
         value = torch.tensor([1.0 if flag else 0.0], device=self.device)
         torch_dist.all_reduce(value, op=torch_dist.ReduceOp.MAX)
         return bool(value.item())
-
-    @contextlib.contextmanager
-    def main_process_first(self) -> Iterator[None]:
-        with self.accelerator.main_process_first():
-            yield
-
-    def end(self) -> None:
-        self.accelerator.end_training()
