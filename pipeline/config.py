@@ -11,10 +11,13 @@ Overrides use dotted keys with YAML values: ``data.resolution=32``, ``data.backg
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
 import hashlib
+import inspect
 import json
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +27,8 @@ from typing import Any, Literal, Mapping, Optional, Sequence
 import yaml
 
 from pipeline.errors import LatentpipeError
+from pipeline.networks.dit import DiTConfig
+from pipeline.networks.unet import UNetConfig
 
 
 class ConfigError(LatentpipeError, ValueError):
@@ -203,6 +208,151 @@ class EncodeConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class DiffusionConfig:
+    """The diffusion stage: a DiT or U-Net denoiser trained on the normalised continuous latents."""
+
+    process: Literal["ddpm", "vp", "subvp", "ve"] = option(
+        "ddpm", "Forward process: discrete DDPM (Ho et al. 2020), or the VP / sub-VP / VE SDE (Song et al. 2021).")
+    beta_schedule: Literal["linear", "cosine"] = option("linear", "ddpm: betas linear 1e-4..0.02 or the cosine schedule.")
+    timesteps: int = option(1000, "ddpm: number of steps T.")
+    beta_min: float = option(0.1, "vp/subvp: beta(0).")
+    beta_max: float = option(20.0, "vp/subvp: beta(1).")
+    sigma_min: float = option(0.01, "ve: smallest noise level.")
+    sigma_max: float = option(50.0, "ve: largest noise level (about the largest distance between latents).")
+    prediction: Literal["eps", "x0", "v", "score"] = option(
+        "eps", "What the network predicts: eps (L_simple), x0, v, or the score (denoising score matching).")
+    backbone: Literal["dit", "unet"] = option("dit", "Denoiser network.")
+    dit: DiTConfig = option(
+        DiTConfig(width=192, depth=6, num_heads=3, patch_size=1),
+        "DiT options (pipeline.networks.dit); input_size, in_channels and num_classes come from the latents.")
+    unet: UNetConfig = option(
+        UNetConfig(model_channels=64, channel_mult=(1, 2), num_res_blocks=2, attention_resolutions=(4,), norm_groups=32),
+        "U-Net options (pipeline.networks.unet); input_size, in_channels and num_classes come from the latents.")
+    class_conditional: bool = option(True, "Condition on the class labels (needs labelled data).")
+    label_dropout: float = option(0.1, "Probability of replacing a label by the null class (for classifier-free guidance).")
+    normalize: Literal["channel", "scale"] = option(
+        "channel", "Latent normalisation from the encode stage's statistics: per-channel standardisation, "
+        "or the single scale factor (LDM's convention).")
+    flip: bool = option(False, "Use the mirrored twin of each latent half of the time (off for digits).")
+    batch_size: int = option(128, "Latents per rank per step.")
+    learning_rate: float = option(5e-4, "Peak AdamW learning rate.")
+    betas: tuple[float, float] = option((0.9, 0.999), "AdamW betas.")
+    weight_decay: float = option(0.0, "AdamW weight decay.")
+    warmup_steps: int = option(100, "Linear learning-rate warm-up steps.")
+    lr_schedule: Literal["constant", "cosine", "linear"] = option("cosine", "Learning rate after the warm-up.")
+    grad_clip: float = option(1.0, "Gradient norm clip (0: off).")
+    max_steps: int = option(2000, "Training steps in total.")
+    time_budget_minutes: Optional[float] = option(
+        None, "Stop (checkpoint, exit code 75) after this long in one job; rerunning resumes.")
+    mixed_precision: Literal["fp32", "bf16", "fp16"] = option("fp32", "Autocast precision (fp16 adds a grad scaler).")
+    deepspeed: Optional[str] = option(None, "DeepSpeed JSON config (e.g. configs/deepspeed/zero2.json); None: DDP.")
+    ema_decay: float = option(0.999, "Decay of the exponential moving average of the weights (used for sampling).")
+    ema_warmup_steps: int = option(100, "Steps over which the EMA decay ramps up.")
+    max_nonfinite_steps: int = option(5, "Non-finite losses in a row before rolling back (or stopping).")
+    on_nonfinite: Literal["rollback", "stop"] = option(
+        "rollback", "After max_nonfinite_steps in a row: reload the last checkpoint with a lower learning "
+        "rate, or stop with an error.")
+    rollback_lr_factor: float = option(0.5, "Learning-rate factor applied at each rollback.")
+    max_rollbacks: int = option(3, "Rollbacks before giving up with an error.")
+    num_workers: int = option(1, "DataLoader workers per rank.")
+    shuffle_buffer: int = option(2000, "Samples in the streaming shuffle buffer.")
+    log_every: int = option(50, "Steps between metric logs.")
+    image_every: int = option(1000, "Steps between decoded sample grids (EMA weights).")
+    checkpoint_every: int = option(500, "Steps between checkpoints.")
+    keep_checkpoints: int = option(2, "Newest checkpoints kept.")
+
+    def validate(self, key: str) -> None:
+        for name in ("timesteps", "batch_size", "max_steps", "log_every", "image_every", "checkpoint_every",
+                     "keep_checkpoints", "max_nonfinite_steps"):
+            if getattr(self, name) < 1:
+                _fail(f"{key}.{name}", f"must be at least 1, got {getattr(self, name)}")
+        if self.process == "ddpm" and self.prediction == "score":
+            _fail(f"{key}.prediction", "score prediction needs a continuous process (vp, subvp or ve); "
+                  "use eps, x0 or v with ddpm")
+        if not 0 < self.sigma_min < self.sigma_max:
+            _fail(f"{key}.sigma_min", f"need 0 < sigma_min < sigma_max, got {self.sigma_min}, {self.sigma_max}")
+        if not 0 < self.beta_min < self.beta_max:
+            _fail(f"{key}.beta_min", f"need 0 < beta_min < beta_max, got {self.beta_min}, {self.beta_max}")
+        if not 0.0 <= self.label_dropout < 1.0:
+            _fail(f"{key}.label_dropout", f"must be in [0, 1), got {self.label_dropout}")
+        if self.learning_rate <= 0:
+            _fail(f"{key}.learning_rate", f"must be positive, got {self.learning_rate}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            _fail(f"{key}.ema_decay", f"must be in [0, 1), got {self.ema_decay}")
+        if not 0.0 < self.rollback_lr_factor < 1.0:
+            _fail(f"{key}.rollback_lr_factor", f"must be in (0, 1), got {self.rollback_lr_factor}")
+        if self.time_budget_minutes is not None and self.time_budget_minutes <= 0:
+            _fail(f"{key}.time_budget_minutes", f"must be positive, got {self.time_budget_minutes}")
+        if self.deepspeed is not None and not Path(self.deepspeed).is_file():
+            _fail(f"{key}.deepspeed", f"{self.deepspeed} does not exist (see configs/deepspeed/)")
+        if min(self.warmup_steps, self.ema_warmup_steps, self.num_workers, self.max_rollbacks) < 0:
+            _fail(key, "warmup_steps, ema_warmup_steps, num_workers and max_rollbacks must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SampleConfig:
+    """The sample stage: latents from the EMA denoiser, decoded to images."""
+
+    method: str = option("dpmpp_2m", "Sampler (pipeline.sampling.METHODS): ddpm, ddim, euler, heun, dpmpp_2m, pc, ...")
+    steps: int = option(20, "Number of noise levels of the grid (function evaluations for one-step solvers).")
+    grid: Literal["karras", "process"] = option(
+        "karras", "Noise levels: Karras et al.'s rho-spaced grid, or the process's own (DDPM timesteps / SDE times).")
+    eta: float = option(0.0, "ddim/ancestral samplers: stochasticity (0 = deterministic).")
+    guidance_scale: float = option(2.0, "Classifier-free guidance weight w (1 = none): D_u + w (D_c - D_u).")
+    labels: Literal["all", "random", "given"] = option(
+        "all", "Class of sample i: i mod the number of classes, uniformly random, or cycling through given_labels.")
+    given_labels: tuple[int, ...] = option((), "labels=given: the classes to cycle through.")
+    num_samples: int = option(1000, "Samples in total.")
+    batch_size: int = option(250, "Samples per denoiser batch.")
+    chunk_size: int = option(250, "Samples per chunk file (the unit of resumption and of array tasks).")
+    snap: bool = option(True, "VQ: snap generated latents to the nearest codebook vector before decoding.")
+    write_shards: bool = option(False, "Also write the samples as WebDataset shards.")
+    grid_rows: int = option(10, "Rows (and columns) of the PNG sample grid.")
+    inpaint: bool = option(False, "Also inpaint masked validation images (posterior sampling in latent space).")
+    inpaint_mask: Literal["left", "right", "top", "bottom", "center"] = option(
+        "right", "The region to fill in when inpainting.")
+    inpaint_count: int = option(16, "Validation images to inpaint.")
+
+    def validate(self, key: str) -> None:
+        from pipeline.sampling import METHODS  # torch-heavy; only when validating
+
+        if self.method not in METHODS:
+            close = difflib.get_close_matches(self.method, list(METHODS), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            _fail(f"{key}.method", f"{self.method!r} is not one of {sorted(METHODS)}{hint}")
+        for name in ("steps", "num_samples", "batch_size", "chunk_size", "grid_rows", "inpaint_count"):
+            if getattr(self, name) < 1:
+                _fail(f"{key}.{name}", f"must be at least 1, got {getattr(self, name)}")
+        if self.labels == "given" and not self.given_labels:
+            _fail(f"{key}.given_labels", "labels=given needs a list, e.g. sample.given_labels=[3,7]")
+        if self.guidance_scale < 0:
+            _fail(f"{key}.guidance_scale", f"must be >= 0, got {self.guidance_scale}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvaluateConfig:
+    """The evaluate stage: sample quality, reconstruction quality and likelihood."""
+
+    fid: bool = option(True, "FID, KID and precision/recall of the samples against the real validation images.")
+    kid_subset_size: int = option(1000, "KID subset size (capped by the number of images).")
+    kid_subsets: int = option(50, "KID subsets averaged.")
+    nearest_k: int = option(3, "k of the k-NN manifolds of precision/recall (Kynkaanniemi et al. 2019).")
+    classifier: bool = option(True, "Accuracy of a digit classifier trained on the real train images (labelled data).")
+    classifier_steps: int = option(1500, "Training steps of that classifier (trained once, cached).")
+    reconstruction: bool = option(True, "Autoencoder reconstruction metrics on the validation images, rFID included.")
+    likelihood_count: int = option(64, "Validation latents whose bits/dim the PF-ODE estimates (0: skip).")
+    likelihood_rtol: float = option(1e-4, "Relative tolerance of the adaptive ODE solver for the likelihood.")
+    batch_size: int = option(100, "Images per feature-extractor batch.")
+
+    def validate(self, key: str) -> None:
+        for name in ("kid_subset_size", "kid_subsets", "nearest_k", "classifier_steps", "batch_size"):
+            if getattr(self, name) < 1:
+                _fail(f"{key}.{name}", f"must be at least 1, got {getattr(self, name)}")
+        if self.likelihood_count < 0:
+            _fail(f"{key}.likelihood_count", f"must be >= 0, got {self.likelihood_count}")
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     """The whole experiment: one section per stage."""
 
@@ -210,6 +360,9 @@ class Config:
     data: DataConfig = option(DataConfig(), "The prepare stage.")
     autoencoder: AutoencoderConfig = option(AutoencoderConfig(), "The autoencoder stage.")
     encode: EncodeConfig = option(EncodeConfig(), "The encode stage.")
+    diffusion: DiffusionConfig = option(DiffusionConfig(), "The diffusion stage.")
+    sample: SampleConfig = option(SampleConfig(), "The sample stage.")
+    evaluate: EvaluateConfig = option(EvaluateConfig(), "The evaluate stage.")
 
     @property
     def run_dir(self) -> Path:
@@ -274,7 +427,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 def _build(cls: type, values: Mapping[str, Any], prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names = list(fields)
     kwargs = {}
     for key, value in values.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
@@ -282,8 +436,14 @@ def _build(cls: type, values: Mapping[str, Any], prefix: str = "") -> Any:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f"; did you mean {(prefix + '.' if prefix else '') + close[0]!r}?" if close else ""
             _fail(dotted, f"unknown key{hint} (known: {', '.join(names)})")
+        default = fields[key].default
+        if dataclasses.is_dataclass(default) and isinstance(value, Mapping):
+            value = {**to_dict(default), **value}  # a nested section's keys override its own default
         kwargs[key] = _coerce(value, hints[key], dotted)
-    obj = cls(**kwargs)
+    try:
+        obj = cls(**kwargs)
+    except ValueError as err:  # a nested library config's own checks (e.g. DiTConfig)
+        raise ConfigError(f"{prefix or cls.__name__}: {err}") from None
     if hasattr(obj, "validate"):
         obj.validate(prefix)
     return obj
@@ -353,13 +513,29 @@ def section_hash(cfg: Config, sections: Sequence[str], ignore: Sequence[str] = (
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
-def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, Any]]:
+def _attribute_docs(cls: type) -> dict[str, str]:
+    """Docstrings written under fields (a string literal after ``x: int = 1``), as the
+    library's network configs document themselves."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return {}
+    body, docs = tree.body[0].body, {}
+    for node, following in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(following, ast.Expr)
+                and isinstance(following.value, ast.Constant) and isinstance(following.value.value, str)):
+            docs[node.target.id] = " ".join(following.value.value.split())
+    return docs
+
+
+def describe(cls: type = Config, prefix: str = "", defaults: Any = None) -> list[tuple[str, str, Any]]:
     """(dotted key, documentation, default) for every leaf option, for help texts."""
-    rows = []
+    rows, attribute_docs = [], _attribute_docs(cls)
     for f in dataclasses.fields(cls):
         key = f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(f.default):
-            rows += describe(type(f.default), key + ".")
+        default = getattr(defaults, f.name) if defaults is not None else f.default
+        if dataclasses.is_dataclass(default):
+            rows += describe(type(default), key + ".", default)
         else:
-            rows.append((key, f.metadata.get("doc", ""), f.default))
+            rows.append((key, f.metadata.get("doc") or attribute_docs.get(f.name, ""), default))
     return rows

@@ -47,7 +47,7 @@ def _npy(array: torch.Tensor) -> bytes:
     return buffer.getvalue()
 
 
-def _load_autoencoder(cfg: config.Config, trained: dict, channels: int, device):
+def load_autoencoder(cfg: config.Config, trained: dict, channels: int, device):
     """The trained autoencoder, after checking it was made from the current autoencoder config."""
     expected = config.section_hash(cfg, autoencoder_stage.SECTIONS)
     if trained["config_hash"] != expected:
@@ -112,7 +112,7 @@ def run(cfg: config.Config) -> Path:
     with manifest.stage_run(cfg, NAME, SECTIONS, INPUTS, is_main=runtime.is_main) as record:
         trained = manifest.read(cfg.stage_dir("autoencoder"))
         channels = trained["image"]["channels"]
-        model = _load_autoencoder(cfg, trained, channels, runtime.device)
+        model = load_autoencoder(cfg, trained, channels, runtime.device)
         out_dir = record.directory / LATENT_DIR
         inputs = sorted(cfg.stage_dir("prepare").glob("*.tar"))
         made_from = {"inputs": record.inputs, "config": config.section_hash(cfg, SECTIONS)}

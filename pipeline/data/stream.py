@@ -177,15 +177,17 @@ def count_samples(urls: Sequence[str], timeout: float = 30.0) -> int:
 
 
 def decode_sample(sample: dict, with_meta: bool = True) -> dict:
-    """Raw fields -> python/torch values: images -> float (C,H,W) in [-1,1], npy -> tensor,
-    cls -> int, json -> object (only ``with_meta``), txt -> str. Unknown fields are dropped."""
+    """Raw fields -> python/torch values: images -> float (C,H,W) in [-1,1], npy -> tensor
+    ("array", or ``name`` for ``name.npy``, e.g. the encode stage's codes), cls -> int,
+    json -> object (only ``with_meta``), txt -> str. Unknown fields are dropped."""
     out: dict[str, Any] = {"key": sample["__key__"]}
     try:
         for name, value in sample.items():
             if name in IMAGE_FIELDS:
                 out["image"] = transforms.image_to_tensor(Image.open(io.BytesIO(value)))
-            elif name == "npy":
-                out["array"] = torch.from_numpy(np.load(io.BytesIO(value), allow_pickle=False))
+            elif name == "npy" or name.endswith(".npy"):
+                field = "array" if name == "npy" else name.removesuffix(".npy")
+                out[field] = torch.from_numpy(np.load(io.BytesIO(value), allow_pickle=False))
             elif name == "cls":
                 out["label"] = int(value)
             elif name == "json" and with_meta:
