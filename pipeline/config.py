@@ -260,6 +260,8 @@ class DiffusionConfig:
     image_every: int = option(1000, "Steps between decoded sample grids (EMA weights).")
     checkpoint_every: int = option(500, "Steps between checkpoints.")
     keep_checkpoints: int = option(2, "Newest checkpoints kept.")
+    peak_tflops: Optional[float] = option(
+        None, "Peak TFLOP/s of one device for the MFU readout (e.g. 989 for an H100's dense bf16); None: no MFU.")
 
     def validate(self, key: str) -> None:
         for name in ("timesteps", "batch_size", "max_steps", "log_every", "image_every", "checkpoint_every",
@@ -327,6 +329,8 @@ class SampleConfig:
             _fail(f"{key}.given_labels", "labels=given needs a list, e.g. sample.given_labels=[3,7]")
         if self.guidance_scale < 0:
             _fail(f"{key}.guidance_scale", f"must be >= 0, got {self.guidance_scale}")
+        if self.eta and "eta" not in inspect.signature(METHODS[self.method]).parameters:
+            _fail(f"{key}.eta", f"{self.method} takes no eta; use ddim or dpmpp_3m_sde, or eta=0")
 
 
 @dataclass(frozen=True, kw_only=True)

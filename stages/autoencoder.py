@@ -26,7 +26,7 @@ from pipeline.autoencoder import LPIPS, PatchDiscriminator, lpips_input, adaptiv
 from pipeline.autoencoder.build import build_autoencoder
 from pipeline.autoencoder.codebook import perplexity
 from pipeline.autoencoder.kl import bits_per_dim, negative_elbo
-from pipeline.data.stream import ShardLoader, sequential_batches
+from pipeline.data.stream import ShardLoader, endless, sequential_batches
 from pipeline.errors import LatentpipeError, StageInterrupted
 from pipeline.metrics.recon import psnr, ssim
 from pipeline.runtime import checkpoint
@@ -59,12 +59,6 @@ def _image_spec(prepared: dict, ae: config.AutoencoderConfig) -> tuple[int, int]
             f"autoencoder.channel_mult gives f={ae.factor}, which does not divide the "
             f"prepared resolution {resolution}: change data.resolution or autoencoder.channel_mult")
     return channels, resolution
-
-
-def _endless(loader: ShardLoader):
-    """Batches epoch after epoch (each ``iter(loader)`` continues where the last stopped)."""
-    while True:
-        yield from loader
 
 
 class Objective:
@@ -186,7 +180,7 @@ def run(cfg: config.Config) -> Path:
         model.train()
         with StopSignal(budget) as stop, tqdm(total=ae.max_steps, initial=step, desc="autoencoder",
                                               disable=None if runtime.is_main else True, leave=False) as bar:
-            batches = _endless(loader)
+            batches = endless(loader)
             while step < ae.max_steps:
                 if runtime.any(stop.reason() is not None):
                     save()

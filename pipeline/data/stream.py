@@ -199,6 +199,12 @@ def decode_sample(sample: dict, with_meta: bool = True) -> dict:
     return out
 
 
+def endless(loader: "ShardLoader") -> Iterator[dict]:
+    """Batches epoch after epoch (each ``iter(loader)`` continues where the last stopped)."""
+    while True:
+        yield from loader
+
+
 def collate(samples: list[dict]) -> dict:
     """Stack tensors and ints; keep everything else as lists."""
     batch: dict[str, Any] = {}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -87,6 +88,22 @@ def latest(directory: Path) -> Path | None:
         log.warning("ignoring incomplete checkpoint %s (interrupted while saving)", partial)
     found = sorted(_complete(directory))
     return found[-1] if found else None
+
+
+def load_latest(directory: Path, runtime: Runtime) -> tuple[Path, dict[str, Any], dict[str, Any]] | None:
+    """(path, shared, own) of the newest complete checkpoint that every rank can read; one with
+    an unreadable file (truncated or corrupted after it was written) is reported and skipped in
+    favour of the one before. None when there is none."""
+    for path in sorted(_complete(Path(directory)), reverse=True):
+        try:
+            shared, own = load(path, runtime.rank, runtime.world_size)
+        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:
+            log.warning("checkpoint %s is unreadable (%s); trying the one before", path, err)
+            shared = own = None
+        if runtime.any(shared is None):
+            continue
+        return path, shared, own
+    return None
 
 
 def load(path: Path, rank: int, world_size: int) -> tuple[dict[str, Any], dict[str, Any]]:

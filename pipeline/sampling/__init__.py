@@ -3,7 +3,8 @@
     x = pipeline.sampling.sample(denoiser, noise, sigmas, method="dpmpp_2m", generator=g)
 
 ``noise`` is already scaled to ``sigmas[0]``; ``sigmas`` is a 1-D descending tensor ending at 0
-(see :mod:`pipeline.sampling.grids`); all randomness comes from ``generator``; inputs are never
+(see :mod:`pipeline.sampling.grids`); all randomness comes from ``generator`` (one, or a list
+of one per sample so that samples do not depend on the batch); inputs are never
 modified in place and the arithmetic runs in ``noise``'s dtype. Conditioning is bound into the
 denoiser (``functools.partial(D, **cond)``, :mod:`~pipeline.sampling.guidance`,
 :mod:`~pipeline.sampling.inverse`). ``METHODS`` maps each name to its solver

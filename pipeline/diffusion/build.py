@@ -1,0 +1,63 @@
+"""From the diffusion config section to the library's objects: process, loss, network, grid.
+
+Kept out of the stages so that training, sampling and evaluation build exactly the same
+process and network from the same config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from pipeline.diffusion import losses
+from pipeline.diffusion.schedules import DDPM, VE, VP, SubVP
+from pipeline.networks import build_denoiser
+from pipeline.sampling.grids import karras_sigmas
+
+LOSSES: dict[str, Callable[..., Tensor]] = {
+    "eps": losses.eps_loss,  # L_simple, Ho et al. 2020 eq. 14
+    "x0": losses.x0_loss,
+    "v": losses.v_loss,  # Salimans & Ho 2022
+    "score": losses.dsm_loss,  # denoising score matching, Song et al. 2021 eq. 7
+}
+
+
+def build_process(cfg):
+    """The forward process of ``cfg`` (a DiffusionConfig)."""
+    if cfg.process == "ddpm":
+        return DDPM.linear(cfg.timesteps) if cfg.beta_schedule == "linear" else DDPM.cosine(cfg.timesteps)
+    if cfg.process == "ve":
+        return VE(sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max)
+    return (VP if cfg.process == "vp" else SubVP)(beta_min=cfg.beta_min, beta_max=cfg.beta_max)
+
+
+def sigma_range(process) -> tuple[float, float]:
+    """(sigma_min, sigma_max) in the VE frame: the smallest and largest noise level trained on."""
+    if isinstance(process, DDPM):
+        return float(process.sigma_table[0]), float(process.sigma_table[-1])
+    return float(process.sigma_ve(process.t_min)), float(process.sigma_ve(1.0))
+
+
+def sampling_sigmas(process, grid: str, steps: int) -> Tensor:
+    """A descending grid of ``steps`` noise levels ending at 0: Karras et al.'s rho = 7 spacing
+    over the process's range (EDM eq. 5) or the process's own (DDPM timesteps, SDE times)."""
+    if grid == "karras":
+        return karras_sigmas(*sigma_range(process), steps)
+    return process.sigmas(steps)
+
+
+def build_network(cfg, channels: int, resolution: int, num_classes: int) -> nn.Module:
+    """The configured backbone for (channels, resolution, resolution) latents."""
+    options = getattr(cfg, cfg.backbone)
+    options = dataclasses.replace(options, input_size=resolution, in_channels=channels, num_classes=num_classes)
+    return build_denoiser(cfg.backbone, **dataclasses.asdict(options))
+
+
+def drop_labels(labels: Tensor, probability: float, null_class: int, generator: torch.Generator) -> Tensor:
+    """Labels with each replaced by the null class with ``probability`` (classifier-free
+    guidance training, Ho & Salimans 2022, Algorithm 1)."""
+    dropped = torch.rand(labels.shape, generator=generator) < probability
+    return torch.where(dropped.to(labels.device), torch.full_like(labels, null_class), labels)
