@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from typing import Sequence
 
 from pipeline import config, manifest
@@ -67,18 +68,58 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_pipeline(cfg: config.Config, force: Sequence[str] = ()) -> None:
+def run_pipeline(cfg: config.Config, force: Sequence[str] = ()) -> dict[str, float | None]:
     """Every stage in order; a stage whose output is complete, from the same config section and
-    the same inputs, is skipped unless forced."""
+    the same inputs, is skipped unless forced. Returns each stage's wall time (None: skipped)."""
     import stages
 
-    for stage in stages.PIPELINE:
+    times: dict[str, float | None] = {}
+    for number, stage in enumerate(stages.PIPELINE, 1):
+        header = f"[{number}/{len(stages.PIPELINE)}] {stage.NAME}"
         fresh, reason = manifest.up_to_date(cfg, stage.NAME, stage.SECTIONS, stage.INPUTS)
         if fresh and stage.NAME not in force:
-            log.info("%s: up to date, skipped (--force %s reruns it)", stage.NAME, stage.NAME)
+            log.info("%s: up to date, skipped (--force %s reruns it)", header, stage.NAME)
+            times[stage.NAME] = None
             continue
-        log.info("%s: running (%s)", stage.NAME, "forced" if stage.NAME in force else reason)
+        log.info("%s: running (%s)", header, "forced" if stage.NAME in force else reason)
+        start = time.perf_counter()
         stage.run(cfg)
+        times[stage.NAME] = time.perf_counter() - start
+        log.info("%s: done in %s", header, _duration(times[stage.NAME]))
+    return times
+
+
+def _duration(seconds: float) -> str:
+    return f"{int(seconds // 60)}m{seconds % 60:04.1f}s" if seconds >= 60 else f"{seconds:.1f}s"
+
+
+SUMMARY_METRICS = (  # (stage, metric, label, format)
+    ("autoencoder", "val_psnr", "autoencoder val PSNR (dB)", "{:.2f}"),
+    ("evaluate", "fid", "FID (samples vs val)", "{:.2f}"),
+    ("evaluate", "fid_train_vs_val", "FID floor (train vs val)", "{:.2f}"),
+    ("evaluate", "classifier_accuracy", "classifier accuracy on samples", "{:.1%}"),
+    ("evaluate", "classifier_real_accuracy", "classifier accuracy on real val", "{:.1%}"),
+    ("evaluate", "bits_per_dim", "bits/dim (val latents, PF-ODE)", "{:.3f}"),
+)
+
+
+def summary(cfg: config.Config, times: dict[str, float | None]) -> str:
+    """What `latentpipe run` made: per-stage times, where the samples are, the headline metrics."""
+    lines = ["", f"latentpipe run: {cfg.run_dir}"]
+    for name, seconds in times.items():
+        lines.append(f"  {name:<12} {'skipped (up to date)' if seconds is None else _duration(seconds)}")
+    grid = cfg.stage_dir("sample") / "grid.png"
+    if grid.is_file():
+        lines.append(f"  sample grid: {grid}")
+    report = cfg.stage_dir("evaluate") / "report.md"
+    if report.is_file():
+        lines.append(f"  report:      {report}")
+    for stage, key, label, form in SUMMARY_METRICS:
+        found = manifest.read(cfg.stage_dir(stage))
+        value = (found or {}).get("metrics", {}).get(key)
+        if value is not None:
+            lines.append(f"  {label:<34} {form.format(value)}")
+    return "\n".join(lines)
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -101,7 +142,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         else:
             print(config.to_yaml(cfg), end="")
     elif args.command == "run":
-        run_pipeline(cfg, args.force)
+        print(summary(cfg, run_pipeline(cfg, args.force)))
     else:
         stages.BY_NAME[args.command].run(cfg)
     return 0

@@ -4,7 +4,7 @@ A stage module has ``NAME``, ``SECTIONS`` (the config sections its output depend
 ``INPUTS`` (the upstream stages it reads) and ``run(cfg)``.
 """
 
-from stages import autoencoder, encode, prepare
+from stages import autoencoder, diffusion, encode, prepare, sample
 
-PIPELINE = (prepare, autoencoder, encode)
+PIPELINE = (prepare, autoencoder, encode, diffusion, sample)
 BY_NAME = {stage.NAME: stage for stage in PIPELINE}
