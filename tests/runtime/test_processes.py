@@ -109,3 +109,24 @@ def test_zero_trains_resumes_and_keeps_an_ema(single, tmp_path, stage):
     assert own["zero"]["counters"]["global_steps"] == 2
     resumed = _train(tmp_path / "resumed.pt", *common)
     _assert_same_training(resumed, straight, exact=True)
+
+
+@pytest.mark.parametrize("stage", [0, pytest.param(2, marks=needs_deepspeed)])
+def test_gradient_accumulation_equals_the_whole_batch(single, tmp_path, stage):
+    config = ("--deepspeed", _deepspeed_config(tmp_path, stage)) if stage else ()
+    accumulated = _train(tmp_path / "out.pt", *config, "--grad-clip", 0.5, "--accumulate", 2)
+    _assert_same_training(accumulated, single)
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("processes", [1, 2])
+def test_runtimes_of_both_kinds_one_after_another(tmp_path, processes):
+    """One `latentpipe run` process makes a Runtime per stage: DDP, DeepSpeed, DDP again."""
+    launcher = [sys.executable] if processes == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+        "--master_port", str(_free_port())]
+    result = subprocess.run([*launcher, str(WORKER.with_name("sequence_worker.py")), str(_deepspeed_config(tmp_path, 2))],
+                            capture_output=True, text=True, timeout=300, cwd=REPO,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.count("ok") == processes * 3, result.stdout

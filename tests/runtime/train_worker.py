@@ -5,7 +5,7 @@ per-rank batch times the world size); rank r takes its r-th slice, so any world 
 same global batches. Trains with the Runtime (DDP or a DeepSpeed config), AdamW + cosine
 schedule and an EMA; checkpoints through ``checkpoint.save(training_state)`` every
 ``--checkpoint-every`` steps and resumes from the newest checkpoint; ``--stop-at`` ends the job
-early (as a preempted job would). Writes the per-step global loss, the final full weights and
+early (as a preempted job would); ``--accumulate`` splits each rank's batch into micro-batches. Writes the per-step global loss, the final full weights and
 the EMA weights to ``--out`` (rank 0).
 """
 
@@ -40,11 +40,13 @@ def main() -> None:
     parser.add_argument("--checkpoint-every", type=int, default=0)
     parser.add_argument("--checkpoints", type=Path, default=None)
     parser.add_argument("--grad-clip", type=float, default=0.0)
+    parser.add_argument("--accumulate", type=int, default=1, help="micro-batches per optimiser step")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
     torch.use_deterministic_algorithms(True)
-    runtime = Runtime(deepspeed=args.deepspeed, grad_clip=args.grad_clip, batch_size=args.batch)
+    runtime = Runtime(deepspeed=args.deepspeed, grad_clip=args.grad_clip, batch_size=args.batch // args.accumulate,
+                      gradient_accumulation_steps=args.accumulate)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(DIM, HIDDEN), torch.nn.LayerNorm(HIDDEN), torch.nn.GELU(),
                                 torch.nn.Linear(HIDDEN, OUT))
@@ -67,20 +69,25 @@ def main() -> None:
     global_batch = args.batch * runtime.world_size
     while step < (args.stop_at or args.steps):
         start = step * global_batch + runtime.rank * args.batch
-        xb, yb = x[start:start + args.batch].to(runtime.device), y[start:start + args.batch].to(runtime.device)
-        with runtime.autocast():
-            loss = torch.nn.functional.mse_loss(model(xb).float(), yb)
-        optimizer.zero_grad(set_to_none=True)
-        runtime.backward(loss)
+        micro = args.batch // args.accumulate
+        total = 0.0
+        for first in range(start, start + args.batch, micro):  # micro-batches of one optimiser step
+            xb, yb = x[first:first + micro].to(runtime.device), y[first:first + micro].to(runtime.device)
+            with runtime.accumulate(model):
+                with runtime.autocast():
+                    loss = torch.nn.functional.mse_loss(model(xb).float(), yb)
+                runtime.backward(loss)
+                total += loss.detach().float() / args.accumulate
         # DDP measures the norm with an infinite bound; DeepSpeed's bound must equal its config's
         bound = args.grad_clip or (0.0 if runtime.zero_stage else math.inf)
         norms.append(float(runtime.clip_grad_norm(model.parameters(), bound, optimizer)))
         runtime.step(optimizer)
+        optimizer.zero_grad(set_to_none=True)  # after the step: inside a window it would drop gradients
         scheduler.step()
         step += 1
         with runtime.full_parameters(model):
             ema.update(runtime.unwrap(model), step)
-        losses.append(float(runtime.all_reduce_sum(loss.detach().float()).item() / runtime.world_size))
+        losses.append(float(runtime.all_reduce_sum(total).item() / runtime.world_size))
         if args.checkpoint_every and step % args.checkpoint_every == 0:
             shared, own = runtime.training_state(model, optimizer)
             shared.update(scheduler=scheduler.state_dict(), ema=ema.state_dict(), step=step, losses=losses, norms=norms)
