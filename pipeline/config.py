@@ -221,9 +221,9 @@ class DiffusionConfig:
     sigma_max: float = option(50.0, "ve: largest noise level (about the largest distance between latents).")
     prediction: Literal["eps", "x0", "v", "score"] = option(
         "eps", "What the network predicts: eps (L_simple), x0, v, or the score (denoising score matching).")
-    backbone: Literal["dit", "unet"] = option("dit", "Denoiser network.")
+    backbone: Literal["dit", "unet"] = option("unet", "Denoiser network (the tiny default: a small U-Net, the fastest to train on CPU).")
     dit: DiTConfig = option(
-        DiTConfig(width=192, depth=6, num_heads=3, patch_size=1),
+        DiTConfig(width=192, depth=6, num_heads=3, patch_size=2),
         "DiT options (pipeline.networks.dit); input_size, in_channels and num_classes come from the latents.")
     unet: UNetConfig = option(
         UNetConfig(model_channels=64, channel_mult=(1, 2), num_res_blocks=2, attention_resolutions=(4,), norm_groups=32),
@@ -234,20 +234,24 @@ class DiffusionConfig:
         "channel", "Latent normalisation from the encode stage's statistics: per-channel standardisation, "
         "or the single scale factor (LDM's convention).")
     flip: bool = option(False, "Use the mirrored twin of each latent half of the time (off for digits).")
-    batch_size: int = option(128, "Latents per rank per step.")
+    batch_size: int = option(128, "Latents per rank per micro-batch.")
+    gradient_accumulation_steps: int = option(
+        1, "Micro-batches per optimiser step (the effective batch is batch_size x ranks x this).")
     learning_rate: float = option(5e-4, "Peak AdamW learning rate.")
     betas: tuple[float, float] = option((0.9, 0.999), "AdamW betas.")
     weight_decay: float = option(0.0, "AdamW weight decay.")
     warmup_steps: int = option(100, "Linear learning-rate warm-up steps.")
     lr_schedule: Literal["constant", "cosine", "linear"] = option("cosine", "Learning rate after the warm-up.")
     grad_clip: float = option(1.0, "Gradient norm clip (0: off).")
-    max_steps: int = option(2000, "Training steps in total.")
+    max_steps: int = option(1500, "Optimiser steps in total.")
     time_budget_minutes: Optional[float] = option(
         None, "Stop (checkpoint, exit code 75) after this long in one job; rerunning resumes.")
     mixed_precision: Literal["fp32", "bf16", "fp16"] = option("fp32", "Autocast precision (fp16 adds a grad scaler).")
     deepspeed: Optional[str] = option(None, "DeepSpeed JSON config (e.g. configs/deepspeed/zero2.json); None: DDP.")
     ema_decay: float = option(0.999, "Decay of the exponential moving average of the weights (used for sampling).")
-    ema_warmup_steps: int = option(100, "Steps over which the EMA decay ramps up.")
+    ema_warmup_steps: int = option(
+        9000, "Steps over which the EMA's averaging horizon grows linearly to 1/(1 - ema_decay); "
+        "9 * (1/(1 - decay) - 1) is ADM's (1 + t)/(10 + t) rule, which keeps the average young in short runs.")
     max_nonfinite_steps: int = option(5, "Non-finite losses in a row before rolling back (or stopping).")
     on_nonfinite: Literal["rollback", "stop"] = option(
         "rollback", "After max_nonfinite_steps in a row: reload the last checkpoint with a lower learning "
@@ -264,8 +268,8 @@ class DiffusionConfig:
         None, "Peak TFLOP/s of one device for the MFU readout (e.g. 989 for an H100's dense bf16); None: no MFU.")
 
     def validate(self, key: str) -> None:
-        for name in ("timesteps", "batch_size", "max_steps", "log_every", "image_every", "checkpoint_every",
-                     "keep_checkpoints", "max_nonfinite_steps"):
+        for name in ("timesteps", "batch_size", "gradient_accumulation_steps", "max_steps", "log_every", "image_every",
+                     "checkpoint_every", "keep_checkpoints", "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 _fail(f"{key}.{name}", f"must be at least 1, got {getattr(self, name)}")
         if self.process == "ddpm" and self.prediction == "score":

@@ -149,7 +149,8 @@ def _preview(net, ema: EMA, cfg: config.Config, space: LatentSpace, process, num
 
 def run(cfg: config.Config) -> Path:
     d = cfg.diffusion
-    runtime = Runtime(precision=d.mixed_precision, deepspeed=d.deepspeed, grad_clip=d.grad_clip, batch_size=d.batch_size)
+    runtime = Runtime(precision=d.mixed_precision, deepspeed=d.deepspeed, grad_clip=d.grad_clip, batch_size=d.batch_size,
+                      gradient_accumulation_steps=d.gradient_accumulation_steps)
     with manifest.stage_run(cfg, NAME, SECTIONS, INPUTS, is_main=runtime.is_main) as record:
         prepared, encoded = manifest.read(cfg.stage_dir("prepare")), manifest.read(cfg.stage_dir("encode"))
         _check_latents(cfg, encoded)
@@ -211,21 +212,25 @@ def run(cfg: config.Config) -> Path:
                     save()
                     raise StageInterrupted(f"diffusion stopped at step {step} ({stop.reason() or 'another rank'}); "
                                            f"rerun the same command to resume")
-                waited = time.perf_counter()
-                batch = next(batches)
-                window.data_wait += time.perf_counter() - waited
-                step_generator = generator(cfg.experiment.seed, "diffusion-step", runtime.rank, step)
-                mirrored = torch.rand(len(batch["key"]), generator=step_generator) < 0.5 if d.flip else None
-                x0 = space.from_batch(batch, mirrored, step_generator).to(runtime.device)
-                cond = {}
-                if num_classes:
-                    cond["y"] = drop_labels(batch["label"], d.label_dropout, num_classes, step_generator).to(runtime.device)
-                with runtime.autocast():
-                    loss = loss_fn(model, process, x0, step_generator, **cond)
-                finite = not runtime.any(not math.isfinite(loss.item()))
+                finite = True
+                for micro in range(d.gradient_accumulation_steps):  # one optimiser step
+                    waited = time.perf_counter()
+                    batch = next(batches)
+                    window.data_wait += time.perf_counter() - waited
+                    step_generator = generator(cfg.experiment.seed, "diffusion-step", runtime.rank, step, micro)
+                    mirrored = torch.rand(len(batch["key"]), generator=step_generator) < 0.5 if d.flip else None
+                    x0 = space.from_batch(batch, mirrored, step_generator).to(runtime.device)
+                    cond = {}
+                    if num_classes:
+                        cond["y"] = drop_labels(batch["label"], d.label_dropout, num_classes, step_generator).to(runtime.device)
+                    with runtime.accumulate(model):
+                        with runtime.autocast():
+                            loss = loss_fn(model, process, x0, step_generator, **cond)
+                        finite = finite and not runtime.any(not math.isfinite(loss.item()))
+                        if finite:
+                            runtime.backward(loss)
+                    window.samples += x0.shape[0] * runtime.world_size
                 if finite:
-                    optimizer.zero_grad(set_to_none=True)
-                    runtime.backward(loss)
                     # grad_clip 0 measures without clipping (DeepSpeed: its config's gradient_clipping 0)
                     max_norm = d.grad_clip or (0.0 if runtime.zero_stage else math.inf)
                     grad_norm = runtime.clip_grad_norm(model.parameters(), max_norm, optimizer)
@@ -255,18 +260,20 @@ def run(cfg: config.Config) -> Path:
                     continue
                 nonfinite_in_a_row = 0
                 runtime.step(optimizer)
+                optimizer.zero_grad(set_to_none=True)  # after the step: accumulation keeps gradients until then
                 scheduler.step()
                 with runtime.full_parameters(model):
                     ema.update(runtime.unwrap(model), step + 1)
                 progress["step"] = step = step + 1
-                window.samples += x0.shape[0] * runtime.world_size
+                window.steps += 1
                 bar.update()
                 if step % d.log_every == 0 or step == d.max_steps:
                     terms = {"loss": loss.item(), "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                              "skipped_steps": progress["skipped_steps"], **window.rates(flops_per_sample, d.peak_tflops, runtime.world_size)}
                     metrics_log.scalars(step, terms)
                     bar.set_postfix(loss=f"{terms['loss']:.4f}", img_s=f"{terms['images_per_s']:.0f}",
-                                    wait=f"{terms['data_wait_fraction']:.1%}")
+                                    step=f"{terms['step_time_ms']:.0f}ms", wait=f"{terms['data_wait_fraction']:.1%}",
+                                    **({"mfu": f"{terms['mfu']:.1%}"} if "mfu" in terms else {}))
                     window = _Window()
                 if step % d.checkpoint_every == 0 and step < d.max_steps:
                     save()
@@ -295,11 +302,12 @@ class _Window:
     model TFLOP/s, MFU and fraction of time spent waiting for data."""
 
     def __init__(self):
-        self.start, self.samples, self.data_wait = time.perf_counter(), 0, 0.0
+        self.start, self.steps, self.samples, self.data_wait = time.perf_counter(), 0, 0, 0.0
 
     def rates(self, flops_per_sample: int, peak_tflops: float | None, world_size: int) -> dict[str, float]:
         elapsed = time.perf_counter() - self.start
-        rates = {"images_per_s": self.samples / elapsed, "data_wait_fraction": self.data_wait / elapsed,
+        rates = {"images_per_s": self.samples / elapsed, "step_time_ms": 1000 * elapsed / max(self.steps, 1),
+                 "data_wait_fraction": self.data_wait / elapsed,
                  "model_tflops": flops_per_sample * self.samples / world_size / elapsed / 1e12}
         if peak_tflops:
             rates["mfu"] = rates["model_tflops"] / peak_tflops

@@ -22,7 +22,8 @@ from stages import autoencoder, diffusion, encode, prepare
 ARGS = ["data.source=digits", "data.limit=300", "data.resolution=16", "data.shard_max_count=40", "data.workers=0",
         "autoencoder.channels=8", "autoencoder.num_codes=32", "autoencoder.batch_size=8", "autoencoder.num_workers=0",
         "autoencoder.max_steps=5", "autoencoder.lpips=none", "encode.batch_size=16",
-        "diffusion.dit.width=32", "diffusion.dit.depth=2", "diffusion.dit.num_heads=2", "diffusion.batch_size=8",
+        "diffusion.backbone=dit", "diffusion.dit.width=32", "diffusion.dit.depth=2", "diffusion.dit.num_heads=2",
+        "diffusion.dit.patch_size=1", "diffusion.batch_size=8",
         "diffusion.max_steps=8", "diffusion.num_workers=0", "diffusion.warmup_steps=2", "diffusion.ema_warmup_steps=0",
         "diffusion.log_every=2", "diffusion.checkpoint_every=3", "diffusion.image_every=1000",
         "diffusion.shuffle_buffer=50"]
@@ -131,6 +132,13 @@ def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one(encoded, t
     found = manifest.read(diffusion.run(cfg))
     assert found["status"] == "complete" and found["metrics"]["steps"] == 8
     assert "unreadable" in caplog.text
+
+
+def test_gradient_accumulation_counts_optimiser_steps(encoded, tmp_path):
+    found = manifest.read(diffusion.run(_cfg(_copy(encoded, tmp_path), "diffusion.gradient_accumulation_steps=2",
+                                             "diffusion.max_steps=4", "diffusion.backbone=unet",
+                                             "diffusion.unet.model_channels=16", "diffusion.unet.norm_groups=8")))
+    assert found["metrics"]["steps"] == 4 and found["denoiser"]["backbone"] == "unet"
 
 
 def test_refuses_latents_of_another_autoencoder(encoded, tmp_path):
