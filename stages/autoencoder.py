@@ -172,7 +172,7 @@ def run(cfg: config.Config) -> Path:
             checkpoint.save(checkpoints, step, shared, {"loader": loader.state_dict()}, runtime, ae.keep_checkpoints,
                             resume_key)
 
-        metrics_log = MetricsLog(record.directory, enabled=runtime.is_main)
+        metrics_log = MetricsLog(record.directory, enabled=runtime.is_main, start_step=step)
         objective = Objective(ae, lpips)
         nonfinite_in_a_row = skipped_steps = 0
         budget = None if ae.time_budget_minutes is None else ae.time_budget_minutes * 60

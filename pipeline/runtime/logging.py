@@ -13,16 +13,27 @@ from pipeline import atomic
 
 
 class MetricsLog:
-    def __init__(self, directory: Path, *, enabled: bool, tensorboard: bool = True):
+    """``start_step``: the step training (re)starts from. Records of later steps, left by a run
+    that went on past its last checkpoint (or by an earlier run, when starting afresh at 0), are
+    dropped, so the log tells the history of the weights that exist."""
+
+    def __init__(self, directory: Path, *, enabled: bool, start_step: int = 0, tensorboard: bool = True):
         self.directory = Path(directory)
         self.enabled = enabled
         self._writer = None
         if enabled:
             self.directory.mkdir(parents=True, exist_ok=True)
+            log = self.directory / "metrics.jsonl"
+            if log.is_file():
+                kept = [line for line in log.read_text().splitlines() if json.loads(line)["step"] <= start_step]
+                atomic.write_text(log, "".join(line + "\n" for line in kept))
+            for image in self.directory.glob("images/*-*.png"):
+                if int(image.stem.rsplit("-", 1)[1]) > start_step:
+                    image.unlink()
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._writer = SummaryWriter(str(self.directory / "tensorboard"))
+                self._writer = SummaryWriter(str(self.directory / "tensorboard"), purge_step=start_step + 1)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
