@@ -220,7 +220,8 @@ class DiffusionConfig:
     sigma_min: float = option(0.01, "ve: smallest noise level.")
     sigma_max: float = option(50.0, "ve: largest noise level (about the largest distance between latents).")
     prediction: Literal["eps", "x0", "v", "score"] = option(
-        "eps", "What the network predicts: eps (L_simple), x0, v, or the score (denoising score matching).")
+        "v", "What the network predicts: eps (L_simple), x0, v, or the score (denoising score matching). v keeps "
+        "the denoiser's error bounded at high noise, where eps errors are multiplied by sigma (docs/benchmarks.md).")
     backbone: Literal["dit", "unet"] = option("unet", "Denoiser network (the tiny default: a small U-Net, the fastest to train on CPU).")
     dit: DiTConfig = option(
         DiTConfig(width=192, depth=6, num_heads=3, patch_size=2),

@@ -92,7 +92,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(encoded, tmp_path, monkeyp
 
 def test_non_finite_steps_roll_back_with_a_lower_learning_rate(encoded, tmp_path, monkeypatch):
     cfg = _cfg(_copy(encoded, tmp_path), "diffusion.max_nonfinite_steps=2", "diffusion.max_steps=10")
-    real = diffusion.LOSSES["eps"]
+    real = diffusion.LOSSES["v"]
     calls = {"n": 0}
 
     def nan_after_first_checkpoint(*args, **kwargs):
@@ -100,7 +100,7 @@ def test_non_finite_steps_roll_back_with_a_lower_learning_rate(encoded, tmp_path
         loss = real(*args, **kwargs)
         return loss * float("nan") if calls["n"] in (5, 6) else loss  # steps 4 and 4 again
 
-    monkeypatch.setitem(diffusion.LOSSES, "eps", nan_after_first_checkpoint)
+    monkeypatch.setitem(diffusion.LOSSES, "v", nan_after_first_checkpoint)
     found = manifest.read(diffusion.run(cfg))
     assert found["metrics"]["rollbacks"] == 1 and found["metrics"]["skipped_steps"] == 2
     assert found["metrics"]["steps"] == 10
@@ -108,8 +108,8 @@ def test_non_finite_steps_roll_back_with_a_lower_learning_rate(encoded, tmp_path
 
 def test_too_many_non_finite_steps_stop_with_a_clear_error(encoded, tmp_path, monkeypatch):
     cfg = _cfg(_copy(encoded, tmp_path), "diffusion.max_nonfinite_steps=2", "diffusion.on_nonfinite=stop")
-    real = diffusion.LOSSES["eps"]
-    monkeypatch.setitem(diffusion.LOSSES, "eps", lambda *a, **k: real(*a, **k) * float("inf"))
+    real = diffusion.LOSSES["v"]
+    monkeypatch.setitem(diffusion.LOSSES, "v", lambda *a, **k: real(*a, **k) * float("inf"))
     with pytest.raises(diffusion.NonFiniteLossError, match="2 non-finite steps in a row"):
         diffusion.run(cfg)
 
@@ -152,7 +152,7 @@ def test_load_trained_refuses_another_diffusion_config(encoded, tmp_path):
     root = _copy(encoded, tmp_path)
     diffusion.run(_cfg(root))
     with pytest.raises(LatentpipeError, match="rerun `latentpipe diffusion`"):
-        diffusion.load_trained(_cfg(root, "diffusion.prediction=v"), "cpu")
+        diffusion.load_trained(_cfg(root, "diffusion.prediction=eps"), "cpu")
 
 
 def _free_port():
