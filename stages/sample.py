@@ -126,8 +126,8 @@ def _inpaint(trained, autoencoder, cfg: config.Config, device) -> torch.Tensor:
     generators = [generator(cfg.experiment.seed, "inpaint", i) for i in range(images.shape[0])]
     sigmas = sampling_sigmas(trained.process, s.grid, s.steps).to(device)
     noise = torch.stack([torch.randn(trained.shape, generator=g) for g in generators]).to(device) * sigmas[0]
-    latents = run_sampler(conditional, noise, sigmas, method=s.method, generator=generators)
-    with torch.no_grad():
+    with torch.no_grad():  # the posterior denoiser enables gradients inside for its own VJPs
+        latents = run_sampler(conditional, noise, sigmas, method=s.method, generator=generators)
         filled = autoencoder.decode(trained.space.to_decoder(latents, snap=s.snap)).clamp(-1, 1)
     pixel_mask = torch.nn.functional.interpolate(mask[:, :1], size=images.shape[-2:], mode="nearest")
     return torch.stack([images * pixel_mask, filled, images], 1).flatten(0, 1)

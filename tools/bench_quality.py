@@ -35,8 +35,11 @@ DEFAULT_SETTINGS = ("ddpm:process:1000", "ddim:process:10", "ddim:process:20", "
                     "heun:karras:10", "heun:karras:20", "dpmpp_2m:karras:10", "dpmpp_2m:karras:20")
 
 
-def render(trained, autoencoder, cfg, method: str, grid: str, steps: int, count: int, snap: bool, info: dict):
-    images, batch = [], 250
+def render(trained, autoencoder, cfg, method: str, grid: str, steps: int, count: int, snap: bool, info: dict,
+           data_absmax: float):
+    """(decoded images, their labels, the fraction of samples off the data: a latent entry beyond
+    twice the largest magnitude of the real validation latents)."""
+    images, batch, off = [], 250, 0
     for start in range(0, count, batch):
         indices = range(start, min(start + batch, count))
         labels = sample.labels_for(cfg.sample, indices, trained.num_classes, cfg.experiment.seed)
@@ -44,10 +47,11 @@ def render(trained, autoencoder, cfg, method: str, grid: str, steps: int, count:
         latents = generate(trained.denoiser, trained.shape, sampling_sigmas(trained.process, grid, steps), generators,
                            method=method, labels=labels, null_class=trained.num_classes,
                            guidance_scale=cfg.sample.guidance_scale, info=info)
+        off += int((latents.flatten(1).abs().max(1).values > 2 * data_absmax).sum())
         with torch.no_grad():
             images.append(autoencoder.decode(trained.space.to_decoder(latents, snap=snap)).clamp(-1, 1))
     labels = sample.labels_for(cfg.sample, range(count), trained.num_classes, cfg.experiment.seed)
-    return torch.cat(images), labels
+    return torch.cat(images), labels, off / count
 
 
 def main() -> None:
@@ -72,16 +76,19 @@ def main() -> None:
     source = {"shards": sorted(o["sha256"] for o in prepared["outputs"] if o.get("split") in ("train", "val"))}
     digits = classifier.load_or_train(args.cache, source, str(cfg.stage_dir("prepare") / "train-*.tar"), val,
                                       trained.num_classes)
-    print(f"{args.samples} samples vs {len(real)} real val images; guidance {cfg.sample.guidance_scale}; "
-          f"classifier accuracy on real val {digits.val_accuracy:.1%}\n")
-    print("| sampler | grid | steps | NFE/sample | snap | FID | KID x1e3 | accuracy | s/sample |")
-    print("|---|---|---:|---:|---|---:|---:|---:|---:|")
+    latents = str(cfg.stage_dir("encode") / "latents" / "val-*.tar")
+    data_absmax = max(float(trained.latents_from_batch(b).abs().max()) for b in sequential_batches(latents, 500))
+    print(f"{args.samples} samples vs {len(real)} real val images; prediction {cfg.diffusion.prediction}; guidance "
+          f"{cfg.sample.guidance_scale}; classifier accuracy on real val {digits.val_accuracy:.1%}\n")
+    print("| sampler | grid | steps | NFE/sample | snap | FID | KID x1e3 | accuracy | off-data | s/sample |")
+    print("|---|---|---:|---:|---|---:|---:|---:|---:|---:|")
     runs = [(s, True) for s in args.settings] + [(s, False) for s in args.snap_off]
     for setting, snap in runs:
         method, grid, steps = setting.split(":")
         info: dict = {}
         start = time.perf_counter()
-        images, labels = render(trained, autoencoder, cfg, method, grid, int(steps), args.samples, snap, info)
+        images, labels, off = render(trained, autoencoder, cfg, method, grid, int(steps), args.samples, snap, info,
+                                     data_absmax)
         seconds = (time.perf_counter() - start) / args.samples
         features = torch.cat([inception(images[i:i + 250]) for i in range(0, len(images), 250)])
         fid = frechet_distance(FeatureStats.of(features), real_stats)
@@ -89,7 +96,7 @@ def main() -> None:
         accuracy = classifier.accuracy(digits.model, images, labels)["accuracy"]
         nfe = info["nfe"]  # denoiser calls per batch = per sample (a guided call evaluates both branches)
         print(f"| {method} | {grid} | {steps} | {nfe:.0f} | {'on' if snap else 'off'} | {fid:.2f} | {kid * 1e3:.2f} | "
-              f"{accuracy:.1%} | {seconds:.3f} |", flush=True)
+              f"{accuracy:.1%} | {off:.1%} | {seconds:.3f} |", flush=True)
 
 
 if __name__ == "__main__":

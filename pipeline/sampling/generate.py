@@ -14,6 +14,7 @@ from pipeline.sampling import sample
 from pipeline.sampling.guidance import classifier_free
 
 
+@torch.no_grad()
 def generate(denoiser, shape: Sequence[int], sigmas: Tensor, generators: Sequence[torch.Generator], *,
              method: str, labels: Tensor | None = None, null_class: int | None = None,
              guidance_scale: float = 1.0, device: torch.device | str = "cpu", **options) -> Tensor:
