@@ -346,8 +346,11 @@ class EvaluateConfig:
     kid_subset_size: int = option(1000, "KID subset size (capped by the number of images).")
     kid_subsets: int = option(50, "KID subsets averaged.")
     nearest_k: int = option(3, "k of the k-NN manifolds of precision/recall (Kynkaanniemi et al. 2019).")
-    classifier: bool = option(True, "Accuracy of a digit classifier trained on the real train images (labelled data).")
-    classifier_steps: int = option(1500, "Training steps of that classifier (trained once, cached).")
+    classifier: bool = option(
+        True, "Accuracy of a small classifier trained on the real train images (labelled data, class-conditional "
+        "samples; pipeline.metrics.classifier).")
+    classifier_steps: int = option(
+        400, "Training steps (batch 128) of that classifier; trained once per shard set and cached.")
     reconstruction: bool = option(True, "Autoencoder reconstruction metrics on the validation images, rFID included.")
     likelihood_count: int = option(64, "Validation latents whose bits/dim the PF-ODE estimates (0: skip).")
     likelihood_rtol: float = option(1e-4, "Relative tolerance of the adaptive ODE solver for the likelihood.")
