@@ -5,6 +5,7 @@
     latentpipe config show [--config X] [--docs] [key=value ...]  the resolved config
     latentpipe data inspect PATH|PATTERN|URL [--sheet out.png]    what is in a shard set
     latentpipe weights fetch|list                                 pretrained LPIPS/FID weights
+    latentpipe submit|status [--config X] [...]                   the stages as SLURM jobs (pipeline/slurm.py)
 
 Without ``--config`` the embedded default experiment is used (spelled out in configs/tiny.yaml).
 """
@@ -62,6 +63,10 @@ def _build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("spec", metavar="PATH|PATTERN|URL")
     inspect.add_argument("--sheet", help="write a PNG contact sheet of the first images here")
     inspect.add_argument("--timeout", type=float, default=30.0, help="seconds per URL before giving up")
+
+    from pipeline import slurm  # submit, status
+
+    slurm.add_parsers(commands)
 
     weights = commands.add_parser("weights", add_help=False, help="fetch/list pretrained weights (LPIPS, FID)")
     weights.add_argument("arguments", nargs=argparse.REMAINDER, help="see `latentpipe weights --help`")
@@ -134,6 +139,10 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         print(json.dumps(inspect(args.spec, sheet=args.sheet, timeout=args.timeout), indent=2))
         return 0
+    if args.command in ("submit", "status"):
+        from pipeline import slurm
+
+        return slurm.dispatch(args)
     cfg = config.load(args.config, args.overrides)
     if args.command == "config":
         if args.docs:
