@@ -103,8 +103,8 @@ SUMMARY_METRICS = (  # (stage, metric, label, format)
     ("evaluate", "fid", "FID (samples vs val)", "{:.2f}"),
     ("evaluate", "fid_train_vs_val", "FID floor (train vs val)", "{:.2f}"),
     ("evaluate", "classifier_accuracy", "classifier accuracy on samples", "{:.1%}"),
-    ("evaluate", "classifier_real_accuracy", "classifier accuracy on real val", "{:.1%}"),
-    ("evaluate", "bits_per_dim", "bits/dim (val latents, PF-ODE)", "{:.3f}"),
+    ("evaluate", "classifier_real_val_accuracy", "classifier accuracy on real val", "{:.1%}"),
+    ("evaluate", "latent_bits_per_dim", "bits/dim (val latents, PF-ODE)", "{:.3f}"),
 )
 
 

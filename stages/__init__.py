@@ -4,7 +4,7 @@ A stage module has ``NAME``, ``SECTIONS`` (the config sections its output depend
 ``INPUTS`` (the upstream stages it reads) and ``run(cfg)``.
 """
 
-from stages import autoencoder, diffusion, encode, prepare, sample
+from stages import autoencoder, diffusion, encode, evaluate, prepare, sample
 
-PIPELINE = (prepare, autoencoder, encode, diffusion, sample)
+PIPELINE = (prepare, autoencoder, encode, diffusion, sample, evaluate)
 BY_NAME = {stage.NAME: stage for stage in PIPELINE}

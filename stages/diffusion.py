@@ -142,8 +142,7 @@ def _preview(net, ema: EMA, cfg: config.Config, space: LatentSpace, process, num
     latents = generate(Denoiser(ema_net, process, cfg.diffusion.prediction), shape,
                        sampling_sigmas(process, "karras", PREVIEW_STEPS), generators, method=PREVIEW_METHOD,
                        labels=labels, null_class=num_classes, guidance_scale=PREVIEW_GUIDANCE, device=device)
-    trained_ae = manifest.read(cfg.stage_dir("autoencoder"))
-    autoencoder = encode_stage.load_autoencoder(cfg, trained_ae, trained_ae["image"]["channels"], device)
+    autoencoder = encode_stage.load_autoencoder(cfg, device)
     return autoencoder.decode(space.to_decoder(latents, snap=True)).clamp(-1, 1)
 
 

@@ -47,14 +47,15 @@ def _npy(array: torch.Tensor) -> bytes:
     return buffer.getvalue()
 
 
-def load_autoencoder(cfg: config.Config, trained: dict, channels: int, device):
+def load_autoencoder(cfg: config.Config, device):
     """The trained autoencoder, after checking it was made from the current autoencoder config."""
+    trained = manifest.read(cfg.stage_dir("autoencoder"))
     expected = config.section_hash(cfg, autoencoder_stage.SECTIONS)
     if trained["config_hash"] != expected:
         raise LatentpipeError(
             f"the autoencoder in {cfg.stage_dir('autoencoder')} was trained with another config "
             f"({trained['config_hash'][:12]}, current {expected[:12]}): rerun `latentpipe autoencoder`")
-    model = build_autoencoder(cfg.autoencoder, channels)
+    model = build_autoencoder(cfg.autoencoder, trained["image"]["channels"])
     model.load_state_dict(load_file(cfg.stage_dir("autoencoder") / autoencoder_stage.WEIGHTS_FILE))
     return model.to(device).eval()
 
@@ -111,8 +112,7 @@ def run(cfg: config.Config) -> Path:
     runtime = Runtime()
     with manifest.stage_run(cfg, NAME, SECTIONS, INPUTS, is_main=runtime.is_main) as record:
         trained = manifest.read(cfg.stage_dir("autoencoder"))
-        channels = trained["image"]["channels"]
-        model = load_autoencoder(cfg, trained, channels, runtime.device)
+        model = load_autoencoder(cfg, runtime.device)
         out_dir = record.directory / LATENT_DIR
         inputs = sorted(cfg.stage_dir("prepare").glob("*.tar"))
         made_from = {"inputs": record.inputs, "config": config.section_hash(cfg, SECTIONS)}

@@ -168,7 +168,7 @@ def run(cfg: config.Config) -> Path:
                     record.add_output(shard)
             if s.inpaint:
                 trained = diffusion_stage.load_trained(cfg, runtime.device)
-                grid = _inpaint(trained, _autoencoder(cfg, runtime.device), cfg, runtime.device)
+                grid = _inpaint(trained, encode_stage.load_autoencoder(cfg, runtime.device), cfg, runtime.device)
                 _save_grid(record.directory / INPAINT_FILE, to_uint8(grid), 3)
                 record.add_output(record.directory / INPAINT_FILE)
             record.extra.update(samples={"count": len(images), "method": s.method, "steps": s.steps, "grid": s.grid,
@@ -177,11 +177,6 @@ def run(cfg: config.Config) -> Path:
             record.metrics.update(samples=len(images), nfe=info.get("nfe"))
         runtime.barrier()
     return record.directory
-
-
-def _autoencoder(cfg: config.Config, device):
-    trained = manifest.read(cfg.stage_dir("autoencoder"))
-    return encode_stage.load_autoencoder(cfg, trained, trained["image"]["channels"], device)
 
 
 def _render_chunks(cfg: config.Config, chunk_dir: Path, runtime: Runtime, worker: int, workers: int) -> dict:
@@ -193,7 +188,7 @@ def _render_chunks(cfg: config.Config, chunk_dir: Path, runtime: Runtime, worker
     if not mine:
         return info
     trained = diffusion_stage.load_trained(cfg, runtime.device)
-    autoencoder = _autoencoder(cfg, runtime.device)
+    autoencoder = encode_stage.load_autoencoder(cfg, runtime.device)
     for c, indices in tqdm(mine, desc="sample", unit="chunk", disable=None if runtime.is_main else True, leave=False):
         parts = [_render(trained, autoencoder, cfg, indices[i : i + s.batch_size], runtime.device, info)
                  for i in range(0, len(indices), s.batch_size)]

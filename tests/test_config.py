@@ -88,3 +88,10 @@ def test_cli_config_show_prints_resolved_yaml(capsys, tmp_path):
 def test_missing_config_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         config.load(tmp_path / "nope.yaml")
+
+
+def test_exponent_notation_without_a_dot_is_a_number():
+    # PyYAML (YAML 1.1) reads 1e-3 as a string; users write it anyway
+    assert config.load(overrides=["diffusion.learning_rate=1e-3"]).diffusion.learning_rate == 1e-3
+    with pytest.raises(config.ConfigError, match="expected a number"):
+        config.load(overrides=["diffusion.learning_rate=fast"])

@@ -25,11 +25,10 @@ from pipeline.diffusion.build import sampling_sigmas
 from pipeline.metrics import classifier
 from pipeline.metrics.features import InceptionFeatures
 from pipeline.metrics.fid import FeatureStats, frechet_distance
-from pipeline.metrics.images import as_network_input
 from pipeline.metrics.kid import kernel_inception_distance
 from pipeline.sampling.generate import generate
 from pipeline.seeding import generator
-from stages import diffusion, sample
+from stages import diffusion, encode, sample
 
 DEFAULT_SETTINGS = ("ddpm:process:1000", "ddim:process:10", "ddim:process:20", "ddim:process:50", "ddim:process:100",
                     "heun:karras:10", "heun:karras:20", "dpmpp_2m:karras:10", "dpmpp_2m:karras:20")
@@ -67,7 +66,7 @@ def main() -> None:
 
     cfg = config.load(args.config, args.overrides)
     trained = diffusion.load_trained(cfg, "cpu")
-    autoencoder = sample._autoencoder(cfg, "cpu")
+    autoencoder = encode.load_autoencoder(cfg, "cpu")
     inception = InceptionFeatures()
     prepared = manifest.read(cfg.stage_dir("prepare"))
     val = str(cfg.stage_dir("prepare") / "val-*.tar")
