@@ -49,6 +49,8 @@ class ExperimentConfig:
     name: str = option("tiny", "Experiment name; stages write to <runs_dir>/<name>/<stage>/.")
     runs_dir: str = option("runs", "Root directory of all experiments' run directories.")
     seed: int = option(0, "Master seed; every other seed is derived from it.")
+    wandb_project: Optional[str] = option(
+        None, "Also log training metrics and sample grids to this Weights & Biases project (extra 'wandb').")
 
     def validate(self, key: str) -> None:
         if not self.name or "/" in self.name or self.name.startswith("."):
@@ -515,8 +517,8 @@ def to_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-LOCATION_KEYS = ("experiment.name", "experiment.runs_dir")
-"""Where a run lives, not what it computes: never part of a stage's config hash."""
+LOCATION_KEYS = ("experiment.name", "experiment.runs_dir", "experiment.wandb_project")
+"""Where a run lives and reports, not what it computes: never part of a stage's config hash."""
 
 
 def section_hash(cfg: Config, sections: Sequence[str], ignore: Sequence[str] = ()) -> str:

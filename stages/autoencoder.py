@@ -172,7 +172,8 @@ def run(cfg: config.Config) -> Path:
             checkpoint.save(checkpoints, step, shared, {"loader": loader.state_dict()}, runtime, ae.keep_checkpoints,
                             resume_key)
 
-        metrics_log = MetricsLog(record.directory, enabled=runtime.is_main, start_step=step)
+        metrics_log = MetricsLog(record.directory, enabled=runtime.is_main, start_step=step,
+                                 wandb_project=cfg.experiment.wandb_project, config=config.to_dict(cfg))
         objective = Objective(ae, lpips)
         nonfinite_in_a_row = skipped_steps = 0
         budget = None if ae.time_budget_minutes is None else ae.time_budget_minutes * 60

@@ -197,7 +197,8 @@ def run(cfg: config.Config) -> Path:
         if (resumed := restore()) is not None:
             log.info("diffusion: resumed from %s (step %d)", resumed, progress["step"])
 
-        metrics_log = MetricsLog(record.directory, enabled=runtime.is_main, start_step=progress["step"])
+        metrics_log = MetricsLog(record.directory, enabled=runtime.is_main, start_step=progress["step"],
+                                 wandb_project=cfg.experiment.wandb_project, config=config.to_dict(cfg))
         loss_fn = LOSSES[d.prediction]
         nonfinite_in_a_row, window = 0, _Window()
         budget = None if d.time_budget_minutes is None else d.time_budget_minutes * 60

@@ -3,6 +3,7 @@ restarts from (a resume, or a fresh start at 0) are dropped."""
 
 import json
 
+import pytest
 import torch
 
 from pipeline.runtime.logging import MetricsLog
@@ -29,3 +30,17 @@ def test_resume_drops_records_past_the_checkpoint_and_a_fresh_start_drops_all(tm
 def test_other_ranks_write_nothing(tmp_path):
     MetricsLog(tmp_path / "run", enabled=False).scalars(1, {"loss": 1.0})
     assert not (tmp_path / "run").exists()
+
+
+def test_weights_and_biases_offline_gets_the_scalars(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    log = MetricsLog(tmp_path / "diffusion", enabled=True, tensorboard=False, wandb_project="latentpipe-test",
+                     config={"diffusion": {"batch_size": 8}})
+    log.scalars(1, {"loss": 0.5})
+    log.images(1, "samples", torch.zeros(1, 1, 4, 4), nrow=1)
+    log.close()
+    assert wandb.run is None
+    (run,) = (tmp_path / "diffusion" / "wandb").glob("offline-run-*")
+    assert list(run.glob("run-*.wandb")) and list(run.rglob("media/images/samples_*.png"))
