@@ -53,12 +53,15 @@ latentpipe_stage() {
     host=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
     port=$(( 20000 + ${SLURM_JOB_ID:-0} % 20000 ))
     lp_log "launch: $nnodes node(s) x $procs process(es) = world $world, rendezvous $host:$port (c10d)"
-    # one torchrun per node; it ignores USR1 (the workers install their own handler) and passes
-    # TERM on; srun forwards the batch script's signal to every process of the step
+    # one torchrun per node (c10d assigns the ranks; SLURM_NODEID only names the node in the log).
+    # torchrun ignores USR1 (the workers install their own handler) and passes TERM on; srun
+    # forwards the batch script's signal to every process of the step
     srun --nodes="$nnodes" --ntasks="$nnodes" --ntasks-per-node=1 --kill-on-bad-exit=0 \
-      bash -c 'trap "" USR1; exec "$0" -m torch.distributed.run --nnodes "$1" --nproc_per_node "$2" \
-        --node_rank "$SLURM_NODEID" --rdzv_backend c10d --rdzv_endpoint "$3" --rdzv_id "$4" --max_restarts 0 \
-        -m pipeline.cli "${@:5}"' "$PY" "$nnodes" "$procs" "$host:$port" "latentpipe-${SLURM_JOB_ID:-0}" \
+      bash -c 'trap "" USR1; trap : TERM
+        echo "[latentpipe-slurm] node $SLURMD_NODENAME (node rank $SLURM_NODEID of $1): torchrun, $2 process(es), rendezvous $3"
+        "$0" -m torch.distributed.run --nnodes "$1" --nproc_per_node "$2" --rdzv_backend c10d --rdzv_endpoint "$3" \
+          --rdzv_id "$4" --max_restarts 0 -m pipeline.cli "${@:5}"; rc=$?
+        echo "[latentpipe-slurm] node $SLURMD_NODENAME: torchrun exited with code $rc"; exit $rc' "$PY" "$nnodes" "$procs" "$host:$port" "latentpipe-${SLURM_JOB_ID:-0}" \
         "$stage" "${args[@]}" &
   fi
   LP_CHILD=$!

@@ -1,0 +1,286 @@
+"""slurm/*.sbatch, `latentpipe submit/status` and preemption/requeue against a REAL SLURM cluster:
+tools/local_slurm runs munged + slurmctld + two slurmd (nodes n1, n2) on this machine.
+
+Skipped when SLURM is not installed or we are not root, unless LATENTPIPE_REQUIRE_SLURM=1 (CI),
+which turns the skip into a failure. All tests share one cluster (xdist group "slurm", one
+worker), every wait has a deadline, and the cluster is stopped and its logs printed at the end,
+also when a test fails.
+"""
+
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[2]
+TOOL = REPO / "tools" / "local_slurm"
+BASE = Path(os.environ.get("LOCAL_SLURM_BASE", "/tmp/latentpipe-slurm"))
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]
+
+ARGS = ["data.source=digits", "data.limit=300", "data.resolution=16", "data.shard_max_count=40", "data.workers=0",
+        "autoencoder.channels=8", "autoencoder.num_codes=32", "autoencoder.batch_size=8", "autoencoder.num_workers=0",
+        "autoencoder.max_steps=5", "autoencoder.lpips=none", "encode.batch_size=16",
+        "diffusion.unet.model_channels=16", "diffusion.unet.norm_groups=8", "diffusion.batch_size=8",
+        "diffusion.max_steps=8", "diffusion.num_workers=0", "diffusion.checkpoint_every=3", "diffusion.image_every=1000",
+        "sample.num_samples=12", "sample.chunk_size=4", "sample.steps=4",
+        "evaluate.likelihood_count=0", "evaluate.classifier=false", "evaluate.fid=false", "evaluate.reconstruction=false"]
+SBATCH = ["--sbatch=--cpus-per-task=1", "--sbatch=--time=10"]
+
+
+def _unavailable() -> str | None:
+    missing = [tool for tool in ("slurmctld", "slurmd", "sbatch", "munged") if shutil.which(tool) is None]
+    if missing:
+        return f"SLURM not installed ({', '.join(missing)} missing): apt-get install slurmctld slurmd slurm-client munge"
+    if os.geteuid() != 0 and shutil.which("sudo") is None:
+        return "the local cluster's slurmd must run as root (no root, no sudo)"
+    return None
+
+
+def _logs() -> str:
+    done = subprocess.run([str(TOOL), "logs"], capture_output=True, text=True, timeout=30,
+                          env=dict(os.environ, LOCAL_SLURM_BASE=str(BASE), LOCAL_SLURM_LOG_LINES="80"))
+    return done.stdout + done.stderr
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    reason = _unavailable()
+    if reason:
+        if os.environ.get("LATENTPIPE_REQUIRE_SLURM") == "1":
+            pytest.fail(f"LATENTPIPE_REQUIRE_SLURM=1 but {reason}")
+        pytest.skip(reason)
+    # one cluster per machine (fixed ports, /etc/hosts): a second test session waits for the first
+    lock = open(f"{BASE}.lock", "w")
+    end = time.monotonic() + 900
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() > end:
+                pytest.fail(f"another test session held {BASE}.lock (the local cluster) for 900 s")
+            time.sleep(1)
+    env = dict(os.environ, LOCAL_SLURM_BASE=str(BASE))
+    started = subprocess.run([str(TOOL), "start"], capture_output=True, text=True, timeout=180, env=env)
+    if started.returncode != 0:
+        subprocess.run([str(TOOL), "stop"], capture_output=True, text=True, timeout=120, env=env)
+        lock.close()
+        pytest.fail(f"tools/local_slurm start failed:\n{started.stdout}\n{started.stderr}")
+    try:
+        yield BASE
+    finally:
+        print("\n==== local slurm logs ====\n" + _logs(), file=sys.stderr)
+        try:
+            stopped = subprocess.run([str(TOOL), "stop"], capture_output=True, text=True, timeout=120, env=env)
+            print(stopped.stdout + stopped.stderr, file=sys.stderr)
+        finally:
+            lock.close()
+
+
+def _env(cluster) -> dict:
+    env = dict(os.environ, SLURM_CONF=str(cluster / "etc" / "slurm.conf"), LATENTPIPE_PYTHON=sys.executable,
+               LATENTPIPE_SLURM_DIR=str(REPO / "slurm"), LATENTPIPE_REQUEUE_START_NOW="1", OMP_NUM_THREADS="1",
+               PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}", PYTHONPATH=str(REPO))
+    for key in [k for k in env if k.startswith(("PYTEST_", "SLURM_JOB", "SLURM_ARRAY"))] + ["NODE_RANK", "RANK"]:
+        env.pop(key, None)
+    return env
+
+
+def _run(argv, cluster, cwd, timeout=120):
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=_env(cluster), cwd=cwd)
+    assert done.returncode == 0, f"{' '.join(map(str, argv))} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+def _jobs(job_id) -> list[dict]:
+    done = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True, text=True, timeout=30)
+    found = []
+    for line in done.stdout.splitlines():
+        fields = {}
+        for token in line.split():
+            key, sep, value = token.partition("=")
+            if sep and key not in fields:
+                fields[key] = value
+        found.append(fields)
+    return found
+
+
+def _wait(job_ids, deadline_s, run_dir=None, until=TERMINAL) -> dict[str, list[dict]]:
+    """Poll until every job (every array task) is in a state of `until`; fail with the logs at the deadline."""
+    end = time.monotonic() + deadline_s
+    while True:
+        states = {j: _jobs(j) for j in job_ids}
+        if all(tasks and all(t.get("JobState") in until for t in tasks) for tasks in states.values()):
+            return states
+        if time.monotonic() > end:
+            pytest.fail(f"jobs not {sorted(until)} after {deadline_s} s: "
+                        f"{ {j: [(t.get('JobId'), t.get('JobState'), t.get('Reason')) for t in s] for j, s in states.items()} }"
+                        f"\n{_job_logs(run_dir)}\n{_logs()}")
+        time.sleep(0.5)
+
+
+def _job_logs(run_dir) -> str:
+    if run_dir is None:
+        return ""
+    return "\n".join(f"== {p}\n{p.read_text()[-3000:]}" for p in sorted(Path(run_dir).glob("**/slurm/*.out")))
+
+
+def _submit(cluster, cwd, runs, options=(), overrides=()) -> dict[str, list[str]]:
+    out = _run(["latentpipe", "submit", *SBATCH, *options, f"experiment.runs_dir={runs}", *ARGS, *overrides], cluster, cwd)
+    ids: dict[str, list[str]] = {}
+    for line in out.splitlines():
+        stage, _, job = line.partition(": ")
+        ids.setdefault(stage, []).append(job.strip())
+    return ids
+
+
+def _stamp(value: str) -> float:
+    return datetime.fromisoformat(value).timestamp()
+
+
+@pytest.fixture(scope="module")
+def chain(cluster, tmp_path_factory):
+    """The tiny pipeline submitted with `latentpipe submit`, sample as an array of 3 tasks."""
+    root = tmp_path_factory.mktemp("chain")
+    ids = _submit(cluster, root, root / "runs", ["--sample-tasks", "3"])
+    states = _wait([j for js in ids.values() for j in js], 420, root / "runs")
+    return root / "runs" / "tiny", ids, states
+
+
+def test_chain_completes_with_array_sampling(chain, cluster):
+    run, ids, states = chain
+    assert list(ids) == ["prepare", "autoencoder", "encode", "diffusion", "sample (array)", "sample", "evaluate"]
+    bad = {j: [(t["JobId"], t["JobState"], t.get("ExitCode")) for t in s] for j, s in states.items()
+           if any(t["JobState"] != "COMPLETED" for t in s)}
+    assert not bad, f"{bad}\n{_job_logs(run.parent)}"
+    for stage in ("prepare", "autoencoder", "encode", "diffusion", "sample", "evaluate"):
+        assert json.loads((run / stage / "manifest.json").read_text())["status"] == "complete", stage
+    with np.load(run / "sample" / "samples.npz") as samples:
+        assert len(samples[samples.files[0]]) == 12
+    recorded = json.loads((run / "slurm" / "jobs.json").read_text())
+    assert [j["job_id"] for j in recorded["jobs"]] == [j for js in ids.values() for j in js]
+
+    # the array tasks wrote every chunk (before the plain sample job started), each task its own
+    tasks = states[ids["sample (array)"][0]]
+    assert sorted(int(t["ArrayTaskId"]) for t in tasks) == [0, 1, 2]
+    (chunk_dir,) = (run / "sample" / "chunks").iterdir()
+    chunks = sorted(chunk_dir.glob("chunk-*.npz"))
+    assert [c.name for c in chunks] == [f"chunk-{c:06d}.npz" for c in range(3)]
+    plain_start = _stamp(states[ids["sample"][0]][0]["StartTime"])
+    by_task = {int(t["ArrayTaskId"]): t for t in tasks}
+    for number, chunk in enumerate(chunks):
+        mtime = chunk.stat().st_mtime
+        assert mtime <= plain_start + 1, f"{chunk.name} written by the plain sample job, not the array"
+        task = by_task[number % 3]  # chunk c belongs to task c mod 3
+        assert _stamp(task["StartTime"]) - 1 <= mtime <= _stamp(task["EndTime"]) + 1, (chunk.name, task)
+    with np.load(run / "sample" / "samples.npz") as samples:
+        joined = np.concatenate([np.load(c)[np.load(c).files[0]] for c in chunks])
+        np.testing.assert_array_equal(samples[samples.files[0]], joined)
+
+    status = _run(["latentpipe", "status", f"experiment.runs_dir={run.parent}", *ARGS], cluster, run.parent)
+    assert status.count("COMPLETED") >= 7 and "3 COMPLETED" in status, status
+    # resubmitting finds every stage up to date and submits nothing
+    again = subprocess.run(["latentpipe", "submit", *SBATCH, f"experiment.runs_dir={run.parent}", *ARGS],
+                           capture_output=True, text=True, timeout=120, env=_env(cluster), cwd=run.parent)
+    assert again.returncode == 0 and again.stdout.strip() == "", again.stdout + again.stderr
+
+
+def test_failing_stage_cancels_its_dependents(cluster, tmp_path):
+    # a path that does not exist passes the config check but fails when prepare reads it
+    ids = _submit(cluster, tmp_path, tmp_path / "runs", ["--stages", "prepare,autoencoder,encode"],
+                  ["data.source=folder", f"data.path={tmp_path / 'no-such-images'}"])
+    states = _wait([js[0] for js in ids.values()], 120, tmp_path)
+    prepare, autoencoder, encode = (states[ids[s][0]][0] for s in ("prepare", "autoencoder", "encode"))
+    assert prepare["JobState"] == "FAILED" and prepare["ExitCode"] != "0:0", prepare
+    assert autoencoder["JobState"] == "CANCELLED" and encode["JobState"] == "CANCELLED", (autoencoder, encode)
+    assert not (tmp_path / "runs" / "tiny" / "autoencoder").exists()
+    assert "requeue" not in _job_logs(tmp_path)  # a real failure is not requeued
+    assert int(prepare.get("Restarts", "0")) == 0
+
+
+def _copy_upstream(chain_run: Path, root: Path) -> Path:
+    for stage in ("prepare", "autoencoder", "encode"):
+        shutil.copytree(chain_run / stage, root / "runs" / "tiny" / stage)
+    return root / "runs"
+
+
+def test_preempted_diffusion_is_requeued_and_resumes_exactly(chain, cluster, tmp_path):
+    run = chain[0]
+    steps = ["diffusion.max_steps=150", "diffusion.checkpoint_every=10", "diffusion.log_every=10"]
+    reference = _copy_upstream(run, tmp_path / "reference")
+    _run([sys.executable, "-m", "pipeline.cli", "-q", "diffusion", f"experiment.runs_dir={reference}", *ARGS, *steps],
+         cluster, tmp_path, timeout=300)
+
+    runs = _copy_upstream(run, tmp_path / "preempted")
+    (tmp_path / "preempted" / "slurm").mkdir()  # sbatch does not create the log directory
+    out = _run(["sbatch", "--parsable", "--cpus-per-task=1", "--time=10", f"--output={tmp_path}/preempted/slurm/%x-%j.out",
+                str(REPO / "slurm" / "diffusion.sbatch"), f"experiment.runs_dir={runs}", *ARGS, *steps],
+               cluster, tmp_path / "preempted")
+    job = out.strip().split(";")[0]
+    # signal once the first checkpoint exists (mid-training), as SLURM's --signal=B:USR1@N would
+    checkpoints = runs / "tiny" / "diffusion" / "checkpoints"
+    end = time.monotonic() + 180
+    while not (checkpoints.is_dir() and any(checkpoints.glob("step-*/complete.json"))):
+        assert time.monotonic() < end, f"no checkpoint after 180 s\n{_job_logs(tmp_path)}"
+        assert _jobs(job)[0]["JobState"] in ("PENDING", "RUNNING"), f"{_jobs(job)}\n{_job_logs(tmp_path)}"
+        time.sleep(0.1)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, timeout=30, env=_env(cluster))
+    # requeued: pending again with a restart; lift SLURM's requeue hold if common.sh did not
+    end = time.monotonic() + 180
+    while True:
+        (state,) = _jobs(job)
+        if int(state.get("Restarts", "0")) >= 1:
+            if state["JobState"] == "PENDING" and state.get("Reason") == "BeginTime":
+                subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], timeout=30, env=_env(cluster))
+            if state["JobState"] in TERMINAL:
+                break
+        elif state["JobState"] in TERMINAL:
+            break
+        assert time.monotonic() < end, f"{state}\n{_job_logs(tmp_path)}"
+        time.sleep(0.5)
+    log = _job_logs(tmp_path)
+    assert state["JobState"] == "COMPLETED" and int(state["Restarts"]) == 1, f"{state}\n{log}"
+    assert "received SIGUSR1" in log and "requeueing job" in log and "restart count 1" in log, log
+    found = json.loads((runs / "tiny" / "diffusion" / "manifest.json").read_text())
+    assert found["status"] == "complete" and found["metrics"]["steps"] == 150
+    interrupted_at = [int(p.name.split("-")[1]) for p in checkpoints.glob("step-*")]
+    assert interrupted_at and min(interrupted_at) < 150, interrupted_at
+    expected = load_file(reference / "tiny" / "diffusion" / "denoiser.safetensors")
+    got = load_file(runs / "tiny" / "diffusion" / "denoiser.safetensors")
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+
+
+def test_two_nodes_rendezvous_and_train(chain, cluster, tmp_path):
+    runs = _copy_upstream(chain[0], tmp_path)
+    (tmp_path / "slurm").mkdir()
+    out = _run(["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--time=10",
+                f"--output={tmp_path}/slurm/%x-%j.out", str(REPO / "slurm" / "diffusion.sbatch"),
+                f"experiment.runs_dir={runs}", *ARGS], cluster, tmp_path)
+    job = out.strip().split(";")[0]
+    (state,) = _wait([job], 300, tmp_path)[job]
+    log = _job_logs(tmp_path)
+    assert state["JobState"] == "COMPLETED", f"{state}\n{log}"
+    assert state["NodeList"] == "n[1-2]", state
+    assert "world 2, rendezvous n1:" in log
+    assert "node n1 (node rank 0 of 2)" in log and "node n2 (node rank 1 of 2)" in log, log
+    final = runs / "tiny" / "diffusion" / "checkpoints" / "step-00000008"
+    assert json.loads((final / "complete.json").read_text())["world_size"] == 2
+    for rank in (0, 1):  # both ranks reached the same step (each saves its own loader position)
+        assert torch.load(final / f"rank-{rank:05d}.pt", weights_only=False)["loader"]["batches"] == 8
+    assert (final / "state.pt").is_file()  # rank 0's model/optimizer state, written once
+    assert json.loads((runs / "tiny" / "diffusion" / "manifest.json").read_text())["metrics"]["steps"] == 8
+    assert (runs / "tiny" / "diffusion" / "denoiser.safetensors").is_file()
