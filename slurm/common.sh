@@ -102,10 +102,11 @@ lp_requeue() {
   local id=${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}}
   id=${id:-$SLURM_JOB_ID}
   if [ "${LATENTPIPE_REQUEUE_START_NOW:-0}" = 1 ]; then
-    # requeue puts the job on hold for ~120 s (BeginTime); lift it once it is pending again.
-    # Detached: requeue ends this script.
+    # requeue puts the job on hold for ~120 s (BeginTime); lift it once it is pending again, but
+    # start it a few seconds later: slurmd refuses a job credential created in the same second
+    # as the old run's revocation ("Job credential revoked"). Detached: requeue ends this script.
     nohup setsid bash -c 'for _ in $(seq 100); do
-        [ "$(squeue -h -j "$0" -o %T 2>/dev/null)" = PENDING ] && scontrol update JobId="$0" StartTime=now && exit 0
+        [ "$(squeue -h -j "$0" -o %T 2>/dev/null)" = PENDING ] && scontrol update JobId="$0" StartTime=now+3 && exit 0
         sleep 0.2; done' "$id" >/dev/null 2>&1 &
   fi
   scontrol requeue "$id" || lp_log "scontrol requeue $id failed"

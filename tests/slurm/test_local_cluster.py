@@ -216,9 +216,31 @@ def _copy_upstream(chain_run: Path, root: Path) -> Path:
     return root / "runs"
 
 
+def _preempt(cluster, job, checkpoints: Path, log_dir: Path) -> dict:
+    """Send the batch script USR1 once the first checkpoint exists (mid-training, as SLURM's
+    --signal=B:USR1@N would), then wait until the requeued job has finished; returns its state."""
+    end = time.monotonic() + 180
+    while not (checkpoints.is_dir() and any(checkpoints.glob("step-*/complete.json"))):
+        assert time.monotonic() < end, f"no checkpoint after 180 s\n{_job_logs(log_dir)}"
+        assert _jobs(job)[0]["JobState"] in ("PENDING", "RUNNING"), f"{_jobs(job)}\n{_job_logs(log_dir)}"
+        time.sleep(0.1)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, timeout=30, env=_env(cluster))
+    end, held_since = time.monotonic() + 240, None
+    while True:
+        (state,) = _jobs(job)
+        if state["JobState"] in TERMINAL and (int(state.get("Restarts", "0")) >= 1 or state["JobState"] != "COMPLETED"):
+            return state
+        if state["JobState"] == "PENDING" and state.get("Reason") == "BeginTime":
+            held_since = held_since or time.monotonic()
+            if time.monotonic() - held_since > 15:  # common.sh's LATENTPIPE_REQUEUE_START_NOW did not lift the hold
+                subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now+3"], timeout=30, env=_env(cluster))
+                held_since = None
+        assert time.monotonic() < end, f"{state}\n{_job_logs(log_dir)}"
+        time.sleep(0.5)
+
 def test_preempted_diffusion_is_requeued_and_resumes_exactly(chain, cluster, tmp_path):
     run = chain[0]
-    steps = ["diffusion.max_steps=150", "diffusion.checkpoint_every=10", "diffusion.log_every=10"]
+    steps = ["diffusion.max_steps=80", "diffusion.checkpoint_every=10", "diffusion.log_every=10"]
     reference = _copy_upstream(run, tmp_path / "reference")
     _run([sys.executable, "-m", "pipeline.cli", "-q", "diffusion", f"experiment.runs_dir={reference}", *ARGS, *steps],
          cluster, tmp_path, timeout=300)
@@ -229,34 +251,15 @@ def test_preempted_diffusion_is_requeued_and_resumes_exactly(chain, cluster, tmp
                 str(REPO / "slurm" / "diffusion.sbatch"), f"experiment.runs_dir={runs}", *ARGS, *steps],
                cluster, tmp_path / "preempted")
     job = out.strip().split(";")[0]
-    # signal once the first checkpoint exists (mid-training), as SLURM's --signal=B:USR1@N would
     checkpoints = runs / "tiny" / "diffusion" / "checkpoints"
-    end = time.monotonic() + 180
-    while not (checkpoints.is_dir() and any(checkpoints.glob("step-*/complete.json"))):
-        assert time.monotonic() < end, f"no checkpoint after 180 s\n{_job_logs(tmp_path)}"
-        assert _jobs(job)[0]["JobState"] in ("PENDING", "RUNNING"), f"{_jobs(job)}\n{_job_logs(tmp_path)}"
-        time.sleep(0.1)
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, timeout=30, env=_env(cluster))
-    # requeued: pending again with a restart; lift SLURM's requeue hold if common.sh did not
-    end = time.monotonic() + 180
-    while True:
-        (state,) = _jobs(job)
-        if int(state.get("Restarts", "0")) >= 1:
-            if state["JobState"] == "PENDING" and state.get("Reason") == "BeginTime":
-                subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], timeout=30, env=_env(cluster))
-            if state["JobState"] in TERMINAL:
-                break
-        elif state["JobState"] in TERMINAL:
-            break
-        assert time.monotonic() < end, f"{state}\n{_job_logs(tmp_path)}"
-        time.sleep(0.5)
+    state = _preempt(cluster, job, checkpoints, tmp_path)
     log = _job_logs(tmp_path)
     assert state["JobState"] == "COMPLETED" and int(state["Restarts"]) == 1, f"{state}\n{log}"
     assert "received SIGUSR1" in log and "requeueing job" in log and "restart count 1" in log, log
     found = json.loads((runs / "tiny" / "diffusion" / "manifest.json").read_text())
-    assert found["status"] == "complete" and found["metrics"]["steps"] == 150
+    assert found["status"] == "complete" and found["metrics"]["steps"] == 80
     interrupted_at = [int(p.name.split("-")[1]) for p in checkpoints.glob("step-*")]
-    assert interrupted_at and min(interrupted_at) < 150, interrupted_at
+    assert interrupted_at and min(interrupted_at) < 80, interrupted_at
     expected = load_file(reference / "tiny" / "diffusion" / "denoiser.safetensors")
     got = load_file(runs / "tiny" / "diffusion" / "denoiser.safetensors")
     assert expected.keys() == got.keys()
@@ -264,23 +267,29 @@ def test_preempted_diffusion_is_requeued_and_resumes_exactly(chain, cluster, tmp
         assert torch.equal(expected[name], got[name]), name
 
 
-def test_two_nodes_rendezvous_and_train(chain, cluster, tmp_path):
+def test_two_nodes_rendezvous_train_and_survive_preemption(chain, cluster, tmp_path):
     runs = _copy_upstream(chain[0], tmp_path)
     (tmp_path / "slurm").mkdir()
+    steps = ["diffusion.max_steps=30", "diffusion.checkpoint_every=10", "diffusion.log_every=10"]
     out = _run(["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--time=10",
                 f"--output={tmp_path}/slurm/%x-%j.out", str(REPO / "slurm" / "diffusion.sbatch"),
-                f"experiment.runs_dir={runs}", *ARGS], cluster, tmp_path)
+                f"experiment.runs_dir={runs}", *ARGS, *steps], cluster, tmp_path)
     job = out.strip().split(";")[0]
-    (state,) = _wait([job], 300, tmp_path)[job]
+    state = _preempt(cluster, job, runs / "tiny" / "diffusion" / "checkpoints", tmp_path)
     log = _job_logs(tmp_path)
-    assert state["JobState"] == "COMPLETED", f"{state}\n{log}"
+    assert state["JobState"] == "COMPLETED" and int(state["Restarts"]) == 1, f"{state}\n{log}"
     assert state["NodeList"] == "n[1-2]", state
     assert "world 2, rendezvous n1:" in log
     assert "node n1 (node rank 0 of 2)" in log and "node n2 (node rank 1 of 2)" in log, log
-    final = runs / "tiny" / "diffusion" / "checkpoints" / "step-00000008"
+    # torchrun exits 1 on a worker's 75: the manifest's 'interrupted' status made it a requeue
+    assert "manifest status 'interrupted'" in log and "requeueing job" in log and "restart count 1" in log, log
+    final = runs / "tiny" / "diffusion" / "checkpoints" / "step-00000030"
     assert json.loads((final / "complete.json").read_text())["world_size"] == 2
-    for rank in (0, 1):  # both ranks reached the same step (each saves its own loader position)
-        assert torch.load(final / f"rank-{rank:05d}.pt", weights_only=False)["loader"]["batches"] == 8
+    # both ranks reached the same step: each saves its own loader position (epoch, batch in epoch)
+    loaders = [torch.load(final / f"rank-{rank:05d}.pt", weights_only=False)["loader"] for rank in (0, 1)]
+    assert [(x["epoch"], x["batches"], x["samples_seen"]) for x in loaders] == \
+        [(loaders[0]["epoch"], loaders[0]["batches"], loaders[0]["samples_seen"])] * 2, loaders
+    assert loaders[0]["layout"]["world_size"] == 2
     assert (final / "state.pt").is_file()  # rank 0's model/optimizer state, written once
-    assert json.loads((runs / "tiny" / "diffusion" / "manifest.json").read_text())["metrics"]["steps"] == 8
+    assert json.loads((runs / "tiny" / "diffusion" / "manifest.json").read_text())["metrics"]["steps"] == 30
     assert (runs / "tiny" / "diffusion" / "denoiser.safetensors").is_file()
