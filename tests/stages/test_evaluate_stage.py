@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 
-from pipeline import cli, config, manifest
+from pipeline import cli, manifest
 from pipeline.data.stream import sequential_batches
 from stages import evaluate, sample
 
