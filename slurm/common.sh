@@ -6,8 +6,10 @@
 # LATENTPIPE_PROCS_PER_NODE / --gpus-per-node): one `torchrun` per node via srun, c10d
 # rendezvous on the first node of the allocation at a port derived from the job id; NCCL on
 # GPUs, gloo on CPU (the runtime picks). Preemption: USR1/TERM are forwarded to the stage,
-# which checkpoints and exits 75 (pipeline.errors.REQUEUE_EXIT_CODE); the job is then
-# requeued (`scontrol requeue`) and the rerun resumes. A real failure is not requeued.
+# which checkpoints and exits 75 (pipeline.errors.REQUEUE_EXIT_CODE); after USR1 (the
+# --signal=B:USR1@N warning) or the stage's own time budget the job is requeued
+# (`scontrol requeue`) and the rerun resumes. After TERM (scancel, time limit, SLURM's own
+# preemption) it is not: that would undo a scancel. A real failure is never requeued.
 #
 # Env: LATENTPIPE_PYTHON (the python with latentpipe installed; default: the active venv, the
 #      python next to `latentpipe` on PATH, else python3), LATENTPIPE_PROCS_PER_NODE (default:
@@ -78,8 +80,12 @@ latentpipe_stage() {
     [ "$status" = interrupted ] && rc=75
   fi
   if [ "$rc" -eq 75 ]; then
-    if [ -n "${SLURM_JOB_ID:-}" ]; then
-      lp_log "stage $stage stopped cleanly (${LP_SIGNAL:-time budget}); requeueing job $SLURM_JOB_ID"
+    if [ "$LP_SIGNAL" = TERM ]; then
+      # scancel, the time limit or SLURM's own preemption (which requeues by itself): requeueing
+      # here would undo a user's scancel. The checkpoint is kept; rerunning the job resumes.
+      lp_log "stage $stage stopped cleanly on SIGTERM; not requeued (cancelled, timed out or preempted by SLURM)"
+    elif [ -n "${SLURM_JOB_ID:-}" ]; then
+      lp_log "stage $stage stopped cleanly (${LP_SIGNAL:+SIG}${LP_SIGNAL:-time budget}); requeueing job $SLURM_JOB_ID"
       lp_requeue
     fi
     return 75

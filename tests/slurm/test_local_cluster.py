@@ -293,3 +293,25 @@ def test_two_nodes_rendezvous_train_and_survive_preemption(chain, cluster, tmp_p
     assert (final / "state.pt").is_file()  # rank 0's model/optimizer state, written once
     assert json.loads((runs / "tiny" / "diffusion" / "manifest.json").read_text())["metrics"]["steps"] == 30
     assert (runs / "tiny" / "diffusion" / "denoiser.safetensors").is_file()
+
+
+def test_scancel_is_not_undone_by_a_requeue(chain, cluster, tmp_path):
+    runs = _copy_upstream(chain[0], tmp_path)
+    (tmp_path / "slurm").mkdir()
+    out = _run(["sbatch", "--parsable", "--cpus-per-task=1", "--time=10", f"--output={tmp_path}/slurm/%x-%j.out",
+                str(REPO / "slurm" / "diffusion.sbatch"), f"experiment.runs_dir={runs}", *ARGS,
+                "diffusion.max_steps=100000", "diffusion.checkpoint_every=10"], cluster, tmp_path)
+    job = out.strip().split(";")[0]
+    checkpoints = runs / "tiny" / "diffusion" / "checkpoints"
+    end = time.monotonic() + 180
+    while not (checkpoints.is_dir() and any(checkpoints.glob("step-*/complete.json"))):
+        assert time.monotonic() < end, f"no checkpoint after 180 s\n{_job_logs(tmp_path)}"
+        time.sleep(0.1)
+    subprocess.run(["scancel", job], check=True, timeout=30, env=_env(cluster))
+    (state,) = _wait([job], 120, tmp_path)[job]
+    time.sleep(3)  # a requeue would show up as PENDING with a restart by now
+    (state,) = _jobs(job)
+    log = _job_logs(tmp_path)
+    assert state["JobState"] == "CANCELLED" and state["Restarts"] == "0", f"{state}\n{log}"
+    assert "not requeued" in log, log
+    assert json.loads((runs / "tiny" / "diffusion" / "manifest.json").read_text())["status"] == "interrupted"
