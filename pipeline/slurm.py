@@ -26,7 +26,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -43,7 +43,7 @@ class Job:
     argv: list[str]  # sbatch ... script [config] [overrides]; the dependency is added at submit time
     array: bool = False
     job_id: str | None = None
-    depends_on: int | None = field(default=None)  # index of the job this one waits for
+    depends_on: int | None = None  # index of the job this one waits for
 
 
 def slurm_dir() -> Path:
@@ -95,8 +95,7 @@ def dry_run_script(cfg: config.Config, jobs: Sequence[Job]) -> str:
     lines = ["#!/bin/bash", "set -e", f"export LATENTPIPE_SLURM_DIR={shlex.quote(str(slurm_dir()))}",
              f"mkdir -p {shlex.quote(str(cfg.run_dir.resolve() / 'slurm'))}"]
     for number, job in enumerate(jobs):
-        job_copy = Job(job.stage, job.argv, job.array, depends_on=job.depends_on)
-        shown = [shlex.quote(a) for a in job_copy.argv]
+        shown = [shlex.quote(a) for a in job.argv]
         if job.depends_on is not None:
             shown.insert(2, f"--dependency=afterok:${{job{job.depends_on}}}")
         lines.append(f"job{number}=$({' '.join(shown)} | cut -d';' -f1)   # {job.stage}{' (array)' if job.array else ''}")
@@ -172,7 +171,8 @@ def status(cfg: config.Config) -> str:
                     counts[task.get("JobState", "?")] = counts.get(task.get("JobState", "?"), 0) + 1
                 text = ", ".join(f"{n} {s}" if len(tasks) > 1 else s for s, n in counts.items())
                 first = tasks[0]
-                extra = [f"{k}={first[k]}" for k in ("Reason", "ExitCode", "Restarts") if first.get(k) not in (None, "None", "0", "0:0")]
+                extra = [f"{k}={first[k]}" for k in ("Reason", "ExitCode", "Restarts")
+                         if first.get(k) not in (None, "None", "0", "0:0")]
                 if extra:
                     text += f" ({' '.join(extra)})"
             kind = "array " if job["array"] else ""
@@ -234,4 +234,4 @@ def _manifest_status(argv: Sequence[str]) -> int:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["manifest-status"]:
         sys.exit(_manifest_status(sys.argv[2:]))
-    sys.exit(f"usage: python -m pipeline.slurm manifest-status STAGE [--config X] [key=value ...]")
+    sys.exit("usage: python -m pipeline.slurm manifest-status STAGE [--config X] [key=value ...]")
