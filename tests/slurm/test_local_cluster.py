@@ -131,10 +131,11 @@ def _wait(job_ids, deadline_s, run_dir=None, until=TERMINAL) -> dict[str, list[d
         time.sleep(0.5)
 
 
-def _job_logs(run_dir) -> str:
+def _job_logs(run_dir, tail: int | None = None) -> str:
+    """The jobs' logs under run_dir, whole (for assertions) or each file's last `tail` characters."""
     if run_dir is None:
         return ""
-    return "\n".join(f"== {p}\n{p.read_text()[-3000:]}" for p in sorted(Path(run_dir).glob("**/slurm/*.out")))
+    return "\n".join(f"== {p}\n{p.read_text()[-tail if tail else 0:]}" for p in sorted(Path(run_dir).glob("**/slurm/*.out")))
 
 
 def _submit(cluster, cwd, runs, options=(), overrides=()) -> dict[str, list[str]]:
