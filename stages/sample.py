@@ -207,6 +207,7 @@ def _save_grid(path: Path, images: np.ndarray, nrow: int) -> None:
 def _write_shards(directory: Path, images: np.ndarray, labels: np.ndarray) -> None:
     from PIL import Image
 
+    directory.mkdir(parents=True, exist_ok=True)
     with ShardWriter(directory, "samples", max_count=1000, max_bytes=1 << 30) as writer:
         for i, (image, label) in enumerate(zip(images, labels)):
             buffer = io.BytesIO()

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from pipeline import manifest
+from pipeline.data.stream import sequential_batches
 from stages import diffusion, sample
 
 from tests.stages.test_diffusion_stage import ARGS, _cfg, _encoded
@@ -115,10 +116,18 @@ def test_snapping_decodes_codebook_vectors_and_changes_the_images(trained, tmp_p
     assert not np.array_equal(_samples(root)[0], snapped_images)
 
 
-def test_inpainting_keeps_the_known_half(trained, tmp_path):
+def test_inpainting_grid_and_sample_shards(trained, tmp_path):
     root = _copy(trained, tmp_path)
-    sample.run(_cfg(root, *SAMPLE_ARGS, "sample.inpaint=true", "sample.inpaint_count=4"))
-    assert (root / "tiny" / "sample" / sample.INPAINT_FILE).is_file()
+    sample.run(_cfg(root, *SAMPLE_ARGS, "sample.inpaint=true", "sample.inpaint_count=4", "sample.write_shards=true"))
+    out = root / "tiny" / "sample"
+    assert (out / sample.INPAINT_FILE).is_file()
+    shards = sorted((out / "shards").glob("samples-*.tar"))
+    decoded = [b for s in shards for b in sequential_batches(str(s), 100)]
+    images, labels = _samples(root)
+    assert sum(len(b["key"]) for b in decoded) == 11
+    assert torch.cat([b["label"] for b in decoded]).tolist() == labels.tolist()
+    assert torch.equal(torch.cat([b["image"] for b in decoded]),
+                       torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1)
 
 
 def test_labels_modes():
