@@ -79,18 +79,22 @@ def _features(inception, images: np.ndarray | torch.Tensor, batch_size: int) -> 
 
 def _real_reference(cfg: config.Config, inception, prepared: dict, split: str, cache: Path,
                     count: int | None = None) -> Reference:
-    """Cached features of the first ``count`` (None: all) real images of a split."""
+    """Cached features of ``count`` (None: all) real images of a split, spread evenly over it
+    (image floor(i * total / count)): shards written in source order can hold one class each,
+    so the first ``count`` would not be a fair sample."""
     pattern = str(cfg.stage_dir("prepare") / f"{split}-*.tar")
-    source = _shards(prepared, split) if count is None else {**_shards(prepared, split), "count": count}
+    total = prepared["splits"][split]["count"]
+    count = total if count is None else min(count, total)
+    wanted = {i * total // count for i in range(count)}
+    source = {**_shards(prepared, split), "count": count, "selection": "evenly spread"}
 
     def batches():
-        taken = 0
+        seen = 0
         for batch in sequential_batches(pattern, cfg.evaluate.batch_size):
-            images = batch["image"] if count is None else batch["image"][: count - taken]
-            taken += len(images)
-            yield images
-            if count is not None and taken >= count:
-                return
+            keep = [j for j in range(len(batch["image"])) if seen + j in wanted]
+            seen += len(batch["image"])
+            if keep:
+                yield batch["image"][keep]
 
     return reference_features(cache, source, inception, batches)
 

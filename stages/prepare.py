@@ -118,7 +118,10 @@ def run(cfg: config.Config) -> Path:
     with manifest.stage_run(cfg, NAME, SECTIONS, INPUTS) as record:
         directory = record.directory
         source = sources.open_source(data)
-        by_split = {s: [i for i in source.items if split_of(i.key, data.val_fraction) == s] for s in SPLITS}
+        # Shards in a fixed pseudo-random order (by key hash): sources often list images class by
+        # class, and a streaming shuffle buffer cannot mix shards that each hold one or two classes.
+        ordered = sorted(source.items, key=lambda item: uniform_fraction("shard-order", item.key))
+        by_split = {s: [i for i in ordered if split_of(i.key, data.val_fraction) == s] for s in SPLITS}
         progress = _load_progress(directory, config.section_hash(cfg, SECTIONS))
         pool = multiprocessing.get_context("fork").Pool(data.workers) if data.workers > 1 else None
         try:

@@ -169,3 +169,14 @@ def test_list_source_reads_paths_and_urls_and_skips_unreachable_ones(tmp_path):
     assert skipped["source"].endswith("/missing.png") and "cannot fetch" in skipped["error"]
     sources = {json.loads(s["json"])["source"] for split in ("train", "val") for s in _samples(cfg.stage_dir("prepare"), split)}
     assert f"http://127.0.0.1:{port}/remote.png" in sources and str(images / "local2.png") in sources
+
+
+def test_shards_are_not_in_source_order(tmp_path):
+    # scikit-learn's digits, like many folders, come class after class; the shards must mix them
+    # so that a streaming shuffle buffer sees every class
+    cfg = config.load(overrides=[f"experiment.runs_dir={tmp_path}", "data.source=digits", "data.resolution=8",
+                                 "data.shard_max_count=100", "data.workers=0"])
+    prepare.run(cfg)
+    first = sorted(cfg.stage_dir("prepare").glob("train-*.tar"))[0]
+    labels = [int(sample["cls"]) for sample in read_shard(str(first), 5)]
+    assert len(labels) == 100 and len(set(labels)) == 10
