@@ -1,6 +1,6 @@
 """The ``latentpipe`` command.
 
-    latentpipe run [--config X] [--force STAGE] [key=value ...]   every stage, in order
+    latentpipe run [--config X] [--force STAGE] [--until STAGE] [key=value ...]   stages in order
     latentpipe <stage> [--config X] [key=value ...]               one stage
     latentpipe config show [--config X] [--docs] [key=value ...]  the resolved config
     latentpipe data inspect PATH|PATTERN|URL [--sheet out.png]    what is in a shard set
@@ -43,6 +43,7 @@ def _build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run every stage in order, skipping up-to-date ones")
     run.add_argument("--force", action="append", default=[], choices=list(stages.BY_NAME), metavar="STAGE",
                      help="rerun STAGE even if its output is up to date (repeatable)")
+    run.add_argument("--until", choices=list(stages.BY_NAME), metavar="STAGE", help="stop after STAGE")
     _add_config_args(run)
 
     for stage in stages.PIPELINE:
@@ -73,14 +74,17 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_pipeline(cfg: config.Config, force: Sequence[str] = ()) -> dict[str, float | None]:
-    """Every stage in order; a stage whose output is complete, from the same config section and
-    the same inputs, is skipped unless forced. Returns each stage's wall time (None: skipped)."""
+def run_pipeline(cfg: config.Config, force: Sequence[str] = (), until: str | None = None) -> dict[str, float | None]:
+    """Every stage in order (up to and including ``until``); a stage whose output is complete,
+    from the same config section and the same inputs, is skipped unless forced. Returns each
+    stage's wall time (None: skipped)."""
     import stages
 
+    names = [stage.NAME for stage in stages.PIPELINE]
+    selected = stages.PIPELINE[: names.index(until) + 1] if until else stages.PIPELINE
     times: dict[str, float | None] = {}
-    for number, stage in enumerate(stages.PIPELINE, 1):
-        header = f"[{number}/{len(stages.PIPELINE)}] {stage.NAME}"
+    for number, stage in enumerate(selected, 1):
+        header = f"[{number}/{len(selected)}] {stage.NAME}"
         fresh, reason = manifest.up_to_date(cfg, stage.NAME, stage.SECTIONS, stage.INPUTS)
         if fresh and stage.NAME not in force:
             log.info("%s: up to date, skipped (--force %s reruns it)", header, stage.NAME)
@@ -151,7 +155,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         else:
             print(config.to_yaml(cfg), end="")
     elif args.command == "run":
-        print(summary(cfg, run_pipeline(cfg, args.force)))
+        print(summary(cfg, run_pipeline(cfg, args.force, args.until)))
     else:
         stages.BY_NAME[args.command].run(cfg)
     return 0

@@ -38,27 +38,27 @@ def test_run_skips_complete_stages_and_reruns_after_a_config_change(tmp_path, ca
             "autoencoder.lpips=none", "autoencoder.channels=8", "autoencoder.max_steps=2",
             "autoencoder.batch_size=4", "autoencoder.num_workers=0", "autoencoder.num_codes=16"]
     prepared, trained = tmp_path / "tiny" / "prepare", tmp_path / "tiny" / "autoencoder"
-    assert main(["run", *args]) == 0
+    assert main(["run", "--until", "autoencoder", *args]) == 0
     first = {d: manifest.manifest_hash(d) for d in (prepared, trained)}
 
     caplog.clear()
-    assert main(["run", *args]) == 0
+    assert main(["run", "--until", "autoencoder", *args]) == 0
     assert "prepare: up to date, skipped" in caplog.text and "autoencoder: up to date, skipped" in caplog.text
     assert {d: manifest.manifest_hash(d) for d in (prepared, trained)} == first
 
     caplog.clear()  # an autoencoder-only change reruns the autoencoder alone
-    assert main(["run", *args, "autoencoder.max_steps=3"]) == 0
+    assert main(["run", "--until", "autoencoder", *args, "autoencoder.max_steps=3"]) == 0
     assert "prepare: up to date, skipped" in caplog.text
     assert manifest.read(trained)["metrics"]["steps"] == 3
 
     changed = manifest.manifest_hash(trained)  # a data change reruns prepare and everything after it
-    assert main(["run", *args, "autoencoder.max_steps=3", "data.resolution=12"]) == 0
+    assert main(["run", "--until", "autoencoder", *args, "autoencoder.max_steps=3", "data.resolution=12"]) == 0
     assert manifest.manifest_hash(prepared) != first[prepared]
     assert manifest.manifest_hash(trained) != changed
     assert manifest.read(trained)["image"]["resolution"] == 12
 
     rerun = manifest.manifest_hash(prepared)
-    assert main(["run", "--force", "prepare", *args, "autoencoder.max_steps=3", "data.resolution=12"]) == 0
+    assert main(["run", "--until", "autoencoder", "--force", "prepare", *args, "autoencoder.max_steps=3", "data.resolution=12"]) == 0
     assert manifest.manifest_hash(prepared) != rerun
 
 
