@@ -99,6 +99,7 @@ def run_pipeline(cfg: config.Config, force: Sequence[str] = (), until: str | Non
 
 
 def _duration(seconds: float) -> str:
+    seconds = round(seconds, 1)  # 419.96 s is 7m00.0s, not 6m60.0s
     return f"{int(seconds // 60)}m{seconds % 60:04.1f}s" if seconds >= 60 else f"{seconds:.1f}s"
 
 
