@@ -17,13 +17,14 @@ import importlib.util
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.support import free_port
 
 WORKER = Path(__file__).with_name("train_worker.py")
 REPO = Path(__file__).resolve().parents[2]
@@ -36,16 +37,11 @@ needs_deepspeed = pytest.mark.skipif(
            "LATENTPIPE_REQUIRE_DEEPSPEED=1 to fail instead)")
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:  # torchrun's static rendezvous needs a concrete port
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
 
 def _train(out: Path, *args, processes: int = 2, batch: int = BATCH) -> dict:
     launcher = [sys.executable] if processes == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-        "--master_port", str(_free_port())]
+        "--master_port", str(free_port())]
     result = subprocess.run([*launcher, str(WORKER), "--batch", str(batch), "--steps", str(STEPS), "--out", str(out),
                              *map(str, args)],
                             capture_output=True, text=True, timeout=300, cwd=REPO,
@@ -124,7 +120,7 @@ def test_runtimes_of_both_kinds_one_after_another(tmp_path, processes):
     """One `latentpipe run` process makes a Runtime per stage: DDP, DeepSpeed, DDP again."""
     launcher = [sys.executable] if processes == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-        "--master_port", str(_free_port())]
+        "--master_port", str(free_port())]
     result = subprocess.run([*launcher, str(WORKER.with_name("sequence_worker.py")), str(_deepspeed_config(tmp_path, 2))],
                             capture_output=True, text=True, timeout=300, cwd=REPO,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})

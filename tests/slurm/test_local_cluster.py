@@ -22,6 +22,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from pipeline import slurm
+
 REPO = Path(__file__).resolve().parents[2]
 TOOL = REPO / "tools" / "local_slurm"
 BASE = Path(os.environ.get("LOCAL_SLURM_BASE", "/tmp/latentpipe-slurm"))
@@ -104,24 +106,11 @@ def _run(argv, cluster, cwd, timeout=120):
     return done.stdout
 
 
-def _jobs(job_id) -> list[dict]:
-    done = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True, text=True, timeout=30)
-    found = []
-    for line in done.stdout.splitlines():
-        fields = {}
-        for token in line.split():
-            key, sep, value = token.partition("=")
-            if sep and key not in fields:
-                fields[key] = value
-        found.append(fields)
-    return found
-
-
 def _wait(job_ids, deadline_s, run_dir=None, until=TERMINAL) -> dict[str, list[dict]]:
     """Poll until every job (every array task) is in a state of `until`; fail with the logs at the deadline."""
     end = time.monotonic() + deadline_s
     while True:
-        states = {j: _jobs(j) for j in job_ids}
+        states = {j: slurm.job_states(j) for j in job_ids}
         if all(tasks and all(t.get("JobState") in until for t in tasks) for tasks in states.values()):
             return states
         if time.monotonic() > end:
@@ -223,12 +212,12 @@ def _preempt(cluster, job, checkpoints: Path, log_dir: Path) -> dict:
     end = time.monotonic() + 180
     while not (checkpoints.is_dir() and any(checkpoints.glob("step-*/complete.json"))):
         assert time.monotonic() < end, f"no checkpoint after 180 s\n{_job_logs(log_dir)}"
-        assert _jobs(job)[0]["JobState"] in ("PENDING", "RUNNING"), f"{_jobs(job)}\n{_job_logs(log_dir)}"
+        assert slurm.job_states(job)[0]["JobState"] in ("PENDING", "RUNNING"), f"{slurm.job_states(job)}\n{_job_logs(log_dir)}"
         time.sleep(0.1)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, timeout=30, env=_env(cluster))
     end, held_since = time.monotonic() + 240, None
     while True:
-        (state,) = _jobs(job)
+        (state,) = slurm.job_states(job)
         if state["JobState"] in TERMINAL and (int(state.get("Restarts", "0")) >= 1 or state["JobState"] != "COMPLETED"):
             return state
         if state["JobState"] == "PENDING" and state.get("Reason") == "BeginTime":
@@ -311,7 +300,7 @@ def test_scancel_is_not_undone_by_a_requeue(chain, cluster, tmp_path):
     subprocess.run(["scancel", job], check=True, timeout=30, env=_env(cluster))
     (state,) = _wait([job], 120, tmp_path)[job]
     time.sleep(3)  # a requeue would show up as PENDING with a restart by now
-    (state,) = _jobs(job)
+    (state,) = slurm.job_states(job)
     log = _job_logs(tmp_path)
     assert state["JobState"] == "CANCELLED" and state["Restarts"] == "0", f"{state}\n{log}"
     assert "not requeued" in log, log

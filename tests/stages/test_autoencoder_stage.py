@@ -7,8 +7,9 @@ from safetensors.torch import load_file
 from pipeline import config, manifest
 from pipeline.autoencoder.build import build_autoencoder
 from pipeline.errors import LatentpipeError, StageInterrupted
-from pipeline.runtime import preemption
 from stages import autoencoder, prepare
+
+from tests.support import signal_before_step
 
 TINY = ["data.source=digits", "data.limit=300", "data.resolution=16", "data.workers=0",
         "autoencoder.channels=8", "autoencoder.channel_mult=[1,2,2]", "autoencoder.num_codes=32",
@@ -60,13 +61,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(prepared, tmp_path, lpips_
     expected = load_file(reference.stage_dir("autoencoder") / autoencoder.WEIGHTS_FILE)
 
     cfg = _cfg(_fresh_copy(prepared, tmp_path / "b"), "autoencoder.max_steps=8")
-    calls = {"n": 0}
-
-    def signal_at_step_5(self):
-        calls["n"] += 1
-        return "SIGUSR1" if calls["n"] == 6 else None  # checked before steps 0..5
-
-    monkeypatch.setattr(preemption.StopSignal, "reason", signal_at_step_5)
+    signal_before_step(monkeypatch, 5)
     with pytest.raises(StageInterrupted, match="step 5"):
         autoencoder.run(cfg)
     assert manifest.read(cfg.stage_dir("autoencoder"))["status"] == "interrupted"

@@ -3,7 +3,6 @@ checkpoints its loader, and a resumed 2-rank run equals an uninterrupted one."""
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -14,21 +13,18 @@ from safetensors.torch import load_file
 from pipeline import config, manifest
 from stages import autoencoder, prepare
 
+from tests.support import free_port
+
 ARGS = ["data.source=digits", "data.limit=400", "data.resolution=16", "data.shard_max_count=60", "data.workers=0",
         "autoencoder.channels=8", "autoencoder.num_codes=32", "autoencoder.batch_size=6", "autoencoder.num_workers=0",
         "autoencoder.checkpoint_every=4", "autoencoder.dead_code_steps=2", "autoencoder.lpips=none"]
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:  # torchrun's static rendezvous needs a concrete port
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
 
 def _torchrun(root, *extra):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
          "-m", "pipeline.cli", "-q", "autoencoder", f"experiment.runs_dir={root}", *ARGS, *extra],
         capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0, result.stderr[-3000:]

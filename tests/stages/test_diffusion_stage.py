@@ -4,7 +4,6 @@ refuses foreign latents; the trained model loads for sampling."""
 import io
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tarfile
@@ -16,8 +15,10 @@ from safetensors.torch import load_file
 
 from pipeline import config, manifest
 from pipeline.errors import LatentpipeError, StageInterrupted
-from pipeline.runtime import checkpoint, preemption
+from pipeline.runtime import checkpoint
 from stages import autoencoder, diffusion, encode, prepare
+
+from tests.support import free_port, signal_before_step
 
 ARGS = ["data.source=digits", "data.limit=300", "data.resolution=16", "data.shard_max_count=40", "data.workers=0",
         "autoencoder.channels=8", "autoencoder.num_codes=32", "autoencoder.batch_size=8", "autoencoder.num_workers=0",
@@ -74,13 +75,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(encoded, tmp_path, monkeyp
     expected = load_file(diffusion.run(reference) / diffusion.WEIGHTS_FILE)
 
     cfg = _cfg(_copy(encoded, tmp_path / "b"))
-    calls = {"n": 0}
-
-    def signal_at_step_5(self):
-        calls["n"] += 1
-        return "SIGUSR1" if calls["n"] == 6 else None  # checked before steps 0..5
-
-    monkeypatch.setattr(preemption.StopSignal, "reason", signal_at_step_5)
+    signal_before_step(monkeypatch, 5)
     with pytest.raises(StageInterrupted, match="step 5"):
         diffusion.run(cfg)
     assert manifest.read(cfg.stage_dir("diffusion"))["status"] == "interrupted"
@@ -116,13 +111,7 @@ def test_too_many_non_finite_steps_stop_with_a_clear_error(encoded, tmp_path, mo
 
 def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one(encoded, tmp_path, monkeypatch, caplog):
     cfg = _cfg(_copy(encoded, tmp_path), "diffusion.checkpoint_every=2")
-    calls = {"n": 0}
-
-    def signal_at_step_5(self):
-        calls["n"] += 1
-        return "SIGUSR1" if calls["n"] == 6 else None
-
-    monkeypatch.setattr(preemption.StopSignal, "reason", signal_at_step_5)
+    signal_before_step(monkeypatch, 5)
     with pytest.raises(StageInterrupted):
         diffusion.run(cfg)
     monkeypatch.undo()
@@ -155,11 +144,6 @@ def test_load_trained_refuses_another_diffusion_config(encoded, tmp_path):
         diffusion.load_trained(_cfg(root, "diffusion.prediction=eps"), "cpu")
 
 
-def _free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
 
 def _poison_one_sample(shard):
     """Rewrite a KL latent shard with NaN in the first sample's posterior mean (bad data)."""
@@ -183,7 +167,7 @@ def test_two_ranks_skip_a_nan_batch_together_and_finish(tmp_path):
     root = _encoded(tmp_path, *kl)
     _poison_one_sample(sorted((root / "tiny" / "encode" / encode.LATENT_DIR).glob("train-*.tar"))[0])
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
          "-m", "pipeline.cli", "-q", "diffusion", f"experiment.runs_dir={root}", *ARGS, *kl],
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]

@@ -3,7 +3,6 @@ array tasks; chunks resume; snapping and inpainting produce what they say."""
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -16,6 +15,7 @@ from pipeline.data.stream import sequential_batches
 from stages import diffusion, sample
 
 from tests.stages.test_diffusion_stage import ARGS, _cfg, _encoded
+from tests.support import free_port
 
 SAMPLE_ARGS = ("sample.num_samples=11", "sample.chunk_size=4", "sample.batch_size=4", "sample.steps=6",
                "sample.method=ddpm", "sample.grid=process", "sample.grid_rows=3")
@@ -39,11 +39,6 @@ def _samples(root):
         return data["images"], data["labels"]
 
 
-def _free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
 
 def test_one_rank_equals_two_ranks_equals_another_batch_size(trained, tmp_path):
     one = _copy(trained, tmp_path / "one")
@@ -61,7 +56,7 @@ def test_one_rank_equals_two_ranks_equals_another_batch_size(trained, tmp_path):
 
     two = _copy(trained, tmp_path / "two")
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
          "-m", "pipeline.cli", "-q", "sample", f"experiment.runs_dir={two}", *ARGS, *SAMPLE_ARGS],
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
