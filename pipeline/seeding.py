@@ -31,3 +31,34 @@ def python_rng(*parts: int | str) -> random.Random:
 def uniform_fraction(*parts: int | str) -> float:
     """A number in [0, 1) fixed by ``parts``: for splits that must not depend on order."""
     return derive_seed(*parts) / 2**63
+
+
+def _drawn_then_moved(draw, shape, generator, device, dtype, **kwargs) -> torch.Tensor:
+    # A generator only draws onto its own device (CUDA refuses a CPU generator): draw there,
+    # then move. The numbers then depend on (seed, shape) alone, not on where they are used.
+    home = generator.device if generator is not None else device
+    return draw(*shape, generator=generator, device=home, dtype=dtype, **kwargs).to(device, non_blocking=True)
+
+
+def randn(shape, generator: torch.Generator | None, *, device: str | torch.device = "cpu",
+          dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Standard normal draws of ``shape`` from ``generator``, returned on ``device``."""
+    return _drawn_then_moved(torch.randn, tuple(shape), generator, device, dtype)
+
+
+def rand(shape, generator: torch.Generator | None, *, device: str | torch.device = "cpu",
+         dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Uniform [0, 1) draws of ``shape`` from ``generator``, returned on ``device``."""
+    return _drawn_then_moved(torch.rand, tuple(shape), generator, device, dtype)
+
+
+def randint(high: int, shape, generator: torch.Generator | None, *, device: str | torch.device = "cpu") -> torch.Tensor:
+    """Integers in [0, high) of ``shape`` from ``generator``, returned on ``device``."""
+    home = generator.device if generator is not None else device
+    return torch.randint(high, tuple(shape), generator=generator, device=home).to(device, non_blocking=True)
+
+
+def randperm(n: int, generator: torch.Generator | None, *, device: str | torch.device = "cpu") -> torch.Tensor:
+    """A random permutation of range(n) from ``generator``, returned on ``device``."""
+    home = generator.device if generator is not None else device
+    return torch.randperm(n, generator=generator, device=home).to(device, non_blocking=True)
