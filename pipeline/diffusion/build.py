@@ -51,9 +51,8 @@ def sampling_sigmas(process, grid: str, steps: int) -> Tensor:
 
 def build_network(cfg, channels: int, resolution: int, num_classes: int) -> nn.Module:
     """The configured backbone for (channels, resolution, resolution) latents."""
-    options = getattr(cfg, cfg.backbone)
-    options = dataclasses.replace(options, input_size=resolution, in_channels=channels, num_classes=num_classes)
-    return build_denoiser(cfg.backbone, **dataclasses.asdict(options))
+    network = cfg.network_config(channels=channels, resolution=resolution, num_classes=num_classes)
+    return build_denoiser(cfg.backbone, **dataclasses.asdict(network))
 
 
 def drop_labels(labels: Tensor, probability: float, null_class: int, generator: torch.Generator) -> Tensor:
