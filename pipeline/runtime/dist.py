@@ -31,10 +31,15 @@ from typing import Any
 import torch
 import torch.distributed as torch_dist
 
+from pipeline.errors import LatentpipeError
 from pipeline.runtime import zero
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 _ACCELERATE_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
+
+class MissingDeepSpeedConfig(LatentpipeError, FileNotFoundError):
+    """The DeepSpeed JSON is checked here, where it is read, not while the config loads."""
 
 
 class Runtime:
@@ -264,7 +269,7 @@ def _deepspeed_config(path: str | Path, grad_clip: float, batch_size: int | None
     """The JSON config with our "auto" keys filled in; explicit values are kept."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"DeepSpeed config {path} does not exist: use one of configs/deepspeed/*.json")
+        raise MissingDeepSpeedConfig(f"DeepSpeed config {path} does not exist: use one of configs/deepspeed/*.json")
     config = json.loads(path.read_text())
     if config.get("zero_optimization", {}).get("stage") not in (1, 2, 3):
         raise ValueError(f"{path}: zero_optimization.stage must be 1, 2 or 3 (plain DDP needs no DeepSpeed config)")
