@@ -19,15 +19,15 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import functools
 import hashlib
 import inspect
 import json
 import types
 import typing
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Collection, Literal, Mapping, Optional, Sequence
+from typing import Any, ClassVar, Literal
 
 import yaml
 
@@ -72,7 +72,7 @@ def option(
     (fewest, most) values of a list. On a list the value constraints hold for each element; on
     an optional field they hold when it is not None.
     """
-    declared = dict(min=min, max=max, above=above, below=below, choices=choices, length=length)
+    declared = {"min": min, "max": max, "above": above, "below": below, "choices": choices, "length": length}
     constraints = {kind: bound for kind, bound in declared.items() if bound is not None}
     return field(default=default, metadata={"doc": doc, "constraints": constraints})
 
@@ -136,7 +136,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp`` and return it in canonical form."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, tp):
             _fail(key, f"expected a {tp.__name__} (a mapping of its fields in YAML), got {value!r}")
         return value
@@ -191,18 +191,13 @@ def describe_constraints(constraints: Mapping[str, Any]) -> str:
     return "; ".join(parts)
 
 
-@functools.cache
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
 class Section:
     """Base of every config section: constructing one checks it (:meth:`__post_init__`)."""
 
     def __post_init__(self) -> None:
         """Each field's type (values are stored in canonical form: lists as tuples, ints given
         for floats as floats) and declared constraints, then :meth:`check`."""
-        types_ = _field_types(type(self))
+        types_ = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
             value = _coerce(getattr(self, f.name), types_[f.name], f.name)
             _check_constraints(value, f.metadata.get("constraints", {}), f.name)
@@ -218,7 +213,7 @@ class ExperimentConfig(Section):
     name: str = option("tiny", "Experiment name; stages write to <runs_dir>/<name>/<stage>/.")
     runs_dir: str = option("runs", "Root directory of all experiments' run directories.")
     seed: int = option(0, "Master seed; every other seed is derived from it.")
-    wandb_project: Optional[str] = option(
+    wandb_project: str | None = option(
         None, "Also log training metrics and sample grids to this Weights & Biases project (extra 'wandb').")
 
     def check(self) -> None:
@@ -236,11 +231,11 @@ class DataConfig(Section):
         "'digits' (1,797 8x8 digits from scikit-learn), an image 'folder', or a 'list' file "
         "of image paths/URLs, one per line.",
     )
-    path: Optional[str] = option(None, "Folder or list file for source=folder|list.")
+    path: str | None = option(None, "Folder or list file for source=folder|list.")
     labels_from_subfolders: bool = option(
         False, "source=folder: class labels from first-level sub-folder names (ImageFolder)."
     )
-    limit: Optional[int] = option(None, "Use at most this many source images (None: all).", min=1)
+    limit: int | None = option(None, "Use at most this many source images (None: all).", min=1)
     resolution: int = option(32, "Side of the square output images in pixels.", min=1, max=8192)
     resize: Literal["center_crop", "pad", "stretch"] = option(
         "center_crop",
@@ -295,7 +290,7 @@ class AutoencoderConfig(Section):
     kmeans_init: bool = option(True, "VQ: initialise codes by k-means on the first batch's encoder outputs.")
     dead_code_steps: int = option(50, "VQ: restart codes unused for this many steps (0: never).", min=0)
     cosine_codes: bool = option(False, "VQ: l2-normalised (cosine) codes.")
-    lookup_dim: Optional[int] = option(
+    lookup_dim: int | None = option(
         None, "VQ: lower-dimensional lookup projection, smaller than latent_channels (None: off).", min=1)
     kl_weight: float = option(1e-6, "KL: weight of KL(q(z|x) || N(0, I)) in the loss.", min=0)
     reconstruction_loss: Literal["l2", "l1"] = option("l2", "Pixel reconstruction term.")
@@ -309,7 +304,7 @@ class AutoencoderConfig(Section):
     weight_decay: float = option(0.0, "AdamW weight decay.", min=0)
     grad_clip: float = option(1.0, "Gradient norm clip (0: off).", min=0)
     max_steps: int = option(1500, "Training steps in total.", min=1)
-    time_budget_minutes: Optional[float] = option(
+    time_budget_minutes: float | None = option(
         None, "Stop (checkpoint, exit code 75) after this long in one job; rerunning resumes.", above=0)
     mixed_precision: Literal["fp32", "bf16", "fp16"] = option("fp32", "Autocast precision (fp16 adds a grad scaler).")
     max_nonfinite_steps: int = option(10, "Stop with an error after this many non-finite losses in a row.", min=1)
@@ -433,10 +428,10 @@ class DiffusionConfig(Section):
     lr_schedule: Literal["constant", "cosine", "linear"] = option("cosine", "Learning rate after the warm-up.")
     grad_clip: float = option(1.0, "Gradient norm clip (0: off).", min=0)
     max_steps: int = option(1500, "Optimiser steps in total.", min=1)
-    time_budget_minutes: Optional[float] = option(
+    time_budget_minutes: float | None = option(
         None, "Stop (checkpoint, exit code 75) after this long in one job; rerunning resumes.", above=0)
     mixed_precision: Literal["fp32", "bf16", "fp16"] = option("fp32", "Autocast precision (fp16 adds a grad scaler).")
-    deepspeed: Optional[str] = option(
+    deepspeed: str | None = option(
         None, "DeepSpeed JSON config (e.g. configs/deepspeed/zero2.json), read when training starts; None: DDP.")
     ema_decay: float = option(
         0.999, "Decay of the exponential moving average of the weights (used for sampling).", min=0, below=1)
@@ -455,7 +450,7 @@ class DiffusionConfig(Section):
     image_every: int = option(1000, "Steps between decoded sample grids (EMA weights).", min=1)
     checkpoint_every: int = option(500, "Steps between checkpoints.", min=1)
     keep_checkpoints: int = option(2, "Newest checkpoints kept.", min=1)
-    peak_tflops: Optional[float] = option(
+    peak_tflops: float | None = option(
         None, "Peak TFLOP/s of one device for the MFU readout (e.g. 989 for an H100's dense bf16); None: no MFU.",
         above=0)
 
@@ -573,8 +568,9 @@ def _build(cls: type, values: Mapping[str, Any], prefix: str = "") -> Any:
     kwargs = {}
     for key, value in values.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
-        if key in getattr(cls, "derived", {}):
-            _fail(dotted, f"is derived from {cls.derived[key]} (not set here); remove it")
+        derived: Mapping[str, str] = getattr(cls, "derived", {})
+        if key in derived:
+            _fail(dotted, f"is derived from {derived[key]} (not set here); remove it")
         if key not in fields:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f"; did you mean {(prefix + '.' if prefix else '') + close[0]!r}?" if close else ""
