@@ -87,17 +87,18 @@ def _choice_error(value: Any, choices: Collection[Any], key: str) -> typing.NoRe
     _fail(key, f"{value!r} is not one of {sorted(choices, key=str)}{hint}")
 
 
+_BOUND_WORDS = {"min": "at least", "max": "at most", "above": "greater than", "below": "less than"}
+
+
 def _range(constraints: Mapping[str, Any]) -> str:
     """The bounds as words or an interval: 'at least 1', 'in [0, 1)'; '' without bounds."""
-    low = ("[", constraints["min"]) if "min" in constraints else ("(", constraints["above"]) if "above" in constraints else None
-    high = (constraints["max"], "]") if "max" in constraints else (constraints["below"], ")") if "below" in constraints else None
-    if low and high:
-        return f"in {low[0]}{low[1]}, {high[0]}{high[1]}"
-    if low:
-        return f"at least {low[1]}" if low[0] == "[" else f"greater than {low[1]}"
-    if high:
-        return f"at most {high[0]}" if high[1] == "]" else f"less than {high[0]}"
-    return ""
+    lower = "min" if "min" in constraints else "above" if "above" in constraints else None
+    upper = "max" if "max" in constraints else "below" if "below" in constraints else None
+    if lower and upper:
+        opening, closing = "[" if lower == "min" else "(", "]" if upper == "max" else ")"
+        return f"in {opening}{constraints[lower]}, {constraints[upper]}{closing}"
+    bound = lower or upper
+    return f"{_BOUND_WORDS[bound]} {constraints[bound]}" if bound else ""
 
 
 def _check_value(value: Any, constraints: Mapping[str, Any], key: str) -> None:
