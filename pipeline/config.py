@@ -347,6 +347,16 @@ DERIVED_NETWORK_KEYS = {
 backbone sections leave them out, and setting one is an error that says where it comes from."""
 
 
+def _library_rules(library: type, options: DiTOptions | UNetOptions, fitting_side: int) -> None:
+    """The network library's own rules that hold whatever the latents: its config built from
+    ``options`` and a latent side that every setting of them fits (the latent-dependent rules
+    are checked by :meth:`DiffusionConfig.network_config`, when the latents are known)."""
+    try:
+        library(**dataclasses.asdict(options), input_size=fitting_side, in_channels=1, num_classes=0)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
 @dataclass(frozen=True, kw_only=True)
 class DiTOptions(Section):
     """The user's choices for :class:`pipeline.networks.dit.DiTConfig`: its fields less the
@@ -365,6 +375,9 @@ class DiTOptions(Section):
     gradient_checkpointing: bool = option(False, "Recompute each block's activations in backward instead of storing them.")
 
     derived: ClassVar[Mapping[str, str]] = DERIVED_NETWORK_KEYS
+
+    def check(self) -> None:
+        _library_rules(DiTConfig, self, fitting_side=self.patch_size)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -390,6 +403,12 @@ class UNetOptions(Section):
     channels_last: bool = option(True, "On CUDA, channels-last (NHWC) activations and weights (faster cuDNN kernels).")
 
     derived: ClassVar[Mapping[str, str]] = DERIVED_NETWORK_KEYS
+
+    def check(self) -> None:
+        widths = [self.model_channels * m for m in self.channel_mult]
+        if any(w % self.norm_groups for w in widths):  # every block's GroupNorm would refuse it
+            _fail("norm_groups", f"{self.norm_groups} must divide every level's width {widths}")
+        _library_rules(UNetConfig, self, fitting_side=2 ** (len(self.channel_mult) - 1))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -468,8 +487,12 @@ class DiffusionConfig(Section):
         """The network library's config of the chosen backbone: its options here plus what the
         latents dictate (channels x resolution x resolution, the number of classes)."""
         options = dataclasses.asdict(getattr(self, self.backbone))
-        return denoiser_config(self.backbone, **options, input_size=resolution, in_channels=channels,
-                               num_classes=num_classes)
+        try:
+            return denoiser_config(self.backbone, **options, input_size=resolution, in_channels=channels,
+                                   num_classes=num_classes)
+        except ValueError as err:
+            raise ConfigError(f"{err} (the latents are {channels}x{resolution}x{resolution})",
+                              f"diffusion.{self.backbone}") from None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -536,19 +559,6 @@ class Config(Section):
     diffusion: DiffusionConfig = option(DiffusionConfig(), "The diffusion stage.")
     sample: SampleConfig = option(SampleConfig(), "The sample stage.")
     evaluate: EvaluateConfig = option(EvaluateConfig(), "The evaluate stage.")
-
-    def check(self) -> None:
-        """The chosen backbone must fit the latents the data and autoencoder will make (the
-        number of classes changes no shape, so 0 stands in for it here)."""
-        ae, d = self.autoencoder, self.diffusion
-        if self.data.resolution % ae.factor:
-            return  # no latent grid; the autoencoder stage refuses the data and names both keys
-        side = self.data.resolution // ae.factor
-        try:
-            d.network_config(channels=ae.latent_channels, resolution=side, num_classes=0)
-        except ValueError as err:
-            _fail(f"diffusion.{d.backbone}", f"{err} (the latents are {ae.latent_channels}x{side}x{side}: "
-                  f"data.resolution {self.data.resolution} / autoencoder factor {ae.factor})")
 
     @property
     def run_dir(self) -> Path:

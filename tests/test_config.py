@@ -196,17 +196,27 @@ def test_construction_in_code_checks_types_combinations_and_canonicalises():
     assert data == config.load(overrides=["data.background=[0,0,0]", "data.val_fraction=0"]).data
 
 
-def test_cross_section_check_fits_the_backbone_to_the_latents():
-    """The latents of data.resolution=48 through the f=4 autoencoder are 12x12: patch 8 cannot tile them."""
-    fits = ["diffusion.backbone=dit", "diffusion.dit.patch_size=4", "data.resolution=48"]
-    assert config.load(overrides=fits).diffusion.backbone == "dit"
+@pytest.mark.parametrize("override, key, message", [
+    ("diffusion.dit.num_heads=5", "diffusion.dit", "num_heads 5 does not divide width 192"),
+    ("diffusion.dit.width=190", "diffusion.dit", "num_heads 3 does not divide width 190"),
+    ("diffusion.unet.model_channels=48", "diffusion.unet.norm_groups", "32 must divide every level's width [48, 96]"),
+])
+def test_backbone_combinations_the_network_refuses_are_config_errors(override, key, message):
+    """The library's rules that hold for any latent shape are checked on load, for either backbone."""
+    with pytest.raises(ConfigError) as err:
+        config.load(overrides=[override])
+    assert (err.value.key, err.value.reason) == (key, message)
+
+
+def test_latent_dependent_network_rules_wait_for_the_latents():
+    """data.resolution=12 makes 3x3 latents, which the default U-Net cannot halve: fine for the
+    stages before diffusion; the diffusion stage's network_config names the key and the shape."""
+    cfg = config.load(overrides=["data.resolution=12"])
+    with pytest.raises(ConfigError, match=r"^diffusion\.unet: input_size 3 cannot be halved.*latents are 4x3x3"):
+        cfg.diffusion.network_config(channels=4, resolution=3, num_classes=0)
+    dit = config.load(overrides=["diffusion.backbone=dit", "diffusion.dit.patch_size=8"]).diffusion
     with pytest.raises(ConfigError, match=r"^diffusion\.dit: patch_size 8 does not divide input_size 12"):
-        config.load(overrides=[*fits, "diffusion.dit.patch_size=8"])
-    dit = config.DiTOptions(patch_size=8)
-    with pytest.raises(ConfigError, match="diffusion.dit"):
-        config.Config(data=config.DataConfig(resolution=48), diffusion=config.DiffusionConfig(backbone="dit", dit=dit))
-    # the unselected backbone is not held to the latents
-    assert config.load(overrides=["diffusion.dit.patch_size=8", "data.resolution=48"]).diffusion.backbone == "unet"
+        dit.network_config(channels=4, resolution=12, num_classes=10)
 
 
 @pytest.mark.parametrize("backbone", ["dit", "unet"])
