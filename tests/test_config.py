@@ -38,6 +38,9 @@ def test_tiny_yaml_is_the_embedded_default():
         ("data.background=[0,0,300]", ["data.background", "[0, 255]"]),
         ("data", ["section.key=value"]),
         ("data.resolution.x=1", ["data.resolution"]),
+        ("diffusion.dit=5", ["diffusion.dit", "expected a mapping of DiTOptions fields"]),
+        ("experiment.name=a/b", ["experiment.name", "directory name"]),
+        ("sample.eta=0.5", ["sample.eta", "takes no eta"]),
     ],
 )
 def test_bad_config_names_the_key(override, names):
