@@ -175,14 +175,14 @@ def test_every_constraint_kind_is_declared_somewhere():
 def test_each_declared_constraint_is_enforced_on_load_and_names_the_key(cls, name, key, kind, value):
     with pytest.raises(ConfigError) as err:
         config.load(overrides=[f"{key}={json.dumps(value)}"])
-    assert str(err.value).startswith(key) and MESSAGES[kind] in str(err.value)
+    assert err.value.key in (key, f"{key}[0]") and MESSAGES[kind] in err.value.reason
 
 
 @pytest.mark.parametrize("cls, name, key, kind, value", CASES)
 def test_each_declared_constraint_is_enforced_when_built_in_code(cls, name, key, kind, value):
     with pytest.raises(ConfigError) as err:
         cls(**{name: value})
-    assert err.value.key.startswith(name) and MESSAGES[kind] in err.value.reason
+    assert err.value.key in (name, f"{name}[0]") and MESSAGES[kind] in err.value.reason
 
 
 def test_construction_in_code_checks_types_combinations_and_canonicalises():
