@@ -86,6 +86,9 @@ def diffusers_config(tensors: dict[str, Tensor], prefix: str = "") -> tuple[str,
     if levels == 0:
         raise LatentpipeError(f"the autoencoder checkpoint lacks {prefix}encoder.down.0.block.0.conv1.weight")
     widths = [_shape(tensors, f"encoder.down.{i}.block.0.conv1.weight", prefix)[0] for i in range(levels)]
+    if any(width % LDM_GROUPS for width in widths):
+        raise LatentpipeError(f"widths {widths} of {prefix}encoder.down.*: an LDM autoencoder normalises with "
+                              f"{LDM_GROUPS} groups, which must divide every width")
     layers = len({m[1] for key in tensors if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", key))})
     latent = _shape(tensors, "decoder.conv_in.weight", prefix)[1]
     config: dict[str, Any] = dict(
