@@ -195,14 +195,20 @@ def from_diffusers(config: dict[str, Any], state: dict[str, Tensor], target: DiT
     net = DiT(target or found)
     width = net.config.width
     ours: dict[str, Tensor] = {}
-    origin: dict[str, str] = {}
+    origin: dict[str, str] = {}  # our name -> the diffusers key it came from (block 0's for shared ones)
+    used: set[str] = set()
+
+    def take(key: str) -> Tensor:
+        used.add(key)
+        return _need(state, key)
+
     for i in range(net.config.depth):
         b = f"transformer_blocks.{i}."
         for src, dst in _diffusers_block_names(i).items():
             for leaf in ("weight", "bias"):
-                ours[src + leaf], origin[src + leaf] = _need(state, dst + leaf), dst + leaf
+                ours[src + leaf], origin[src + leaf] = take(dst + leaf), dst + leaf
         for leaf in ("weight", "bias"):
-            parts = [_need(state, f"{b}attn1.to_{name}.{leaf}") for name in "qkv"]
+            parts = [take(f"{b}attn1.to_{name}.{leaf}") for name in "qkv"]
             if any(p.shape[0] != width for p in parts):
                 raise LatentpipeError(f"{b}attn1.to_q.{leaf} has shape {tuple(parts[0].shape)}, the DiT needs "
                                       f"{width} rows per projection")
@@ -211,20 +217,20 @@ def from_diffusers(config: dict[str, Any], state: dict[str, Tensor], target: DiT
         embedders = {src + leaf: b + dst + leaf for src, dst in _DIFFUSERS_EMBEDDERS.items() for leaf in ("weight", "bias")}
         embedders[LABEL_TABLE] = b + "norm1.emb.class_embedder.embedding_table.weight"
         for src, dst in embedders.items():
-            value = _need(state, dst)
+            value = take(dst)
             if src in ours and not torch.equal(ours[src], value):
                 raise LatentpipeError(f"{dst} differs from block 0's: latentpipe's DiT shares one time and label "
                                       f"embedder between blocks, so this checkpoint cannot be represented")
-            ours[src], origin[src] = value, dst
+            ours[src] = value
+            origin.setdefault(src, dst)
     for src, dst in _DIFFUSERS_TOP.items():
         for leaf in ("weight", "bias"):
-            ours[src + leaf], origin[src + leaf] = _need(state, dst + leaf), dst + leaf
+            ours[src + leaf], origin[src + leaf] = take(dst + leaf), dst + leaf
     if not net.config.num_classes:
         if ours[LABEL_TABLE].shape[0] != 1 or ours[LABEL_TABLE].any():
             raise LatentpipeError("an unconditional DiT can hold only a single all-zero label row "
                                   f"({origin[LABEL_TABLE]} is not)")
         del ours[LABEL_TABLE]
-    used = set(origin.values()) | {n.replace("to_q/k/v", f"to_{c}") for n in origin.values() for c in "qkv"}
     _load(net, ours, sorted(set(state) - used), rename=lambda name: origin.get(name, name))
     return net
 
