@@ -30,7 +30,6 @@ from torch import Tensor
 from pipeline.errors import LatentpipeError
 from pipeline.interop.files import existing, read_state_dict
 from pipeline.networks.dit import DIT_SIZES, DiT, DiTConfig
-from pipeline.networks.embeddings import sincos_pos_embed_2d
 
 REFERENCE_RENAMES = [  # ours -> facebookresearch/DiT
     (r"^patch_embed\.proj\.", "x_embedder.proj."),
@@ -63,7 +62,7 @@ def to_reference(net: DiT) -> dict[str, Tensor]:
             f"facebookresearch/DiT format computes 'dit' and 1e-6, so it cannot hold it exactly (export it "
             f"to diffusers instead)")
     state = {_reference_name(name): value.detach().clone() for name, value in net.state_dict().items()}
-    state["pos_embed"] = net.pos_embed.detach().clone()
+    state["pos_embed"] = net.get_buffer("pos_embed").detach().clone()
     return state
 
 
@@ -99,10 +98,11 @@ def from_reference(state: dict[str, Tensor], config: DiTConfig) -> DiT:
         # every real label's output; guidance needs a model trained with the null class.
         state = {**state, "y_embedder.embedding_table.weight": torch.cat([table, table.new_zeros(1, table.shape[1])])}
     if "pos_embed" in state:
-        if state["pos_embed"].shape != net.pos_embed.shape:
+        positions = net.get_buffer("pos_embed")
+        if state["pos_embed"].shape != positions.shape:
             raise LatentpipeError(f"pos_embed has shape {tuple(state['pos_embed'].shape)}, the DiT config needs "
-                                  f"{tuple(net.pos_embed.shape)} (input_size {config.input_size}, patch {config.patch_size})")
-        if not torch.allclose(state["pos_embed"].float(), net.pos_embed, atol=1e-5):
+                                  f"{tuple(positions.shape)} (input_size {config.input_size}, patch {config.patch_size})")
+        if not torch.allclose(state["pos_embed"].float(), positions, atol=1e-5):
             raise LatentpipeError("pos_embed is not the fixed 2-D sin-cos table: a learned position "
                                   "embedding cannot be loaded into latentpipe's DiT")
     _load(net, {names[key]: value for key, value in state.items() if key in names},

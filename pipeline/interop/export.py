@@ -24,8 +24,9 @@ import io
 import json
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from safetensors.torch import save as safetensors_bytes
@@ -37,7 +38,7 @@ from pipeline.interop.pretrained import PretrainedKL, diffusers_module
 from pipeline.latents import LatentSpace
 from pipeline.networks.dit import DiT
 
-BETA_SCHEDULES = {"linear": dict(beta_schedule="linear", beta_start=1e-4, beta_end=0.02),
+BETA_SCHEDULES: dict[str, dict[str, Any]] = {"linear": dict(beta_schedule="linear", beta_start=1e-4, beta_end=0.02),
                   "cosine": dict(beta_schedule="squaredcos_cap_v2")}
 """Our DDPM betas (pipeline.diffusion.schedules.DDPM.linear / .cosine) in diffusers' names."""
 PREDICTION_TYPES = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}

@@ -59,7 +59,7 @@ class PretrainedCodebook(nn.Module):
 
     def __init__(self, quantizer: nn.Module):
         super().__init__()
-        self.quantizer = quantizer
+        self.quantizer: Any = quantizer
 
     @property
     def table(self) -> Tensor:
@@ -85,10 +85,10 @@ class PretrainedAutoencoder(nn.Module):
 
     kind: Literal["kl", "vq"]
 
-    def __init__(self, model: nn.Module, *, source: str, weights: dict[str, str],
+    def __init__(self, model: Any, *, source: str, weights: dict[str, str],
                  scaling_factor: float | None, shift_factor: float | None = None):
         super().__init__()
-        self.model = model.eval().requires_grad_(False)
+        self.model: Any = model.eval().requires_grad_(False)
         self.source = source
         """Where it came from: the folder or checkpoint path."""
         self.weights = weights
@@ -155,7 +155,7 @@ class PretrainedVQ(PretrainedAutoencoder):
 
     kind = "vq"
 
-    def __init__(self, model: nn.Module, **kwargs):
+    def __init__(self, model: Any, **kwargs):
         super().__init__(model, **kwargs)
         if model.config.get("lookup_from_codebook"):
             raise LatentpipeError(f"{self.source}: a VQModel with lookup_from_codebook=true decodes indices, "

@@ -9,7 +9,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.errors import LatentpipeError
-from pipeline.interop import checkpoint_config, export_dit_transformer, export_reference_dit, load_dit
+from pipeline.interop import (
+    checkpoint_config,
+    export_dit_transformer,
+    export_reference_dit,
+    load_dit,
+)
 from pipeline.interop.dit_weights import from_diffusers, reference_config, to_reference
 from pipeline.networks import build_denoiser
 from pipeline.networks.dit import DiT, DiTConfig

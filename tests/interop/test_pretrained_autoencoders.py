@@ -11,13 +11,18 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.autoencoder.kl import DiagonalGaussian
 from pipeline.errors import LatentpipeError
-from pipeline.interop import PretrainedKL, PretrainedVQ, ldm, load_pretrained_autoencoder
+from pipeline.interop import (
+    PretrainedKL,
+    PretrainedVQ,
+    ldm,
+    load_pretrained_autoencoder,
+)
 from pipeline.manifest import sha256_file
 
 from .conftest import KL_CONFIG, images, randomise
 
 diffusers = pytest.importorskip("diffusers")
-from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint  # noqa: E402
+from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
 TOL = dict(rtol=0, atol=1e-5)
 
@@ -182,7 +187,7 @@ def test_scaling_factor_is_never_assumed_for_a_folder(kl_folder):
 
 def test_randomised_models_are_not_trivially_equal(kl_folder):
     """The equalities above could fail: another random autoencoder encodes differently."""
-    model, folder = kl_folder
+    _, folder = kl_folder
     other = randomise(diffusers.AutoencoderKL(**KL_CONFIG), seed=9)
     ours = load_pretrained_autoencoder(folder)
     with torch.no_grad():
