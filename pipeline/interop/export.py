@@ -10,12 +10,13 @@
 
 What maps: a DiT with ``time_embedding='diffusers'`` and MLP ratio 4 (diffusers computes its own
 time sinusoid; the 'dit' convention goes to the reference format instead), a pretrained
-``AutoencoderKL``, the discrete DDPM process with linear or cosine betas and eps / v / x0
-prediction, and a latent normalisation by one scale factor (z * scale). What does not, refused
-with the reason: latentpipe's own autoencoders (pipeline.autoencoder.nets: another module layout,
-and no DiTPipeline decodes VQ latents), the continuous VP / sub-VP / VE processes and score
-prediction (DiTPipeline feeds integer DDPM timesteps), per-channel latent normalisation
-(DiTPipeline only divides by scaling_factor). An output folder is written whole or not at all.
+``AutoencoderKL`` and latentpipe's own KL autoencoder when channel_mult[0] == 1
+(pipeline.interop.own_autoencoder), the discrete DDPM process with linear or cosine betas and
+eps / v / x0 prediction, and a latent normalisation by one scale factor (z * scale). What does
+not, refused with the reason: VQ autoencoders (no diffusers pipeline decodes VQ latents of a
+diffusion model), the continuous VP / sub-VP / VE processes and score prediction (DiTPipeline
+feeds integer DDPM timesteps), per-channel latent normalisation (DiTPipeline only divides by
+scaling_factor). An output folder is written whole or not at all.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ from safetensors.torch import save as safetensors_bytes
 
 from pipeline import atomic
 from pipeline.errors import LatentpipeError
+from pipeline.autoencoder.nets import KLAutoencoder
 from pipeline.interop import dit_weights
+from pipeline.interop.own_autoencoder import kl_to_diffusers
 from pipeline.interop.pretrained import PretrainedKL, diffusers_module
 from pipeline.latents import LatentSpace
 from pipeline.networks.dit import DiT
@@ -102,14 +105,23 @@ def diffusers_transformer(net: DiT):
 
 
 def _diffusers_vae(autoencoder, scaling_factor: float | None):
-    if not isinstance(autoencoder, PretrainedKL):
+    """The diffusers AutoencoderKL of a pretrained one or of latentpipe's own KL autoencoder."""
+    AutoencoderKL = diffusers_module().AutoencoderKL
+    if isinstance(autoencoder, KLAutoencoder):
+        if scaling_factor is None:
+            raise LatentpipeError("latentpipe's own autoencoder has no latent scale of its own: pass the one the "
+                                  "encode stage measured (its manifest's latent.scale)")
+        config, state = kl_to_diffusers(autoencoder, scaling_factor)
+    elif isinstance(autoencoder, PretrainedKL):
+        config = {**autoencoder.config, **({} if scaling_factor is None else {"scaling_factor": scaling_factor})}
+        state = autoencoder.model.state_dict()
+    else:
         raise LatentpipeError(
-            f"a {type(autoencoder).__name__} does not export to diffusers: only a pretrained AutoencoderKL "
-            f"(autoencoder.kind=pretrained) maps exactly; latentpipe's own autoencoders "
-            f"(pipeline.autoencoder.nets) have no diffusers equivalent written, and no DiTPipeline decodes VQ")
-    vae = diffusers_module().AutoencoderKL.from_config(
-        {**autoencoder.config, **({} if scaling_factor is None else {"scaling_factor": scaling_factor})})
-    vae.load_state_dict(autoencoder.model.state_dict())
+            f"a {type(autoencoder).__name__} does not export to diffusers: only KL autoencoders map exactly "
+            f"(a pretrained AutoencoderKL, or latentpipe's own KL with channel_mult[0] == 1); no diffusers "
+            f"pipeline decodes the VQ latents of a diffusion model")
+    vae = AutoencoderKL.from_config(config)
+    vae.load_state_dict(state)
     return vae.eval()
 
 
@@ -119,9 +131,10 @@ def export_dit_transformer(net: DiT, out: str | Path) -> Path:
     return _write_folder(Path(out), lambda tmp: model.save_pretrained(tmp, safe_serialization=True))
 
 
-def export_autoencoder_kl(autoencoder, out: str | Path) -> Path:
-    """A KL autoencoder as an AutoencoderKL folder, with its own scaling_factor."""
-    vae = _diffusers_vae(autoencoder, None)
+def export_autoencoder_kl(autoencoder, out: str | Path, scaling_factor: float | None = None) -> Path:
+    """A KL autoencoder as an AutoencoderKL folder. ``scaling_factor``: the latent scale to record
+    (None: a pretrained one's own; latentpipe's own autoencoder needs the measured one)."""
+    vae = _diffusers_vae(autoencoder, scaling_factor)
     return _write_folder(Path(out), lambda tmp: vae.save_pretrained(tmp, safe_serialization=True))
 
 

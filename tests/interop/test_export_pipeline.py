@@ -48,9 +48,20 @@ def _ours(net, process, prediction, noise_seed, labels, steps):
         return sample(denoiser, x_t * (1 + sigmas[0] ** 2).sqrt(), sigmas, method="ddim")  # VE frame x = x_t / alpha
 
 
-@pytest.mark.parametrize("beta_schedule,prediction,learn_sigma", [("linear", "eps", True), ("cosine", "v", False)])
-def test_dit_pipeline_samples_the_latents_of_our_ddim(kl_folder, tmp_path, beta_schedule, prediction, learn_sigma):
-    vae = load_pretrained_autoencoder(kl_folder[1])
+def _own_kl():
+    """latentpipe's own KL autoencoder (pipeline.autoencoder.nets), random."""
+    from pipeline.autoencoder.build import build_autoencoder
+    from pipeline.config import AutoencoderConfig
+
+    cfg = AutoencoderConfig(kind="kl", channels=16, channel_mult=(1, 2), norm_groups=8, latent_channels=C)
+    return randomise(build_autoencoder(cfg, 3), seed=5)
+
+
+@pytest.mark.parametrize("beta_schedule,prediction,learn_sigma,autoencoder", [
+    ("linear", "eps", True, "pretrained"), ("cosine", "v", False, "pretrained"), ("linear", "x0", False, "own")])
+def test_dit_pipeline_samples_the_latents_of_our_ddim(kl_folder, tmp_path, beta_schedule, prediction, learn_sigma,
+                                                      autoencoder):
+    vae = load_pretrained_autoencoder(kl_folder[1]) if autoencoder == "pretrained" else _own_kl()
     net = _dit(learn_sigma).eval()
     labels, steps = [3, 1, 7], 10
     out = export_dit_pipeline(net, vae, _latents(), tmp_path / "pipe", process="ddpm", beta_schedule=beta_schedule,
@@ -60,8 +71,9 @@ def test_dit_pipeline_samples_the_latents_of_our_ddim(kl_folder, tmp_path, beta_
     pipe.set_progress_bar_config(disable=True)
     assert isinstance(pipe.scheduler, diffusers.DDIMScheduler)
     assert pipe.vae.config.scaling_factor == float(torch.tensor(SCALE)) and pipe.labels["c7"] == 7  # the float32 scale latentpipe uses
-    seen = []  # what DiTPipeline hands the decoder: its final latents / scaling_factor
-    pipe.vae.post_quant_conv.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+    seen = []  # what DiTPipeline hands the autoencoder: its final latents / scaling_factor
+    first = pipe.vae.post_quant_conv or pipe.vae.decoder  # the first layer AutoencoderKL.decode applies
+    first.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
     with torch.no_grad():
         images = pipe(labels, guidance_scale=1.0, num_inference_steps=steps, output_type="pt",
                       generator=torch.Generator().manual_seed(11)).images
@@ -103,7 +115,7 @@ def test_autoencoder_kl_export_keeps_its_scale(kl_folder, tmp_path):
     (dict(latents=LatentSpace("kl", "channel", torch.zeros(C), torch.tensor([1.0, 2.0, 1.0, 1.0]), None)),
      "normalised per channel; DiTPipeline only divides by one scaling_factor"),
     (dict(net="reference-time"), "cannot hold it exactly. Export it with format 'dit'"),
-    (dict(autoencoder="own"), "a KLAutoencoder does not export to diffusers"),
+    (dict(autoencoder="own-vq"), "a VQAutoencoder does not export to diffusers"),
     (dict(id2label={0: "zero"}), "id2label must name the classes 0..9"),
 ])
 def test_what_diffusers_cannot_represent_is_refused(kl_folder, tmp_path, change, message):
@@ -115,8 +127,8 @@ def test_what_diffusers_cannot_represent_is_refused(kl_folder, tmp_path, change,
     args.update(change)
     if args["net"] == "reference-time":
         args["net"] = _dit(False, time_embedding="dit")
-    if args["autoencoder"] == "own":
-        args["autoencoder"] = build_autoencoder(AutoencoderConfig(kind="kl", latent_channels=C), 3)
+    if args["autoencoder"] == "own-vq":
+        args["autoencoder"] = build_autoencoder(AutoencoderConfig(kind="vq", latent_channels=C), 3)
     with pytest.raises(LatentpipeError, match=message):
         export_dit_pipeline(args.pop("net"), args.pop("autoencoder"), args.pop("latents"), tmp_path / "pipe", **args)
     assert sorted(p.name for p in tmp_path.iterdir()) == [kl_folder[1].name]  # no output, no temporary left
