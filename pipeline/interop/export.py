@@ -33,8 +33,8 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 
 from pipeline import atomic
-from pipeline.errors import LatentpipeError
 from pipeline.autoencoder.nets import KLAutoencoder
+from pipeline.errors import LatentpipeError
 from pipeline.interop import dit_weights
 from pipeline.interop.own_autoencoder import kl_to_diffusers
 from pipeline.interop.pretrained import PretrainedKL, diffusers_module

@@ -25,19 +25,18 @@ _RESNET_LEAVES = {"skip": "conv_shortcut"}
 
 def _copy(out: dict[str, Tensor], module: nn.Module, prefix: str, renames: dict[str, str] | None = None) -> None:
     for name, value in module.state_dict().items():
-        head, leaf = name.split(".", 1)
-        out[prefix + (renames or {}).get(head, head) + "." + leaf] = value.detach().clone()
+        head, dot, rest = name.partition(".")
+        out[prefix + (renames or {}).get(head, head) + dot + rest] = value.detach().clone()
 
 
 def _attention(out: dict[str, Tensor], block: AttnBlock, prefix: str) -> None:
-    for name, value in zip("qkv", block.qkv.weight.detach()[:, :, 0, 0].chunk(3)):
-        out[f"{prefix}to_{name}.weight"] = value.clone()
-    for name, value in zip("qkv", block.qkv.bias.detach().chunk(3)):
-        out[f"{prefix}to_{name}.bias"] = value.clone()
-    out[f"{prefix}to_out.0.weight"] = block.proj.weight.detach()[:, :, 0, 0].clone()
-    out[f"{prefix}to_out.0.bias"] = block.proj.bias.detach().clone()
-    out[f"{prefix}group_norm.weight"] = block.norm.weight.detach().clone()
-    out[f"{prefix}group_norm.bias"] = block.norm.bias.detach().clone()
+    """Our fused 1x1-conv qkv and projection are diffusers' to_q/to_k/to_v/to_out linear layers."""
+    state = {name: value.detach() for name, value in block.state_dict().items()}
+    for name, weight, bias in zip("qkv", state["qkv.weight"][:, :, 0, 0].chunk(3), state["qkv.bias"].chunk(3)):
+        out[f"{prefix}to_{name}.weight"], out[f"{prefix}to_{name}.bias"] = weight.clone(), bias.clone()
+    out[f"{prefix}to_out.0.weight"] = state["proj.weight"][:, :, 0, 0].clone()
+    out[f"{prefix}to_out.0.bias"] = state["proj.bias"].clone()
+    _copy(out, block.norm, f"{prefix}group_norm.")
 
 
 def _mid(out: dict[str, Tensor], mid: nn.Sequential, prefix: str) -> None:
@@ -73,11 +72,9 @@ def kl_to_diffusers(model: KLAutoencoder, scaling_factor: float) -> tuple[dict[s
             f"{widths[0]} (channel_mult[0] != 1); diffusers' AutoencoderKL has no such layer, so it does not export")
     _levels(decoder.up, "decoder.up_blocks", out, Upsample)
     for prefix, trunk in (("encoder.", encoder), ("decoder.", decoder)):
-        for name in ("conv_in", "conv_out"):
-            conv = getattr(trunk, name)
-            out[f"{prefix}{name}.weight"], out[f"{prefix}{name}.bias"] = conv.weight.detach().clone(), conv.bias.detach().clone()
-        out[f"{prefix}conv_norm_out.weight"] = trunk.norm_out.weight.detach().clone()
-        out[f"{prefix}conv_norm_out.bias"] = trunk.norm_out.bias.detach().clone()
+        _copy(out, trunk.conv_in, f"{prefix}conv_in.")
+        _copy(out, trunk.conv_out, f"{prefix}conv_out.")
+        _copy(out, trunk.norm_out, f"{prefix}conv_norm_out.")
         _mid(out, trunk.mid, prefix)
     layers_per_block = sum(isinstance(layer, ResnetBlock) for layer in encoder.down) // len(widths)
     config = dict(in_channels=encoder.in_channels, out_channels=decoder.conv_out.out_channels,
