@@ -117,6 +117,8 @@ def test_autoencoder_kl_export_keeps_its_scale(kl_folder, tmp_path):
     (dict(net="reference-time"), "cannot hold it exactly. Export it with format 'dit'"),
     (dict(autoencoder="own-vq"), "a VQAutoencoder does not export to diffusers"),
     (dict(id2label={0: "zero"}), "id2label must name the classes 0..9"),
+    (dict(latents=LatentSpace("vq", "scale", torch.zeros(C), torch.ones(C), torch.randn(8, C))),
+     "DiTPipeline decodes KL latents only"),
 ])
 def test_what_diffusers_cannot_represent_is_refused(kl_folder, tmp_path, change, message):
     from pipeline.autoencoder.build import build_autoencoder

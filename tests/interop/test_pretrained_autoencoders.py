@@ -192,3 +192,9 @@ def test_randomised_models_are_not_trivially_equal(kl_folder):
     ours = load_pretrained_autoencoder(folder)
     with torch.no_grad():
         assert (ours.encode(images()).mean - other.encode(images()).latent_dist.mean).abs().max() > 1e-2
+
+
+def test_without_diffusers_the_error_says_how_to_install(kl_folder, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "diffusers", None)  # what an absent package looks like
+    with pytest.raises(LatentpipeError, match=r"pip install 'latentpipe\[pretrained\]'"):
+        load_pretrained_autoencoder(kl_folder[1])
