@@ -12,8 +12,9 @@ kinds (pipeline.autoencoder.nets):
 
 Each adapter also carries the downsampling factor, the channels, the checkpoint's own
 ``scaling_factor`` (read from its config, never assumed), and the sha256 of every weight file.
-Every check runs before any weights are read: a missing path, a folder of another model class, a
-checkpoint with missing keys, images the autoencoder cannot take.
+Every refusal comes before any image is encoded, with what was expected: a missing path, a folder
+of another model class, a checkpoint with missing, unknown or misshapen keys (named), and, through
+``check_images``, images the autoencoder cannot take.
 """
 
 from __future__ import annotations
@@ -215,6 +216,9 @@ def _check_keys(state: dict[str, Tensor], expected: dict[str, Tensor], where: st
     if missing:
         raise LatentpipeError(f"{where} lacks {len(missing)} key(s) its config.json needs: "
                               f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+    unexpected = sorted(set(state) - set(expected))
+    if unexpected:
+        raise LatentpipeError(f"{where} has key(s) its config.json has no place for: {', '.join(unexpected[:8])}")
     for name, value in expected.items():
         if state[name].shape != value.shape:
             raise LatentpipeError(f"{where}: {name} has shape {tuple(state[name].shape)}, "
@@ -223,13 +227,13 @@ def _check_keys(state: dict[str, Tensor], expected: dict[str, Tensor], where: st
 
 def _load_ldm(path: Path, scaling_factor: float | None) -> PretrainedAutoencoder:
     tensors, prefix, own_scale = ldm.first_stage(read_state_dict(path))
+    if scaling_factor is not None and own_scale is not None and scaling_factor != own_scale:
+        raise LatentpipeError(f"{path} stores scale_factor={own_scale}, but scaling_factor={scaling_factor} was given")
     kind, config = ldm.diffusers_config(tensors, prefix)
     diffusers = diffusers_module()
     model = (diffusers.AutoencoderKL if kind == "kl" else diffusers.VQModel).from_config(config)
     levels = len(config["block_out_channels"])
     model.load_state_dict(ldm.to_diffusers(tensors, model.state_dict(), levels, prefix))
-    if scaling_factor is not None and own_scale is not None and scaling_factor != own_scale:
-        raise LatentpipeError(f"{path} stores scale_factor={own_scale}, but scaling_factor={scaling_factor} was given")
     return ADAPTERS[kind](model, source=str(path), weights=weight_hashes([path]),
                           scaling_factor=own_scale if own_scale is not None else scaling_factor)
 
