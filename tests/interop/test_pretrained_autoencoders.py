@@ -17,6 +17,7 @@ from pipeline.interop import (
     ldm,
     load_pretrained_autoencoder,
 )
+from pipeline.latents import LatentSpace
 from pipeline.manifest import sha256_file
 
 from .conftest import KL_CONFIG, images, randomise
@@ -198,3 +199,24 @@ def test_without_diffusers_the_error_says_how_to_install(kl_folder, monkeypatch)
     monkeypatch.setitem(__import__("sys").modules, "diffusers", None)  # what an absent package looks like
     with pytest.raises(LatentpipeError, match=r"pip install 'latentpipe\[pretrained\]'"):
         load_pretrained_autoencoder(kl_folder[1])
+
+
+def test_adapters_fit_the_latent_space_that_diffusion_and_sampling_use(kl_folder, vq_folder):
+    """What the encode stage stores (codes, or posterior mean/logvar) goes through LatentSpace to the
+    model's space and back to the adapter's decoder as for latentpipe's own autoencoders."""
+    x = images()
+    kl_model, vq_model = kl_folder[0], vq_folder[0]
+    kl, vq = load_pretrained_autoencoder(kl_folder[1]), load_pretrained_autoencoder(vq_folder[1])
+    with torch.no_grad():
+        posterior = kl.encode(x)
+        space = LatentSpace("kl", "scale", torch.zeros(4), torch.full((4,), kl.scaling_factor), None)
+        model_space = space.from_batch({"mean": posterior.mean, "logvar": posterior.logvar}, sample_posterior=False)
+        torch.testing.assert_close(kl.decode(space.to_decoder(model_space, snap=False)),
+                                   kl_model.decode(kl_model.encode(x).latent_dist.mean).sample, **TOL)
+
+        codes = vq.encode(x)
+        space = LatentSpace("vq", "scale", torch.zeros(3), torch.full((3,), 0.5), vq.codebook.table)
+        generated = space.from_batch({"codes": codes.indices.to(torch.int16)}) + 0.01  # near the codes
+        snapped = space.to_decoder(generated, snap=True)
+        assert torch.equal(snapped, codes.z_q)
+        torch.testing.assert_close(vq.decode(snapped), vq_model.decode(vq_model.encode(x).latents).sample, **TOL)
