@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from pipeline.errors import LatentpipeError
-from pipeline.interop.files import existing, read_state_dict
+from pipeline.interop.files import existing, read_state_dict, weight_hashes
 from pipeline.networks.dit import DIT_SIZES, DiT, DiTConfig
 
 REFERENCE_RENAMES = [  # ours -> facebookresearch/DiT
@@ -245,6 +245,22 @@ def checkpoint_config(path: str | Path) -> DiTConfig:
     return reference_config(read_state_dict(path, nested=("ema", "model", "state_dict")))
 
 
+def _weights_file(folder: Path) -> Path:
+    weights = [folder / name for name in DIFFUSERS_WEIGHTS if (folder / name).is_file()]
+    if not weights:
+        raise LatentpipeError(f"{folder} has config.json but no weights: expected {DIFFUSERS_WEIGHTS[0]}")
+    return weights[0]
+
+
+def checkpoint_sha256(path: str | Path) -> dict[str, str]:
+    """file name -> sha256 of the weight file :func:`load_dit` reads at ``path`` (for the manifest)."""
+    path = existing(path, "a diffusers DiTTransformer2DModel folder or a facebookresearch/DiT checkpoint")
+    if path.is_dir():
+        _diffusers_folder_config(path)
+        return weight_hashes([_weights_file(_transformer_folder(path))])
+    return weight_hashes([path])
+
+
 def load_dit(path: str | Path, config: DiTConfig | None = None) -> DiT:
     """The DiT at ``path``: a diffusers DiTTransformer2DModel folder (or a DiTPipeline folder's
     transformer/), or a facebookresearch/DiT state dict (.pt weights-only, or .safetensors; a
@@ -256,10 +272,7 @@ def load_dit(path: str | Path, config: DiTConfig | None = None) -> DiT:
     path = existing(path, "a diffusers DiTTransformer2DModel folder or a facebookresearch/DiT checkpoint")
     if path.is_dir():
         folder_config = _diffusers_folder_config(path)
-        weights = [path / name for name in DIFFUSERS_WEIGHTS if (path / name).is_file()]
-        if not weights:
-            raise LatentpipeError(f"{path} has config.json but no weights: expected {DIFFUSERS_WEIGHTS[0]}")
-        return from_diffusers(folder_config, read_state_dict(weights[0]), config)
+        return from_diffusers(folder_config, read_state_dict(_weights_file(_transformer_folder(path))), config)
     state = read_state_dict(path, nested=("ema", "model", "state_dict"))
     if config is None:
         config = reference_config(state)
@@ -268,9 +281,15 @@ def load_dit(path: str | Path, config: DiTConfig | None = None) -> DiT:
     return from_reference(state, config)
 
 
-def _diffusers_folder_config(path: Path) -> dict[str, Any]:
+def _transformer_folder(path: Path) -> Path:
+    """A DiTPipeline folder's transformer/, or the folder itself."""
     if (path / "model_index.json").is_file() and (path / "transformer").is_dir():
-        path = path / "transformer"
+        return path / "transformer"
+    return path
+
+
+def _diffusers_folder_config(path: Path) -> dict[str, Any]:
+    path = _transformer_folder(path)
     config_file = path / "config.json"
     if not config_file.is_file():
         raise LatentpipeError(f"{path} has no config.json: expected a diffusers DiTTransformer2DModel folder")

@@ -11,12 +11,15 @@ import torch
 from pipeline.diffusion import DDPM, Denoiser
 from pipeline.errors import LatentpipeError
 from pipeline.interop import (
+    checkpoint_sha256,
     export_autoencoder_kl,
     export_dit_pipeline,
+    load_dit,
     load_pretrained_autoencoder,
     scheduler_config,
 )
 from pipeline.latents import LatentSpace
+from pipeline.manifest import sha256_file
 from pipeline.networks import build_denoiser
 from pipeline.sampling import ddpm_sigmas, ddpm_timesteps, sample
 
@@ -87,6 +90,14 @@ def test_dit_pipeline_samples_the_latents_of_our_ddim(kl_folder, tmp_path, beta_
     with torch.no_grad():
         torch.testing.assert_close(images, (vae.decode(decoder_input) / 2 + 0.5).clamp(0, 1), rtol=0, atol=1e-4)
     assert ours.std() > 0.1  # the sample is not a constant both sides could agree on by accident
+
+    # The pipeline folder is also a DiT checkpoint latentpipe reads back (diffusion.init_from).
+    again = load_dit(out, net.config)
+    x, t, y = torch.randn(2, C, SIZE, SIZE), torch.tensor([5, 900]), torch.tensor([1, CLASSES])
+    with torch.no_grad():
+        torch.testing.assert_close(again(x, t, y), net(x, t, y), rtol=0, atol=0)
+    weights = out / "transformer" / "diffusion_pytorch_model.safetensors"
+    assert checkpoint_sha256(out) == {weights.name: sha256_file(weights)}
 
 
 def test_scheduler_config_is_the_training_process():
