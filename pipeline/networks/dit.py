@@ -9,15 +9,17 @@ time input the denoiser wrapper chooses to feed it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import partial
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, PatchEmbed
 from torch import Tensor, nn
 
-from pipeline.networks.embeddings import ConditionEmbedder, sincos_pos_embed_2d
+from pipeline.networks.embeddings import ConditionEmbedder, TimestepEmbedder, sincos_pos_embed_2d
 from pipeline.networks.layers import SelfAttention, check_backend, run_block
 
 
@@ -41,6 +43,13 @@ class DiTConfig:
     """Number of class labels; 0 makes the network unconditional. One more row is the null class."""
     learn_sigma: bool = False
     """Also output the per-pixel variance interpolation v (Nichol & Dhariwal 2021): 2C outputs."""
+    time_embedding: Literal["dit", "diffusers"] = "dit"
+    """Sinusoid of the time input: 'dit' w_i = 10000^(-i/128), the DiT reference code's; 'diffusers'
+    w_i = 10000^(-i/127), what diffusers' DiTTransformer2DModel computes (downscale_freq_shift=1).
+    A checkpoint gives its outputs only under the convention it was trained with."""
+    mlp_norm_eps: float = 1e-6
+    """eps of the layer norm before each block's MLP: 1e-6 in the DiT reference code; diffusers'
+    DiTTransformer2DModel uses its config's norm_eps there (1e-5 by default)."""
     drop_path: float = 0.0
     """Stochastic-depth rate of the residual branches (0 in the paper)."""
     attention_backend: str = "sdpa"
@@ -57,6 +66,8 @@ class DiTConfig:
             raise ValueError(f"num_heads {self.num_heads} does not divide width {self.width}")
         if self.width % 4:
             raise ValueError(f"width must be divisible by 4 for the 2-D position embedding, got {self.width}")
+        if self.time_embedding not in ("dit", "diffusers"):
+            raise ValueError(f"time_embedding must be 'dit' or 'diffusers', got {self.time_embedding!r}")
         check_backend(self.attention_backend)
 
     @property
@@ -80,6 +91,24 @@ DIT_PRESETS = {
 }
 
 
+def diffusers_time_features(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """[cos(t w_i), sin(t w_i)] with w_i = max_period^(-i / (dim/2 - 1)): diffusers'
+    ``get_timestep_embedding(flip_sin_to_cos=True, downscale_freq_shift=1)``, the one its
+    DiTTransformer2DModel uses, computed with its operations in its order so that converted
+    checkpoints give the same outputs (the reference code divides by dim/2: sinusoidal_embedding)."""
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - 1)
+    args = t[:, None].float() * torch.exp(exponent)[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class DiffusersTimestepEmbedder(TimestepEmbedder):
+    """The time MLP on :func:`diffusers_time_features` (``DiTConfig.time_embedding='diffusers'``)."""
+
+    def forward(self, t: Tensor) -> Tensor:
+        return self.mlp(diffusers_time_features(t, self.frequency_dim).to(self.mlp.fc1.weight.dtype))
+
+
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     """Adaptive layer-norm modulation x * (1 + scale) + shift, per sample (paper sec. 3.2)."""
     return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
@@ -93,11 +122,12 @@ class DiTBlock(nn.Module):
     identity at initialisation.
     """
 
-    def __init__(self, width: int, num_heads: int, mlp_ratio: float, drop_path: float, backend: str):
+    def __init__(self, width: int, num_heads: int, mlp_ratio: float, drop_path: float, backend: str,
+                 mlp_norm_eps: float = 1e-6):
         super().__init__()
         self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.attn = SelfAttention(width, num_heads, backend=backend)
-        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=mlp_norm_eps)
         self.mlp = Mlp(width, int(width * mlp_ratio), act_layer=partial(nn.GELU, approximate="tanh"))
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.ada_ln = nn.Linear(width, 6 * width)
@@ -142,10 +172,13 @@ class DiT(nn.Module):
         grid = config.input_size // p
         self.register_buffer("pos_embed", sincos_pos_embed_2d(w, grid, grid)[None], persistent=False)
         self.cond = ConditionEmbedder(w, num_classes=config.num_classes, frequency_dim=TIME_FREQUENCY_DIM)
+        if config.time_embedding == "diffusers":  # same parameters, diffusers' frequencies
+            self.cond.time = DiffusersTimestepEmbedder(w, frequency_dim=TIME_FREQUENCY_DIM)
         # Stochastic depth grows linearly with depth (Huang et al. 2016), as in timm's ViT.
         rates = [config.drop_path * i / max(config.depth - 1, 1) for i in range(config.depth)]
         self.blocks = nn.ModuleList(
-            DiTBlock(w, config.num_heads, config.mlp_ratio, rate, config.attention_backend) for rate in rates
+            DiTBlock(w, config.num_heads, config.mlp_ratio, rate, config.attention_backend, config.mlp_norm_eps)
+            for rate in rates
         )
         self.final = FinalLayer(w, p, config.out_channels)
         self.reset_parameters()
