@@ -373,6 +373,10 @@ class DiTOptions(Section):
     attention_backend: str = option("sdpa", "Attention kernels (pipeline.networks.layers); xformers is an extra.",
                                     choices=BACKENDS)
     gradient_checkpointing: bool = option(False, "Recompute each block's activations in backward instead of storing them.")
+    time_embedding: Literal["dit", "diffusers"] = option(
+        "dit", "Timestep-frequency convention: the DiT paper's (dit) or diffusers' DiTTransformer2DModel's (diffusers); "
+        "set by the checkpoint a model is loaded from.")
+    mlp_norm_eps: float = option(1e-6, "Epsilon of the LayerNorm before each MLP (diffusers' DiT uses 1e-5).", above=0)
 
     derived: ClassVar[Mapping[str, str]] = DERIVED_NETWORK_KEYS
 
