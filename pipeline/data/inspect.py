@@ -11,7 +11,8 @@ import torch
 import torchvision.utils
 from PIL import Image
 
-from pipeline.data.stream import IMAGE_FIELDS, expand_urls, read_shard
+from pipeline.data.reader import IMAGE_FIELDS, read_shard
+from pipeline.data.remote import expand_urls
 from pipeline.data.transforms import image_to_tensor
 
 

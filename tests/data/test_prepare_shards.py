@@ -11,7 +11,8 @@ from PIL import Image
 from pipeline import config, manifest
 from pipeline.data import shards
 from pipeline.data.inspect import inspect
-from pipeline.data.stream import decode_sample, expand_urls, read_shard
+from pipeline.data.reader import decode_sample, read_shard
+from pipeline.data.remote import expand_urls
 from stages import prepare
 
 BACKGROUND = (10, 200, 30)
