@@ -167,7 +167,7 @@ def test_list_source_reads_paths_and_urls_and_skips_unreachable_ones(tmp_path):
         server.shutdown()
     assert found["metrics"]["train_count"] + found["metrics"]["val_count"] == 4
     (skipped,) = found["skipped"]
-    assert skipped["source"].endswith("/missing.png") and "cannot fetch" in skipped["error"]
+    assert skipped["source"].endswith("/missing.png") and "cannot reach" in skipped["error"]
     sources = {json.loads(s["json"])["source"] for split in ("train", "val") for s in _samples(cfg.stage_dir("prepare"), split)}
     assert f"http://127.0.0.1:{port}/remote.png" in sources and str(images / "local2.png") in sources
 
