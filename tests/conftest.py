@@ -28,8 +28,9 @@ def _cached_weights(names):
 
     absent = weights.missing(names)
     if absent and not os.environ.get("LATENTPIPE_REQUIRE_WEIGHTS"):
-        pytest.skip(f"weights {absent} not in {weights.cache_dir()}; run `{weights.FETCH_COMMAND}` "
-                    f"(or set LATENTPIPE_CACHE)")
+        pytest.skip(
+            f"weights {absent} not in {weights.cache_dir()}; run `{weights.FETCH_COMMAND}` (or set LATENTPIPE_CACHE)"
+        )
     return weights.cache_dir()
 
 

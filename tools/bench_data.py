@@ -16,18 +16,19 @@ and per worker, and the shard/folder ratio. Prints Markdown tables.
 from __future__ import annotations
 
 import argparse
+import functools
 import io
-import platform
 import os
+import platform
 import statistics
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-
 from webdataset.tariterators import tar_file_iterator
 
 from pipeline import config
@@ -64,9 +65,16 @@ class FolderArrays(torch.utils.data.Dataset):
 
 
 def _prepare_images(root: Path, resolution: int, color: str, image_format: str) -> tuple[list[str], list[Path]]:
-    cfg = config.load(overrides=[f"experiment.runs_dir={root}", f"experiment.name=bench{resolution}",
-                                 f"data.resolution={resolution}", f"data.color={color}",
-                                 f"data.image_format={image_format}", "data.val_fraction=0"])
+    cfg = config.load(
+        overrides=[
+            f"experiment.runs_dir={root}",
+            f"experiment.name=bench{resolution}",
+            f"data.resolution={resolution}",
+            f"data.color={color}",
+            f"data.image_format={image_format}",
+            "data.val_fraction=0",
+        ]
+    )
     directory = prepare.run(cfg)
     urls = sorted(str(p) for p in directory.glob("train-*.tar"))
     folder = root / f"folder{resolution}"
@@ -98,7 +106,7 @@ def _prepare_arrays(root: Path, count: int, shape: tuple[int, ...]) -> tuple[lis
     return sorted(str(p) for p in root.glob("latents-*.tar")), files
 
 
-def _epoch_rate(make_iterable, repeats: int) -> float:
+def _epoch_rate(make_iterable: Callable[[], Iterable], repeats: int) -> float:
     rates = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -110,6 +118,7 @@ def _epoch_rate(make_iterable, repeats: int) -> float:
 def _reader_rates(urls: list[str], repeats: int) -> dict[str, tuple[float, float]]:
     """Median (members/s, MB/s) of one pass over all shards, per reader, interleaved per repeat so
     that machine load drifts hit both alike."""
+
     def ours(handle):
         return ((name, data) for name, data in tar.members(handle))
 
@@ -158,18 +167,33 @@ def main() -> None:
                 continue
             baseline_set = FolderArrays(files) if name.startswith("latent") else FolderImages(files)
             for workers in args.workers:
-                loader = ShardLoader(urls, batch_size=args.batch_size, num_workers=workers, samples_per_epoch=len(files),
-                                     shuffle_buffer=1000, flip=not name.startswith("latent"))
-                ours = _epoch_rate(lambda: loader, args.repeats)
+                loader = ShardLoader(
+                    urls,
+                    batch_size=args.batch_size,
+                    num_workers=workers,
+                    samples_per_epoch=len(files),
+                    shuffle_buffer=1000,
+                    flip=not name.startswith("latent"),
+                )
+                ours = _epoch_rate(functools.partial(iter, loader), args.repeats)
                 baseline = _epoch_rate(
-                    lambda: torch.utils.data.DataLoader(baseline_set, batch_size=args.batch_size, shuffle=True,
-                                                        num_workers=workers, drop_last=True),
-                    args.repeats)
+                    functools.partial(
+                        torch.utils.data.DataLoader,
+                        baseline_set,
+                        batch_size=args.batch_size,
+                        shuffle=True,
+                        num_workers=workers,
+                        drop_last=True,
+                    ),
+                    args.repeats,
+                )
                 rows.append((name, workers, ours, baseline))
 
-    print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch thread(s) per process, "
-          f"{len(os.sched_getaffinity(0))} cores; torch {torch.__version__}; "
-          f"batch {args.batch_size}; median of {args.repeats} passes/epochs\n")
+    print(
+        f"machine: {platform.machine()}, {torch.get_num_threads()} torch thread(s) per process, "
+        f"{len(os.sched_getaffinity(0))} cores; torch {torch.__version__}; "
+        f"batch {args.batch_size}; median of {args.repeats} passes/epochs\n"
+    )
     if reader_rows:
         print("| shards | MB | reader | members/s | MB/s | ours / webdataset |")
         print("|---|---:|---|---:|---:|---:|")

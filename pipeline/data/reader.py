@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import io
 import json
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch

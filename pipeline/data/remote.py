@@ -18,8 +18,9 @@ import re
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import braceexpand
 import webdataset as wds
@@ -71,16 +72,20 @@ class _HTTPBody:
         remaining = size if size >= 0 else None
         while remaining is None or remaining > 0:
             if time.monotonic() > self._ends_at:
-                raise TransferError(f"{self.url}: the transfer did not finish within its {self.deadline:g} s deadline "
-                                    f"({self._received} bytes received); the server is too slow or stalled")
+                raise TransferError(
+                    f"{self.url}: the transfer did not finish within its {self.deadline:g} s deadline "
+                    f"({self._received} bytes received); the server is too slow or stalled"
+                )
             try:
                 chunk = self._response.read1(_CHUNK if remaining is None else min(remaining, _CHUNK))
             except (OSError, http.client.HTTPException) as err:
                 raise TransferError(f"{self.url}: connection failed after {self._received} bytes: {err}") from None
             if not chunk:
                 if self._expected is not None and self._received < self._expected:
-                    raise TransferError(f"{self.url}: the body ends after {self._received} of its {self._expected} "
-                                        f"bytes (Content-Length): the connection closed early")
+                    raise TransferError(
+                        f"{self.url}: the body ends after {self._received} of its {self._expected} "
+                        f"bytes (Content-Length): the connection closed early"
+                    )
                 break
             chunks.append(chunk)
             self._received += len(chunk)
@@ -106,12 +111,13 @@ def open_url(url: str, timeout: float, deadline: float) -> Any:
         try:
             response = urllib.request.urlopen(url, timeout=min(timeout, deadline))
         except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
-            raise TransferError(f"cannot reach {url}: {err}. Check the address and that the server is up "
-                                f"(timeout {timeout:g} s)") from None
+            raise TransferError(
+                f"cannot reach {url}: {err}. Check the address and that the server is up (timeout {timeout:g} s)"
+            ) from None
         return _HTTPBody(response, url, deadline)
     if url.startswith("pipe:"):
         return wds.gopen(url)
-    path = url[len("file://"):] if url.startswith("file://") else url
+    path = url[len("file://") :] if url.startswith("file://") else url
     if not os.path.exists(path):
         raise TransferError(f"{path} does not exist")
     return open(path, "rb")

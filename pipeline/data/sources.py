@@ -12,7 +12,6 @@ import io
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 from PIL import Image
@@ -34,9 +33,9 @@ class SourceError(LatentpipeError):
 class SourceItem:
     index: int
     key: str
-    label: Optional[int]
+    label: int | None
     origin: str
-    pixels: Optional[np.ndarray] = None  # built-in datasets carry their uint8 pixels
+    pixels: np.ndarray | None = None  # built-in datasets carry their uint8 pixels
 
 
 @dataclass(frozen=True)
@@ -131,6 +130,8 @@ def open_source(cfg: DataConfig) -> Source:
         source = mnist()
     elif cfg.source == "digits":
         source = sklearn_digits()
+    elif cfg.path is None:  # DataConfig.validate refuses this; a direct caller gets the same words
+        raise SourceError(f"data.source={cfg.source} needs a path (e.g. data.path=/data/images)")
     elif cfg.source == "folder":
         source = folder(cfg.path, cfg.labels_from_subfolders)
     else:

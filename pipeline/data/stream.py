@@ -36,8 +36,9 @@ import contextlib
 import itertools
 import logging
 import signal
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -78,7 +79,7 @@ def _stop_signals_blocked() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def endless(loader: "ShardLoader") -> Iterator[dict]:
+def endless(loader: ShardLoader) -> Iterator[dict]:
     """Batches epoch after epoch (each ``iter(loader)`` continues where the last stopped)."""
     while True:
         yield from loader
@@ -278,10 +279,21 @@ class ShardLoader:
         self.layout = Layout(len(self.urls), samples_per_epoch, batch_size, rank, world_size, num_workers, seed)
         self.layout.check()
         if len(self.urls) < self.layout.num_slots:
-            log.info("%d shards for %d reader slots: every slot reads all shards and keeps its share "
-                     "of samples; write more shards for less I/O", len(self.urls), self.layout.num_slots)
-        self.options = {"shuffle_buffer": shuffle_buffer, "flip": flip, "crop": crop,
-                        "on_error": on_error, "timeout": timeout, "deadline": deadline, "with_meta": with_meta}
+            log.info(
+                "%d shards for %d reader slots: every slot reads all shards and keeps its share "
+                "of samples; write more shards for less I/O",
+                len(self.urls),
+                self.layout.num_slots,
+            )
+        self.options = {
+            "shuffle_buffer": shuffle_buffer,
+            "flip": flip,
+            "crop": crop,
+            "on_error": on_error,
+            "timeout": timeout,
+            "deadline": deadline,
+            "with_meta": with_meta,
+        }
         self.epoch = 0
         self.batches = 0
         self.failures = [0] * self.layout.slots_per_rank  # this epoch, per slot: for resume
@@ -309,7 +321,9 @@ class ShardLoader:
         lay = self.layout
         dataset = _EpochSlice(self.urls, lay, self.epoch, self.batches, list(self.failures), self.options)
         loader = torch.utils.data.DataLoader(
-            dataset, batch_size=None, num_workers=lay.num_workers,
+            dataset,
+            batch_size=None,
+            num_workers=lay.num_workers,
             multiprocessing_context="fork" if lay.num_workers else None,
             worker_init_fn=_ignore_stop_signals if lay.num_workers else None,
         )
@@ -324,7 +338,9 @@ class ShardLoader:
                 self._record_damage(url, error)
             yield batch
         if self.batches != lay.batches_per_epoch:  # a worker stopped short: never silently
-            raise StreamError(f"rank {lay.rank} got {self.batches} of {lay.batches_per_epoch} batches in epoch {self.epoch}")
+            raise StreamError(
+                f"rank {lay.rank} got {self.batches} of {lay.batches_per_epoch} batches in epoch {self.epoch}"
+            )
         self.epoch += 1
         self.batches = 0
         self.failures = [0] * lay.slots_per_rank
@@ -337,9 +353,14 @@ class ShardLoader:
             "samples_seen": self.batches * lay.batch_size,
             "failures": list(self.failures),
             "damaged_shards": {url: dict(seen) for url, seen in self.damaged_shards.items()},
-            "layout": {"num_shards": lay.num_shards, "samples_per_epoch": lay.samples_per_epoch,
-                       "batch_size": lay.batch_size, "world_size": lay.world_size,
-                       "num_workers": lay.num_workers, "seed": lay.seed},
+            "layout": {
+                "num_shards": lay.num_shards,
+                "samples_per_epoch": lay.samples_per_epoch,
+                "batch_size": lay.batch_size,
+                "world_size": lay.world_size,
+                "num_workers": lay.num_workers,
+                "seed": lay.seed,
+            },
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -359,8 +380,14 @@ class ShardLoader:
         self.damaged_shards = {url: dict(seen) for url, seen in state.get("damaged_shards", {}).items()}
 
 
-def sequential_batches(urls: str | Sequence[str], batch_size: int, *, timeout: float = 30.0,
-                       deadline: float = SHARD_DEADLINE, with_meta: bool = False) -> Iterator[dict]:
+def sequential_batches(
+    urls: str | Sequence[str],
+    batch_size: int,
+    *,
+    timeout: float = 30.0,
+    deadline: float = SHARD_DEADLINE,
+    with_meta: bool = False,
+) -> Iterator[dict]:
     """Every sample of the shards once, in shard order, in batches (the last may be smaller):
     for evaluation and encoding, where order and completeness matter more than shuffling, so a
     damaged shard raises (naming it)."""

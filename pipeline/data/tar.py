@@ -21,7 +21,8 @@ past.
 
 from __future__ import annotations
 
-from typing import Iterator, Protocol
+from collections.abc import Iterator
+from typing import Protocol
 
 from pipeline.errors import LatentpipeError
 

@@ -88,8 +88,10 @@ def test_a_trickling_server_meets_the_transfer_deadline(tmp_path, serve):
     """Every single read succeeds well within the socket timeout; the whole transfer must not."""
     urls = _write_shards(tmp_path, [4])
     server = serve({"slow.tar": open(urls[0], "rb").read(), "slow.png": _png(3, size=16)}, "trickle")
-    for fetch in (lambda: list(read_shard(server.url("slow.tar"), timeout=5, deadline=1)),
-                  lambda: sources.load_image(sources.SourceItem(0, "k", None, server.url("slow.png")), timeout=1)):
+    for fetch in (
+        lambda: list(read_shard(server.url("slow.tar"), timeout=5, deadline=1)),
+        lambda: sources.load_image(sources.SourceItem(0, "k", None, server.url("slow.png")), timeout=1),
+    ):
         start = time.monotonic()
         with pytest.raises(remote.TransferError, match="deadline"):
             fetch()

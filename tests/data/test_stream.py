@@ -71,8 +71,9 @@ def test_uneven_shards_give_every_rank_the_same_batch_count(tmp_path, workers):
     world, batch = 2, 4
     per_rank = []
     for rank in range(world):
-        loader = ShardLoader(urls, batch_size=batch, rank=rank, world_size=world, num_workers=workers,
-                             shuffle_buffer=8, seed=1)
+        loader = ShardLoader(
+            urls, batch_size=batch, rank=rank, world_size=world, num_workers=workers, shuffle_buffer=8, seed=1
+        )
         epochs = [_keys(loader) for _ in range(2)]
         per_rank.append(epochs)
         assert [len(e) for e in epochs] == [66 // (world * batch)] * 2
@@ -83,8 +84,14 @@ def test_uneven_shards_give_every_rank_the_same_batch_count(tmp_path, workers):
 
 def test_fewer_shards_than_slots_splits_by_sample(tmp_path):
     urls = _write_shards(tmp_path, [30])
-    keys = [set(k for b in _keys(ShardLoader(urls, batch_size=3, rank=r, world_size=2, num_workers=2, shuffle_buffer=4)) for k in b)
-            for r in range(2)]
+    keys = [
+        {
+            k
+            for b in _keys(ShardLoader(urls, batch_size=3, rank=r, world_size=2, num_workers=2, shuffle_buffer=4))
+            for k in b
+        }
+        for r in range(2)
+    ]
     assert keys[0] and keys[1] and not keys[0] & keys[1]
 
 
@@ -98,8 +105,18 @@ def test_rank_output_does_not_depend_on_reading_in_workers_or_main_process(tmp_p
 @pytest.mark.parametrize("workers", [0, 2])
 def test_exact_resume_yields_the_uninterrupted_batches(tmp_path, workers):
     urls = _write_shards(tmp_path, [11, 23, 7, 19, 14])
-    make = functools.partial(ShardLoader, urls, batch_size=4, rank=0, world_size=2, num_workers=workers,
-                             shuffle_buffer=10, seed=5, flip=True, crop=6)
+    make = functools.partial(
+        ShardLoader,
+        urls,
+        batch_size=4,
+        rank=0,
+        world_size=2,
+        num_workers=workers,
+        shuffle_buffer=10,
+        seed=5,
+        flip=True,
+        crop=6,
+    )
     uninterrupted = make()
     reference = []
     for _ in range(2):
@@ -259,4 +276,6 @@ def test_unreachable_url_fails_fast_with_a_clear_error():
 def test_pipe_urls_are_read(tmp_path):
     urls = _write_shards(tmp_path, [6])
     pipe = f"pipe:cat {urls[0]}"
-    assert _keys(ShardLoader(pipe, batch_size=2, shuffle_buffer=1)) == _keys(ShardLoader(urls, batch_size=2, shuffle_buffer=1))
+    assert _keys(ShardLoader(pipe, batch_size=2, shuffle_buffer=1)) == _keys(
+        ShardLoader(urls, batch_size=2, shuffle_buffer=1)
+    )
