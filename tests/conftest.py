@@ -4,7 +4,23 @@ import pytest
 import torch
 
 
+# The `slow` marker (pyproject's markers), given here by path so that test files need not repeat
+# it: end-to-end stages, the local SLURM cluster, multi-process runs, and single tests measured
+# over ~5 s on the 2-core CI machine (`pytest --durations`). `pytest -m "not slow"` is the fast loop.
+SLOW_PATHS = (
+    "tests/stages/",
+    "tests/slurm/",
+    "tests/runtime/test_processes.py",
+    "tests/autoencoder/test_codebook_ranks.py",
+)
+SLOW_TESTS = frozenset()
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.nodeid.startswith(SLOW_PATHS) or item.nodeid.split("[")[0] in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
