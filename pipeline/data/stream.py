@@ -220,9 +220,9 @@ class _EpochSlice(torch.utils.data.IterableDataset):
         index = 0  # decoded samples of this slot in this epoch: fixes each one's augmentation
         batch: list[dict] = []
         remaining = lay.slot_batches(slot) - skip_batches
+        if remaining <= 0:
+            return
         for raw in stream:
-            if remaining <= 0:
-                return
             skipping = index < to_skip
             if skipping and not must_decode_skipped:
                 index += 1
@@ -243,10 +243,13 @@ class _EpochSlice(torch.utils.data.IterableDataset):
                 sample["image"] = transforms.augment(sample["image"], gen, opts["flip"], opts["crop"])
             batch.append(sample)
             if len(batch) == lay.batch_size:
+                # damage met while filling this batch travels with it; nothing is read after the last
                 yield collate(batch), {"slot": slot, "failures": failures, "damage": self.damage}
                 self.damage = []
                 batch = []
                 remaining -= 1
+                if remaining == 0:
+                    return
 
 
 class ShardLoader:
