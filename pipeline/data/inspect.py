@@ -4,22 +4,27 @@ from __future__ import annotations
 
 import io
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torchvision.utils
 from PIL import Image
 
-from pipeline.data.stream import IMAGE_FIELDS, expand_urls, read_shard
+from pipeline.data.reader import IMAGE_FIELDS, read_shard
+from pipeline.data.remote import expand_urls
 from pipeline.data.transforms import image_to_tensor
 
 
-def inspect(spec: str | Sequence[str], *, sheet: Path | None = None, sheet_size: int = 64,
-            timeout: float = 30.0) -> dict:
+def inspect(
+    spec: str | Sequence[str], *, sheet: Path | None = None, sheet_size: int = 64, timeout: float = 30.0
+) -> dict:
     """Per-shard sample counts, class histogram, image sizes/modes, field names; optionally a
     PNG contact sheet of the first ``sheet_size`` images."""
-    shards, classes, sizes, fields = {}, Counter(), Counter(), Counter()
+    shards: dict[str, int] = {}
+    classes: Counter[int] = Counter()
+    sizes: Counter[str] = Counter()
+    fields: Counter[str] = Counter()
     thumbnails: list[torch.Tensor] = []
     for url in expand_urls(spec):
         count = 0
@@ -38,7 +43,9 @@ def inspect(spec: str | Sequence[str], *, sheet: Path | None = None, sheet_size:
     if sheet is not None and thumbnails:
         side = max(t.shape[-1] for t in thumbnails)
         thumbnails = [torch.nn.functional.interpolate(t[None], size=(side, side))[0] for t in thumbnails]
-        grid = torchvision.utils.make_grid(torch.stack(thumbnails), nrow=8, padding=2, normalize=True, value_range=(-1, 1))
+        grid = torchvision.utils.make_grid(
+            torch.stack(thumbnails), nrow=8, padding=2, normalize=True, value_range=(-1, 1)
+        )
         Path(sheet).parent.mkdir(parents=True, exist_ok=True)
         torchvision.utils.save_image(grid, sheet)
     return {

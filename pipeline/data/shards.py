@@ -10,9 +10,10 @@ from __future__ import annotations
 import io
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, BinaryIO
 
 import webdataset as wds
 from PIL import Image
@@ -42,11 +43,22 @@ def encode_image(image: Image.Image, image_format: str, quality: int) -> bytes:
     return buffer.getvalue()
 
 
-def make_sample(key: str, image_bytes: bytes, image_format: str, label: Optional[int], meta: dict) -> dict:
+def make_sample(key: str, image_bytes: bytes, image_format: str, label: int | None, meta: dict) -> dict:
     sample: dict[str, Any] = {"__key__": key, image_format: image_bytes, "json": json.dumps(meta).encode()}
     if label is not None:
         sample["cls"] = str(label).encode()
     return sample
+
+
+@dataclass
+class _OpenShard:
+    """The shard being written: its temporary file, the tar writer over it, samples so far."""
+
+    file: BinaryIO
+    tar: wds.TarWriter
+    tmp: Path
+    final: Path
+    count: int = 0
 
 
 class ShardWriter:
@@ -56,60 +68,66 @@ class ShardWriter:
     where a caller records progress so a rerun can continue after the last complete shard.
     """
 
-    def __init__(self, directory: Path, split: str, *, max_count: int, max_bytes: int,
-                 first_index: int = 0, on_shard=None):
+    def __init__(
+        self,
+        directory: Path,
+        split: str,
+        *,
+        max_count: int,
+        max_bytes: int,
+        first_index: int = 0,
+        on_shard: Callable[[ShardInfo], None] | None = None,
+    ):
         self.directory = Path(directory)
         self.split = split
         self.max_count = max_count
         self.max_bytes = max_bytes
         self.index = first_index
         self.on_shard = on_shard
-        self._file = self._tar = None
-        self._tmp: Optional[Path] = None
-        self._count = 0
+        self._shard: _OpenShard | None = None
 
-    def _open(self) -> None:
+    def _open(self) -> _OpenShard:
         final = self.directory / SHARD_PATTERN.format(split=self.split, index=self.index)
-        self._tmp = final.with_name(f".{final.name}{atomic.TMP_SUFFIX}")
-        self._file = open(self._tmp, "wb")
-        self._tar = wds.TarWriter(self._file, encoder=False, mtime=SHARD_MTIME)
-        self._count = 0
+        tmp = final.with_name(f".{final.name}{atomic.TMP_SUFFIX}")
+        file = open(tmp, "wb")  # closed by the tar writer in _finish or abort
+        return _OpenShard(file, wds.TarWriter(file, encoder=False, mtime=SHARD_MTIME), tmp, final)
 
-    def _finish(self) -> None:
-        self._tar.close()  # closes the underlying file too
-        final = self.directory / SHARD_PATTERN.format(split=self.split, index=self.index)
-        with open(self._tmp, "rb") as handle:
+    def _finish(self, shard: _OpenShard) -> None:
+        shard.tar.close()  # closes the underlying file too
+        with open(shard.tmp, "rb") as handle:
             os.fsync(handle.fileno())
-        os.replace(self._tmp, final)
-        info = ShardInfo(final.name, self._count, final.stat().st_size)
-        self._file = self._tar = self._tmp = None
+        os.replace(shard.tmp, shard.final)
+        info = ShardInfo(shard.final.name, shard.count, shard.final.stat().st_size)
+        self._shard = None
         self.index += 1
         if self.on_shard is not None:
             self.on_shard(info)
 
     def write(self, sample: dict) -> None:
         size = sum(len(v) for k, v in sample.items() if k != "__key__")
-        if self._tar is not None and (
-            self._count >= self.max_count or (self._count and self._file.tell() + size > self.max_bytes)
+        shard = self._shard
+        if shard is not None and (
+            shard.count >= self.max_count or (shard.count and shard.file.tell() + size > self.max_bytes)
         ):
-            self._finish()
-        if self._tar is None:
-            self._open()
-        self._tar.write(sample)
-        self._count += 1
+            self._finish(shard)
+            shard = None
+        if shard is None:
+            shard = self._shard = self._open()
+        shard.tar.write(sample)
+        shard.count += 1
 
     def close(self) -> None:
-        if self._tar is not None:
-            self._finish()
+        if self._shard is not None:
+            self._finish(self._shard)
 
     def abort(self) -> None:
         """Drop the open shard (its temporary file) without publishing it."""
-        if self._tar is not None:
-            self._tar.close()
-            self._tmp.unlink(missing_ok=True)
-            self._file = self._tar = self._tmp = None
+        if self._shard is not None:
+            self._shard.tar.close()
+            self._shard.tmp.unlink(missing_ok=True)
+            self._shard = None
 
-    def __enter__(self) -> "ShardWriter":
+    def __enter__(self) -> ShardWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import io
 import re
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 from PIL import Image
 
 from pipeline.config import DataConfig
+from pipeline.data import remote
 from pipeline.errors import LatentpipeError
+from pipeline.seeding import uniform_fraction
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
@@ -34,9 +33,9 @@ class SourceError(LatentpipeError):
 class SourceItem:
     index: int
     key: str
-    label: Optional[int]
+    label: int | None
     origin: str
-    pixels: Optional[np.ndarray] = None  # built-in datasets carry their uint8 pixels
+    pixels: np.ndarray | None = None  # built-in datasets carry their uint8 pixels
 
 
 @dataclass(frozen=True)
@@ -114,7 +113,7 @@ def url_list(path: str) -> Source:
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        if not re.match(r"^https?://", line) and not Path(line).is_absolute():
+        if not remote.is_remote(line) and not Path(line).is_absolute():
             line = str(list_file.parent / line)
         entries.append(line)
     if not entries:
@@ -131,26 +130,35 @@ def open_source(cfg: DataConfig) -> Source:
         source = mnist()
     elif cfg.source == "digits":
         source = sklearn_digits()
+    elif cfg.path is None:  # DataConfig.validate refuses this; a direct caller gets the same words
+        raise SourceError(f"data.source={cfg.source} needs a path (e.g. data.path=/data/images)")
     elif cfg.source == "folder":
         source = folder(cfg.path, cfg.labels_from_subfolders)
     else:
         source = url_list(cfg.path)
     if cfg.limit is not None:
-        source = Source(source.items[: cfg.limit], source.classes)
+        source = Source(limited(source.items, cfg.limit), source.classes)
     return source
 
 
+def limited(items: list[SourceItem], limit: int) -> list[SourceItem]:
+    """``limit`` items chosen by key hash, in source order: an even subset that does not depend on
+    the listing order. Sources are often listed class by class, so the first ``limit`` items
+    could hold a single class; a hash keeps every class's share (as the train/val split does,
+    with its own salt so that the two choices are independent)."""
+    if limit >= len(items):
+        return items
+    chosen = sorted(items, key=lambda item: uniform_fraction("limit", item.key))[:limit]
+    return sorted(chosen, key=lambda item: item.index)
+
+
 def load_image(item: SourceItem, timeout: float) -> Image.Image:
-    """Decode one item fully (so corrupt files fail here, not later)."""
+    """Decode one item fully (so corrupt files fail here, not later). A URL must arrive whole
+    within ``timeout`` seconds (data.url_timeout), however slowly the server trickles it."""
     if item.pixels is not None:
         return Image.fromarray(item.pixels)
-    if re.match(r"^https?://", item.origin):
-        try:
-            with urllib.request.urlopen(item.origin, timeout=timeout) as response:
-                data = response.read()
-        except (urllib.error.URLError, TimeoutError, OSError) as err:
-            raise OSError(f"cannot fetch {item.origin}: {err}") from None
-        image = Image.open(io.BytesIO(data))
+    if remote.is_remote(item.origin):
+        image = Image.open(io.BytesIO(remote.fetch(item.origin, timeout=timeout, deadline=timeout)))
     else:
         image = Image.open(item.origin)
     image.load()

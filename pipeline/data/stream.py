@@ -18,188 +18,68 @@ yielded (same keys, same augmentations: each sample's randomness comes from
 ``(seed, epoch, slot, index)``). Skipping reads bytes but decodes only when needed.
 
 Sources: local paths, directories, brace patterns (``shards/train-{000000..000009}.tar``),
-``http(s)://`` URLs and ``pipe:`` commands (e.g. ``pipe:aws s3 cp s3://bucket/x.tar -``).
+``http(s)://`` URLs and ``pipe:`` commands (e.g. ``pipe:aws s3 cp s3://bucket/x.tar -``), read by
+pipeline.data.reader (samples of a shard), pipeline.data.tar (the tar format) and
+pipeline.data.remote (addresses, deadlines).
+
+Damage. A damaged shard (cut short, corrupt, a short HTTP body, a missed transfer deadline) keeps
+the samples before the damage; the rest of it is skipped, warned about once and counted per
+shard in :attr:`ShardLoader.damaged_shards` (or raised with ``on_error="raise"``).
+
+Signals. DataLoader workers ignore SIGTERM, SIGINT and SIGUSR1, so a signal to the whole process
+group (SLURM preemption, ``timeout``, Ctrl-C) reaches only the main process, which checkpoints.
 """
 
 from __future__ import annotations
 
-import glob
+import contextlib
 import itertools
-import io
-import json
 import logging
-import os
-import re
-import tarfile
-import urllib.error
-import urllib.request
+import signal
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
-import braceexpand
-import numpy as np
 import torch
-import webdataset as wds
-from PIL import Image
-from webdataset.tariterators import base_plus_ext
 
 from pipeline.data import transforms
-from pipeline.errors import LatentpipeError
+from pipeline.data.reader import (
+    SHARD_DEADLINE,
+    DamagedShardError,
+    SampleDecodeError,
+    count_samples,
+    decode_sample,
+    read_shard,
+)
+from pipeline.data.remote import StreamError, TransferError, expand_urls
 from pipeline.seeding import generator, python_rng
 
 log = logging.getLogger(__name__)
-IMAGE_FIELDS = ("png", "jpg", "jpeg", "webp")
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+"""Signals meant for the training process, which checkpoints on them; workers ignore them."""
 
 
-class StreamError(LatentpipeError):
-    """Shards that cannot be streamed: unreachable URL, no data for a rank, bad layout."""
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader worker init: SLURM, ``timeout`` and Ctrl-C signal the whole process group, and a
+    worker killed by one fails the main process before it can checkpoint. Workers still end when
+    the loader shuts them down or their parent dies (torch's worker watchdog)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
-class SampleDecodeError(LatentpipeError, ValueError):
-    """One sample that cannot be decoded (skipped and counted unless on_error='raise')."""
-
-
-# ----------------------------------------------------------------------------- reading
-
-
-def expand_urls(spec: str | Path | Sequence[str | Path]) -> list[str]:
-    """Shard URLs from a directory, glob, brace pattern, URL or a list of any of those."""
-    if isinstance(spec, (list, tuple)):
-        return [url for item in spec for url in expand_urls(item)]
-    spec = str(spec)
-    if re.match(r"^(https?|pipe|file):", spec):
-        return list(braceexpand.braceexpand(spec))
-    if os.path.isdir(spec):
-        urls = sorted(glob.glob(os.path.join(spec, "*.tar")))
-    else:
-        urls = [u for pattern in braceexpand.braceexpand(spec) for u in sorted(glob.glob(pattern)) or [pattern]]
-    if not urls:
-        raise StreamError(f"no shards match {spec!r}")
-    return urls
-
-
-def open_url(url: str, timeout: float) -> Any:
-    """A readable binary stream for a shard URL; unreachable URLs fail fast with a clear error."""
-    if re.match(r"^https?://", url):
-        try:
-            return urllib.request.urlopen(url, timeout=timeout)
-        except (urllib.error.URLError, TimeoutError, OSError) as err:
-            raise StreamError(
-                f"cannot reach shard {url}: {err}. Check the address and that the server is up "
-                f"(timeout {timeout:.0f}s)"
-            ) from None
-    if url.startswith("pipe:"):
-        return wds.gopen(url)
-    path = url[len("file://"):] if url.startswith("file://") else url
-    if not os.path.exists(path):
-        raise StreamError(f"shard {path} does not exist")
-    return open(path, "rb")
-
-
-def _tar_members(stream) -> Iterator[tuple[str, bytes]]:
-    """(name, data) of the regular files of an uncompressed tar stream.
-
-    Reads the 512-byte ustar headers directly, about 5x faster than :mod:`tarfile`'s
-    generic parser, which dominated loader time on small samples. Understands pax ('x') and
-    GNU long-name ('L') headers; damage raises :class:`tarfile.ReadError`.
-    """
-    pending_name = None
-    while True:
-        header = stream.read(512)
-        if len(header) < 512:
-            if header:
-                raise tarfile.ReadError("unexpected end of data in a header")
-            return
-        if header.count(0) == 512:  # end-of-archive marker
-            return
-        stored = int(header[148:156].split(b"\0", 1)[0].strip() or b"0", 8)
-        if stored != sum(header[:148]) + 256 + sum(header[156:]):
-            raise tarfile.ReadError("bad header checksum")
-        size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
-        data = stream.read(size)
-        if len(data) < size:
-            raise tarfile.ReadError("unexpected end of data in a member")
-        stream.read(-size % 512)
-        kind = header[156:157]
-        if kind == b"x":
-            for record in data.decode("utf-8").split("\n"):
-                if " path=" in record:
-                    pending_name = record.split(" path=", 1)[1]
-            continue
-        if kind == b"L":
-            pending_name = data.rstrip(b"\0").decode("utf-8")
-            continue
-        if kind not in (b"0", b"\0"):
-            pending_name = None
-            continue
-        name = pending_name
-        if name is None:
-            name = header[:100].split(b"\0", 1)[0].decode("utf-8")
-            prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8") if header[257:262] == b"ustar" else ""
-            name = f"{prefix}/{name}" if prefix else name
-        pending_name = None
-        yield name, data
-
-
-def read_shard(url: str, timeout: float) -> Iterator[dict]:
-    """Samples (``__key__`` + raw bytes per field) of one shard, in tar order.
-
-    Files are grouped into samples by key as WebDataset does (``dir/key.field.ext`` -> key
-    ``dir/key``, field ``field.ext``). A truncated or corrupt tar ends the shard with
-    :class:`tarfile.ReadError` after the complete samples before the damage were yielded.
-    """
-    stream = open_url(url, timeout)
+@contextlib.contextmanager
+def _stop_signals_blocked() -> Iterator[None]:
+    """Workers forked in this block start with the stop signals blocked (pending, not lost) until
+    :func:`_ignore_stop_signals` ignores them; the main process receives its own on leaving."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
-        sample: dict | None = None
-        for name, data in _tar_members(stream):
-            key, field = base_plus_ext(name)
-            if key is None or key.startswith("__") or "/__" in key:
-                continue
-            if sample is None or key != sample["__key__"]:
-                if sample is not None:
-                    yield sample
-                sample = {"__key__": key, "__url__": url}
-            sample[field.lower()] = data
-        if sample is not None:
-            yield sample
+        yield
     finally:
-        stream.close()
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def count_samples(urls: Sequence[str], timeout: float = 30.0) -> int:
-    """Number of samples in the shards (reads tar headers; data blocks are skipped)."""
-    total = 0
-    for url in urls:
-        with open_url(url, timeout) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-            total += len({base_plus_ext(m.name)[0] for m in tar if m.isreg()})
-    return total
-
-
-def decode_sample(sample: dict, with_meta: bool = True) -> dict:
-    """Raw fields -> python/torch values: images -> float (C,H,W) in [-1,1], npy -> tensor
-    ("array", or ``name`` for ``name.npy``, e.g. the encode stage's codes), cls -> int,
-    json -> object (only ``with_meta``), txt -> str. Unknown fields are dropped."""
-    out: dict[str, Any] = {"key": sample["__key__"]}
-    try:
-        for name, value in sample.items():
-            if name in IMAGE_FIELDS:
-                out["image"] = transforms.image_to_tensor(Image.open(io.BytesIO(value)))
-            elif name == "npy" or name.endswith(".npy"):
-                field = "array" if name == "npy" else name.removesuffix(".npy")
-                out[field] = torch.from_numpy(np.load(io.BytesIO(value), allow_pickle=False))
-            elif name == "cls":
-                out["label"] = int(value)
-            elif name == "json" and with_meta:
-                out["meta"] = json.loads(value)
-            elif name == "txt":
-                out["text"] = value.decode("utf-8")
-    except Exception as err:
-        raise SampleDecodeError(f"sample {sample['__key__']} in {sample.get('__url__')}: {err}") from err
-    return out
-
-
-def endless(loader: "ShardLoader") -> Iterator[dict]:
+def endless(loader: ShardLoader) -> Iterator[dict]:
     """Batches epoch after epoch (each ``iter(loader)`` continues where the last stopped)."""
     while True:
         yield from loader
@@ -291,6 +171,7 @@ class _EpochSlice(torch.utils.data.IterableDataset):
     def __init__(self, urls, layout: Layout, epoch: int, start: int, failures: list[int], options: dict):
         self.urls, self.layout, self.epoch, self.start = urls, layout, epoch, start
         self.failures, self.options = failures, options
+        self.damage: list[tuple[str, str]] = []  # (url, error) found since the last batch
 
     def __iter__(self) -> Iterator[tuple[dict, dict]]:
         info = torch.utils.data.get_worker_info()
@@ -312,17 +193,16 @@ class _EpochSlice(torch.utils.data.IterableDataset):
             index = 0
             for url in mine:
                 try:
-                    for sample in read_shard(url, opts["timeout"]):
+                    for sample in read_shard(url, opts["timeout"], opts["deadline"]):
                         index += 1
                         if by_sample and (index - 1) % lay.num_slots != global_slot:
                             continue
                         produced += 1
                         yield sample
-                except (tarfile.ReadError, OSError, ValueError) as err:
+                except (DamagedShardError, TransferError, OSError) as err:
                     if opts["on_error"] == "raise":
                         raise
-                    self.read_errors += 1
-                    log.warning("skipping the rest of shard %s: %s", url, err)
+                    self.damage.append((url, str(err)))
             if produced == 0:
                 raise StreamError(
                     f"rank {lay.rank} slot {global_slot % lay.slots_per_rank} read no samples from "
@@ -332,7 +212,6 @@ class _EpochSlice(torch.utils.data.IterableDataset):
     def _slot_batches(self, slot: int, skip_batches: int) -> Iterator[tuple[dict, dict]]:
         lay, opts = self.layout, self.options
         global_slot = lay.rank * lay.slots_per_rank + slot
-        self.read_errors = 0
         failures = 0
         rng = python_rng(lay.seed, "shuffle", self.epoch, global_slot)
         stream = shuffled(self._raw(global_slot), opts["shuffle_buffer"], rng)
@@ -341,9 +220,9 @@ class _EpochSlice(torch.utils.data.IterableDataset):
         index = 0  # decoded samples of this slot in this epoch: fixes each one's augmentation
         batch: list[dict] = []
         remaining = lay.slot_batches(slot) - skip_batches
+        if remaining <= 0:
+            return
         for raw in stream:
-            if remaining <= 0:
-                return
             skipping = index < to_skip
             if skipping and not must_decode_skipped:
                 index += 1
@@ -364,9 +243,13 @@ class _EpochSlice(torch.utils.data.IterableDataset):
                 sample["image"] = transforms.augment(sample["image"], gen, opts["flip"], opts["crop"])
             batch.append(sample)
             if len(batch) == lay.batch_size:
-                yield collate(batch), {"slot": slot, "failures": failures, "read_errors": self.read_errors}
+                # damage met while filling this batch travels with it; nothing is read after the last
+                yield collate(batch), {"slot": slot, "failures": failures, "damage": self.damage}
+                self.damage = []
                 batch = []
                 remaining -= 1
+                if remaining == 0:
+                    return
 
 
 class ShardLoader:
@@ -387,48 +270,83 @@ class ShardLoader:
         crop: int | None = None,
         on_error: str = "skip",
         timeout: float = 30.0,
+        deadline: float = SHARD_DEADLINE,
         with_meta: bool = False,
     ):
+        """``timeout``: seconds one remote read may stall; ``deadline``: seconds one shard's whole
+        transfer may take; ``on_error``: "skip" (and count) or "raise" on damaged shards and
+        undecodable samples."""
         self.urls = expand_urls(urls)
         if samples_per_epoch is None:
-            samples_per_epoch = count_samples(self.urls, timeout)
+            samples_per_epoch = count_samples(self.urls, timeout, deadline)
         self.layout = Layout(len(self.urls), samples_per_epoch, batch_size, rank, world_size, num_workers, seed)
         self.layout.check()
         if len(self.urls) < self.layout.num_slots:
-            log.info("%d shards for %d reader slots: every slot reads all shards and keeps its share "
-                     "of samples; write more shards for less I/O", len(self.urls), self.layout.num_slots)
-        self.options = {"shuffle_buffer": shuffle_buffer, "flip": flip, "crop": crop,
-                        "on_error": on_error, "timeout": timeout, "with_meta": with_meta}
+            log.info(
+                "%d shards for %d reader slots: every slot reads all shards and keeps its share "
+                "of samples; write more shards for less I/O",
+                len(self.urls),
+                self.layout.num_slots,
+            )
+        self.options = {
+            "shuffle_buffer": shuffle_buffer,
+            "flip": flip,
+            "crop": crop,
+            "on_error": on_error,
+            "timeout": timeout,
+            "deadline": deadline,
+            "with_meta": with_meta,
+        }
         self.epoch = 0
         self.batches = 0
         self.failures = [0] * self.layout.slots_per_rank  # this epoch, per slot: for resume
-        self.slot_read_errors = [0] * self.layout.slots_per_rank
-        self.skipped = {"undecodable_samples": 0, "damaged_shards": 0}  # since construction
+        self.undecodable_samples = 0  # since construction
+        self.damaged_shards: dict[str, dict[str, Any]] = {}
+        """Per damaged shard: its first error and how many reads of it found the damage (a shard
+        is re-read by every slot that reads it and in every epoch); for the stage's manifest."""
 
     def __len__(self) -> int:
         return self.layout.batches_per_epoch
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        """Undecodable samples and distinct damaged shards met since construction."""
+        return {"undecodable_samples": self.undecodable_samples, "damaged_shards": len(self.damaged_shards)}
+
+    def _record_damage(self, url: str, error: str) -> None:
+        seen = self.damaged_shards.setdefault(url, {"error": error, "reads": 0})
+        seen["reads"] += 1
+        if seen["reads"] == 1:  # once per shard, not once per slot, wrap-around and epoch
+            log.warning("%s; skipping the rest of this shard (warned once, counted in damaged_shards)", error)
 
     def __iter__(self) -> Iterator[dict]:
         """The rest of the current epoch; the next iteration starts the next epoch."""
         lay = self.layout
         dataset = _EpochSlice(self.urls, lay, self.epoch, self.batches, list(self.failures), self.options)
         loader = torch.utils.data.DataLoader(
-            dataset, batch_size=None, num_workers=lay.num_workers,
+            dataset,
+            batch_size=None,
+            num_workers=lay.num_workers,
             multiprocessing_context="fork" if lay.num_workers else None,
+            worker_init_fn=_ignore_stop_signals if lay.num_workers else None,
         )
-        for batch, meta in loader:
+        with _stop_signals_blocked():
+            batches = iter(loader)  # forks the workers
+        for batch, meta in batches:
             slot = meta["slot"]
             self.batches += 1
-            self.skipped["undecodable_samples"] += meta["failures"] - self.failures[slot]
-            self.skipped["damaged_shards"] += meta["read_errors"] - self.slot_read_errors[slot]
-            self.failures[slot], self.slot_read_errors[slot] = meta["failures"], meta["read_errors"]
+            self.undecodable_samples += meta["failures"] - self.failures[slot]
+            self.failures[slot] = meta["failures"]
+            for url, error in meta["damage"]:
+                self._record_damage(url, error)
             yield batch
         if self.batches != lay.batches_per_epoch:  # a worker stopped short: never silently
-            raise StreamError(f"rank {lay.rank} got {self.batches} of {lay.batches_per_epoch} batches in epoch {self.epoch}")
+            raise StreamError(
+                f"rank {lay.rank} got {self.batches} of {lay.batches_per_epoch} batches in epoch {self.epoch}"
+            )
         self.epoch += 1
         self.batches = 0
         self.failures = [0] * lay.slots_per_rank
-        self.slot_read_errors = [0] * lay.slots_per_rank
 
     def state_dict(self) -> dict:
         lay = self.layout
@@ -437,9 +355,15 @@ class ShardLoader:
             "batches": self.batches,
             "samples_seen": self.batches * lay.batch_size,
             "failures": list(self.failures),
-            "layout": {"num_shards": lay.num_shards, "samples_per_epoch": lay.samples_per_epoch,
-                       "batch_size": lay.batch_size, "world_size": lay.world_size,
-                       "num_workers": lay.num_workers, "seed": lay.seed},
+            "damaged_shards": {url: dict(seen) for url, seen in self.damaged_shards.items()},
+            "layout": {
+                "num_shards": lay.num_shards,
+                "samples_per_epoch": lay.samples_per_epoch,
+                "batch_size": lay.batch_size,
+                "world_size": lay.world_size,
+                "num_workers": lay.num_workers,
+                "seed": lay.seed,
+            },
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -455,15 +379,24 @@ class ShardLoader:
         if not 0 <= state["batches"] <= lay.batches_per_epoch:
             raise StreamError(f"loader state has {state['batches']} batches of {lay.batches_per_epoch}")
         self.epoch, self.batches, self.failures = state["epoch"], state["batches"], list(state["failures"])
+        # states saved before damaged shards were counted lack the key
+        self.damaged_shards = {url: dict(seen) for url, seen in state.get("damaged_shards", {}).items()}
 
 
-def sequential_batches(urls: str | Sequence[str], batch_size: int, *, timeout: float = 30.0,
-                       with_meta: bool = False) -> Iterator[dict]:
+def sequential_batches(
+    urls: str | Sequence[str],
+    batch_size: int,
+    *,
+    timeout: float = 30.0,
+    deadline: float = SHARD_DEADLINE,
+    with_meta: bool = False,
+) -> Iterator[dict]:
     """Every sample of the shards once, in shard order, in batches (the last may be smaller):
-    for evaluation and encoding, where order and completeness matter more than shuffling."""
+    for evaluation and encoding, where order and completeness matter more than shuffling, so a
+    damaged shard raises (naming it)."""
     batch: list[dict] = []
     for url in expand_urls(urls):
-        for raw in read_shard(url, timeout):
+        for raw in read_shard(url, timeout, deadline):
             batch.append(decode_sample(raw, with_meta))
             if len(batch) == batch_size:
                 yield collate(batch)

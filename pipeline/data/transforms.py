@@ -66,10 +66,7 @@ def to_square(
 def image_to_tensor(image: Image.Image) -> torch.Tensor:
     """PIL 'L'/'RGB' -> float32 (C, H, W) in [-1, 1], the range every network here expects."""
     array = np.asarray(image, dtype=np.uint8)
-    if array.ndim == 2:
-        array = array[None]
-    else:
-        array = array.transpose(2, 0, 1)
+    array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
     return torch.from_numpy(array.copy()).float().div_(127.5).sub_(1.0)
 
 

@@ -11,7 +11,8 @@ from PIL import Image
 from pipeline import config, manifest
 from pipeline.data import shards
 from pipeline.data.inspect import inspect
-from pipeline.data.stream import decode_sample, expand_urls, read_shard
+from pipeline.data.reader import decode_sample, read_shard
+from pipeline.data.remote import expand_urls
 from stages import prepare
 
 BACKGROUND = (10, 200, 30)
@@ -42,9 +43,17 @@ def _samples(directory, split):
 
 def test_folder_round_trip_images_labels_and_metadata(tmp_path):
     _folder_dataset(tmp_path / "imgs")
-    cfg = _cfg(tmp_path, "data.source=folder", f"data.path={tmp_path / 'imgs'}", "data.labels_from_subfolders=true",
-               "data.color=rgb", "data.resolution=8", f"data.background={list(BACKGROUND)}", "data.val_fraction=0.3",
-               "data.shard_max_count=4")
+    cfg = _cfg(
+        tmp_path,
+        "data.source=folder",
+        f"data.path={tmp_path / 'imgs'}",
+        "data.labels_from_subfolders=true",
+        "data.color=rgb",
+        "data.resolution=8",
+        f"data.background={list(BACKGROUND)}",
+        "data.val_fraction=0.3",
+        "data.shard_max_count=4",
+    )
     out = prepare.run(cfg)
     found = manifest.read(out)
     assert found["classes"] == ["cat", "dog"]
@@ -88,8 +97,13 @@ def test_corrupt_files_are_skipped_counted_and_listed(tmp_path):
     assert sorted(s["source"].rsplit("/", 1)[1] for s in found["skipped"]) == ["broken.png", "empty.jpg"]
     assert found["metrics"]["train_count"] + found["metrics"]["val_count"] == 8
 
-    strict = _cfg(tmp_path, "data.source=folder", f"data.path={tmp_path / 'imgs'}", "data.on_error=raise",
-                  "experiment.name=strict")
+    strict = _cfg(
+        tmp_path,
+        "data.source=folder",
+        f"data.path={tmp_path / 'imgs'}",
+        "data.on_error=raise",
+        "experiment.name=strict",
+    )
     with pytest.raises(prepare.PrepareError, match="broken.png|empty.jpg"):
         prepare.run(strict)
     assert manifest.read(strict.stage_dir("prepare"))["status"] == "failed"
@@ -157,25 +171,36 @@ def test_list_source_reads_paths_and_urls_and_skips_unreachable_ones(tmp_path):
     try:
         port = server.server_address[1]
         listing = tmp_path / "list.txt"
-        listing.write_text("# comment\nimgs/local0.png\nimgs/local1.png\n\n"
-                           f"{images / 'local2.png'}\nhttp://127.0.0.1:{port}/remote.png\n"
-                           f"http://127.0.0.1:{port}/missing.png\n")
+        listing.write_text(
+            "# comment\nimgs/local0.png\nimgs/local1.png\n\n"
+            f"{images / 'local2.png'}\nhttp://127.0.0.1:{port}/remote.png\n"
+            f"http://127.0.0.1:{port}/missing.png\n"
+        )
         cfg = _cfg(tmp_path, "data.source=list", f"data.path={listing}", "data.resolution=8", "data.url_timeout=5")
         found = manifest.read(prepare.run(cfg))
     finally:
         server.shutdown()
     assert found["metrics"]["train_count"] + found["metrics"]["val_count"] == 4
     (skipped,) = found["skipped"]
-    assert skipped["source"].endswith("/missing.png") and "cannot fetch" in skipped["error"]
-    sources = {json.loads(s["json"])["source"] for split in ("train", "val") for s in _samples(cfg.stage_dir("prepare"), split)}
+    assert skipped["source"].endswith("/missing.png") and "cannot reach" in skipped["error"]
+    sources = {
+        json.loads(s["json"])["source"] for split in ("train", "val") for s in _samples(cfg.stage_dir("prepare"), split)
+    }
     assert f"http://127.0.0.1:{port}/remote.png" in sources and str(images / "local2.png") in sources
 
 
 def test_shards_are_not_in_source_order(tmp_path):
     # scikit-learn's digits, like many folders, come class after class; the shards must mix them
     # so that a streaming shuffle buffer sees every class
-    cfg = config.load(overrides=[f"experiment.runs_dir={tmp_path}", "data.source=digits", "data.resolution=8",
-                                 "data.shard_max_count=100", "data.workers=0"])
+    cfg = config.load(
+        overrides=[
+            f"experiment.runs_dir={tmp_path}",
+            "data.source=digits",
+            "data.resolution=8",
+            "data.shard_max_count=100",
+            "data.workers=0",
+        ]
+    )
     prepare.run(cfg)
     first = sorted(cfg.stage_dir("prepare").glob("train-*.tar"))[0]
     labels = [int(sample["cls"]) for sample in read_shard(str(first), 5)]

@@ -3,6 +3,9 @@
 import functools
 import http.server
 import io
+import os
+import signal
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -13,7 +16,8 @@ import torch
 from PIL import Image
 
 from pipeline.data import shards
-from pipeline.data.stream import Layout, SampleDecodeError, ShardLoader, StreamError, slot_shards
+from pipeline.data.reader import DamagedShardError, SampleDecodeError
+from pipeline.data.stream import Layout, ShardLoader, StreamError, slot_shards
 
 
 def _png(value, size=6):
@@ -67,8 +71,9 @@ def test_uneven_shards_give_every_rank_the_same_batch_count(tmp_path, workers):
     world, batch = 2, 4
     per_rank = []
     for rank in range(world):
-        loader = ShardLoader(urls, batch_size=batch, rank=rank, world_size=world, num_workers=workers,
-                             shuffle_buffer=8, seed=1)
+        loader = ShardLoader(
+            urls, batch_size=batch, rank=rank, world_size=world, num_workers=workers, shuffle_buffer=8, seed=1
+        )
         epochs = [_keys(loader) for _ in range(2)]
         per_rank.append(epochs)
         assert [len(e) for e in epochs] == [66 // (world * batch)] * 2
@@ -79,8 +84,14 @@ def test_uneven_shards_give_every_rank_the_same_batch_count(tmp_path, workers):
 
 def test_fewer_shards_than_slots_splits_by_sample(tmp_path):
     urls = _write_shards(tmp_path, [30])
-    keys = [set(k for b in _keys(ShardLoader(urls, batch_size=3, rank=r, world_size=2, num_workers=2, shuffle_buffer=4)) for k in b)
-            for r in range(2)]
+    keys = [
+        {
+            k
+            for b in _keys(ShardLoader(urls, batch_size=3, rank=r, world_size=2, num_workers=2, shuffle_buffer=4))
+            for k in b
+        }
+        for r in range(2)
+    ]
     assert keys[0] and keys[1] and not keys[0] & keys[1]
 
 
@@ -94,8 +105,18 @@ def test_rank_output_does_not_depend_on_reading_in_workers_or_main_process(tmp_p
 @pytest.mark.parametrize("workers", [0, 2])
 def test_exact_resume_yields_the_uninterrupted_batches(tmp_path, workers):
     urls = _write_shards(tmp_path, [11, 23, 7, 19, 14])
-    make = functools.partial(ShardLoader, urls, batch_size=4, rank=0, world_size=2, num_workers=workers,
-                             shuffle_buffer=10, seed=5, flip=True, crop=6)
+    make = functools.partial(
+        ShardLoader,
+        urls,
+        batch_size=4,
+        rank=0,
+        world_size=2,
+        num_workers=workers,
+        shuffle_buffer=10,
+        seed=5,
+        flip=True,
+        crop=6,
+    )
     uninterrupted = make()
     reference = []
     for _ in range(2):
@@ -142,15 +163,72 @@ def test_undecodable_sample_raises_when_asked(tmp_path):
         _keys(ShardLoader(urls, batch_size=2, on_error="raise", shuffle_buffer=1))
 
 
-def test_truncated_shard_is_skipped_with_a_warning(tmp_path, caplog):
+@pytest.mark.parametrize("boundary", [512, 4096])
+def test_a_shard_cut_at_a_block_boundary_is_skipped_counted_and_warned_once(tmp_path, caplog, boundary):
     urls = _write_shards(tmp_path, [20, 20])
     data = open(urls[1], "rb").read()
     with open(urls[1], "wb") as handle:
-        handle.write(data[: len(data) // 2 + 100])  # cut mid-member
-    loader = ShardLoader(urls, batch_size=4, samples_per_epoch=40, shuffle_buffer=4)
-    keys = {k for b in _keys(loader) for k in b}
-    assert keys and loader.skipped["damaged_shards"] >= 1
-    assert "skipping the rest of shard" in caplog.text
+        handle.write(data[: len(data) // 2 // boundary * boundary])  # a copy cut at a block boundary
+    loader = ShardLoader(urls, batch_size=4, num_workers=2, samples_per_epoch=40, shuffle_buffer=4)
+    for _ in range(2):  # both workers read both shards (fewer shards than slots), twice
+        for batch in loader:
+            assert batch["image"].shape[0] == batch["label"].shape[0] == 4, "no sample with missing fields"
+    assert list(loader.damaged_shards) == [urls[1]] and loader.damaged_shards[urls[1]]["reads"] >= 2
+    assert "cut short" in loader.damaged_shards[urls[1]]["error"]
+    assert loader.skipped["damaged_shards"] == 1
+    assert len([r for r in caplog.records if urls[1] in r.getMessage()]) == 1, "one warning per shard"
+    resumed = ShardLoader(urls, batch_size=4, num_workers=2, samples_per_epoch=40, shuffle_buffer=4)
+    resumed.load_state_dict(loader.state_dict())
+    assert resumed.damaged_shards == loader.damaged_shards, "the count survives a checkpoint"
+
+
+def test_a_damaged_shard_raises_when_asked(tmp_path):
+    urls = _write_shards(tmp_path, [10, 10])
+    data = open(urls[0], "rb").read()
+    open(urls[0], "wb").write(data[:4096])
+    with pytest.raises(DamagedShardError, match="train-000000.tar is damaged"):
+        _keys(ShardLoader(urls, batch_size=2, samples_per_epoch=20, on_error="raise", shuffle_buffer=1))
+
+
+def test_workers_ignore_stop_signals_meant_for_the_main_process(tmp_path):
+    """SIGTERM to the process group (SLURM, ``timeout``) must not kill the workers: the main process
+    handles it (checkpoints) and the epoch goes on."""
+    urls = _write_shards(tmp_path, [12, 12, 12, 12])
+    make = functools.partial(ShardLoader, urls, batch_size=3, num_workers=2, shuffle_buffer=4, seed=4)
+    reference = _keys(make())
+    received = []
+    previous = signal.signal(signal.SIGTERM, lambda sig, frame: received.append(sig))
+    try:
+        keys = []
+        for batch in make():
+            keys.append(tuple(batch["key"]))
+            if len(keys) == 2:
+                workers = _children()
+                assert len(workers) == 2
+                for sig in ("TERM", "INT", "USR1"):  # from another process, as SLURM's or kill's
+                    subprocess.run(["kill", f"-{sig}", *map(str, workers)], check=True)
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.5)
+                assert _children() == workers, "the workers are alive"
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert received == [signal.SIGTERM]
+    assert keys == reference
+
+
+def _children() -> list[int]:
+    """Live child processes of this one (the DataLoader workers)."""
+    mine = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = open(f"/proc/{entry}/stat").read()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2 :].split()  # state, ppid, ...
+            if int(fields[1]) == os.getpid() and fields[0] != "Z":
+                mine.append(int(entry))
+    return sorted(mine)
 
 
 def test_changed_layout_refuses_to_resume(tmp_path):
@@ -190,7 +268,7 @@ def test_streaming_over_http_equals_local(tmp_path):
 
 def test_unreachable_url_fails_fast_with_a_clear_error():
     start = time.monotonic()
-    with pytest.raises(StreamError, match="cannot reach shard http://127.0.0.1:9/"):
+    with pytest.raises(StreamError, match="cannot reach http://127.0.0.1:9/"):
         ShardLoader("http://127.0.0.1:9/train-000000.tar", batch_size=2, timeout=5)
     assert time.monotonic() - start < 10
 
@@ -198,4 +276,6 @@ def test_unreachable_url_fails_fast_with_a_clear_error():
 def test_pipe_urls_are_read(tmp_path):
     urls = _write_shards(tmp_path, [6])
     pipe = f"pipe:cat {urls[0]}"
-    assert _keys(ShardLoader(pipe, batch_size=2, shuffle_buffer=1)) == _keys(ShardLoader(urls, batch_size=2, shuffle_buffer=1))
+    assert _keys(ShardLoader(pipe, batch_size=2, shuffle_buffer=1)) == _keys(
+        ShardLoader(urls, batch_size=2, shuffle_buffer=1)
+    )
