@@ -159,7 +159,15 @@ class AutoencoderConfig:
     time_budget_minutes: Optional[float] = option(
         None, "Stop (checkpoint, exit code 75) after this long in one job; rerunning resumes.")
     mixed_precision: Literal["fp32", "bf16", "fp16"] = option("fp32", "Autocast precision (fp16 adds a grad scaler).")
-    max_nonfinite_steps: int = option(10, "Stop with an error after this many non-finite losses in a row.")
+    max_nonfinite_steps: int = option(10, "Non-finite losses in a row before stopping (or rolling back).")
+    on_nonfinite: Literal["rollback", "stop"] = option(
+        "stop", "After max_nonfinite_steps in a row: stop with an error, or reload the last checkpoint with a "
+        "lower learning rate.")
+    rollback_lr_factor: float = option(0.5, "Learning-rate factor applied at each rollback.")
+    max_rollbacks: int = option(3, "Rollbacks before giving up with an error.")
+    compile: bool = option(False, "torch.compile the autoencoder and discriminator (slower start, faster steps).")
+    tf32: bool = option(True, "CUDA: TF32 for fp32 matmuls and convolutions (off: full fp32 products).")
+    channels_last: bool = option(True, "CUDA: channels_last (NHWC) weights and image batches for cuDNN's fast kernels.")
     num_workers: int = option(1, "DataLoader workers per rank.")
     shuffle_buffer: int = option(1000, "Samples in the streaming shuffle buffer.")
     flip: bool = option(False, "Random horizontal flips (off for digits).")
@@ -190,6 +198,10 @@ class AutoencoderConfig:
             _fail(f"{key}.time_budget_minutes", f"must be positive, got {self.time_budget_minutes}")
         if self.num_workers < 0 or self.dead_code_steps < 0 or self.gan_weight < 0 or self.lpips_weight < 0:
             _fail(key, "num_workers, dead_code_steps, gan_weight and lpips_weight must be >= 0")
+        if not 0.0 < self.rollback_lr_factor < 1.0:
+            _fail(f"{key}.rollback_lr_factor", f"must be in (0, 1), got {self.rollback_lr_factor}")
+        if self.max_rollbacks < 0:
+            _fail(f"{key}.max_rollbacks", f"must be >= 0, got {self.max_rollbacks}")
 
     @property
     def factor(self) -> int:
@@ -269,6 +281,9 @@ class DiffusionConfig:
     keep_checkpoints: int = option(2, "Newest checkpoints kept.")
     peak_tflops: Optional[float] = option(
         None, "Peak TFLOP/s of one device for the MFU readout (e.g. 989 for an H100's dense bf16); None: no MFU.")
+    compile: bool = option(False, "torch.compile the denoiser network (slower start, faster steps).")
+    tf32: bool = option(True, "CUDA: TF32 for fp32 matmuls and convolutions (off: full fp32 products).")
+    channels_last: bool = option(True, "CUDA, U-Net: channels_last (NHWC) weights and latent batches.")
 
     def validate(self, key: str) -> None:
         for name in ("timesteps", "batch_size", "gradient_accumulation_steps", "max_steps", "log_every", "image_every",

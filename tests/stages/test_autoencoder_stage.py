@@ -7,6 +7,7 @@ from safetensors.torch import load_file
 from pipeline import config, manifest
 from pipeline.autoencoder.build import build_autoencoder
 from pipeline.errors import LatentpipeError, StageInterrupted
+from pipeline.runtime.training import NonFiniteLossError
 from stages import autoencoder, prepare
 
 from tests.support import signal_before_step
@@ -84,7 +85,7 @@ def test_non_finite_losses_are_skipped_then_stop_the_stage(prepared, tmp_path, l
         return (loss * float("nan") if calls["n"] in (2, 5, 6, 7) else loss), x_hat, terms, counts
 
     monkeypatch.setattr(autoencoder.Objective, "__call__", sometimes_nan)
-    with pytest.raises(autoencoder.NonFiniteLossError, match="3 non-finite losses in a row"):
+    with pytest.raises(NonFiniteLossError, match="3 non-finite steps in a row"):
         autoencoder.run(cfg)
 
 
