@@ -7,6 +7,7 @@ from safetensors.torch import load_file
 from pipeline import config, manifest
 from pipeline.autoencoder.build import build_autoencoder
 from pipeline.errors import LatentpipeError, StageInterrupted
+from pipeline.runtime import checkpoint
 from pipeline.runtime.training import NonFiniteLossError
 from stages import autoencoder, prepare
 
@@ -123,3 +124,26 @@ def test_checkpoints_from_another_config_are_set_aside_not_resumed(prepared, tmp
     assert "moved to" in caplog.text and "resumed from" not in caplog.text
     assert sorted(p.name for p in (directory / "checkpoints.stale").iterdir()) == ["step-00000003", "step-00000006"]
     assert sorted(p.name for p in (directory / "checkpoints").iterdir()) == ["step-00000003", "step-00000006"]
+
+
+def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one(prepared, tmp_path, monkeypatch, caplog):
+    caplog.set_level("INFO")
+    args = ("autoencoder.max_steps=8", "autoencoder.checkpoint_every=2", "autoencoder.lpips=none")
+    reference = _cfg(_fresh_copy(prepared, tmp_path / "a"), *args)
+    expected = load_file(autoencoder.run(reference) / autoencoder.WEIGHTS_FILE)
+
+    cfg = _cfg(_fresh_copy(prepared, tmp_path / "b"), *args)
+    signal_before_step(monkeypatch, 5)
+    with pytest.raises(StageInterrupted):
+        autoencoder.run(cfg)
+    monkeypatch.undo()
+    newest = checkpoint.latest(cfg.stage_dir("autoencoder") / "checkpoints")
+    assert newest.name == "step-00000005"
+    state = newest / "state.pt"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    found = manifest.read(autoencoder.run(cfg))
+    assert found["status"] == "complete" and found["metrics"]["steps"] == 8
+    assert "unreadable" in caplog.text and "resumed from" in caplog.text and "step-00000004" in caplog.text
+    resumed = load_file(cfg.stage_dir("autoencoder") / autoencoder.WEIGHTS_FILE)
+    for name in expected:  # steps 4..8 again from the older checkpoint: the same weights
+        assert torch.equal(resumed[name], expected[name]), name
