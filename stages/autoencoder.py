@@ -188,7 +188,8 @@ def run(cfg: config.Config) -> Path:
             state_dict = {k: v.detach().cpu().contiguous() for k, v in unwrapped.state_dict().items()}
             atomic.write_bytes(weights_path, safetensors_bytes(state_dict))
             record.add_output(weights_path)
-            record.metrics.update(metrics, steps=state.progress.step, skipped_steps=state.progress.skipped_steps)
+            record.metrics.update(metrics, steps=state.progress.step, skipped_steps=state.progress.skipped_steps,
+                                  rollbacks=state.progress.rollbacks)
             record.extra.update(latent={"channels": ae.latent_channels, "resolution": resolution // ae.factor,
                                         "kind": ae.kind}, image={"channels": channels, "resolution": resolution})
             log.info("autoencoder: %s", ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))

@@ -207,8 +207,9 @@ def run(cfg: config.Config) -> Path:
             atomic.write_bytes(weights_path, safetensors_bytes(ema.averaged_state_dict()))
             record.add_output(weights_path)
             record.metrics.update(steps=state.progress.step, skipped_steps=state.progress.skipped_steps,
-                                  rollbacks=state.progress.rollbacks, final_loss=loop.last_loss.item(),
-                                  parameters=sum(p.numel() for p in net.parameters()))
+                                  rollbacks=state.progress.rollbacks, parameters=sum(p.numel() for p in net.parameters()))
+            if loop.last_loss is not None:  # None when the job resumed from its final checkpoint
+                record.metrics["final_loss"] = loop.last_loss.item()
             record.extra.update(denoiser={
                 "backbone": d.backbone, "network": asdict(net.config), "num_classes": num_classes,
                 "latent_shape": list(shape), "process": d.process, "prediction": d.prediction,

@@ -48,6 +48,9 @@ from pipeline.runtime.preemption import StopSignal
 
 log = logging.getLogger(__name__)
 
+STATE_LAYOUT = "train-state-2"
+"""Version of what :class:`TrainState` writes; checkpoints of another layout (the stages' own
+before this toolkit) are set aside like those of another config instead of failing to load."""
 PROGRESS_SECONDS_ENV = "LATENTPIPE_PROGRESS_SECONDS"
 """Environment variable: least seconds between two progress lines when output is not a terminal."""
 
@@ -91,7 +94,9 @@ def prepare_network(net: torch.nn.Module, device: torch.device, *, compile: bool
     (``Module.compile`` keeps the module and its state-dict keys, so checkpoints and the EMA
     are unchanged)."""
     device = torch.device(device)
-    net = net.to(device, memory_format=torch.channels_last) if channels_last and device.type == "cuda" else net.to(device)
+    net = net.to(device)
+    if channels_last and device.type == "cuda":
+        net = net.to(memory_format=torch.channels_last)
     if compile:
         net.compile()
     return net
@@ -130,7 +135,8 @@ class TrainState:
     def __init__(self, runtime: Runtime, directory: Path, *, resume_key: str, keep: int, loader: ShardLoader,
                  pairs: dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]],
                  scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, ema: EMA | None = None):
-        self.runtime, self.directory, self.resume_key, self.keep = runtime, Path(directory), resume_key, keep
+        self.runtime, self.directory, self.keep = runtime, Path(directory), keep
+        self.resume_key = f"{STATE_LAYOUT}:{resume_key}"
         self.loader, self.pairs, self.scheduler, self.ema = loader, pairs, scheduler, ema
         self.progress = Progress()
 
@@ -183,7 +189,7 @@ class TrainState:
         """Train at ``lr`` from now on (scheduled: the schedule's peak; it keeps its shape)."""
         for optimizer in self.optimizers:
             if self.scheduler is not None and self.scheduler.optimizer is optimizer:
-                scale_learning_rate(optimizer, self.scheduler, lr / self.scheduler.base_lrs[0])
+                scale_learning_rate(optimizer, self.scheduler, lr / float(self.scheduler.base_lrs[0]))
             else:
                 for group in optimizer.param_groups:
                     group["lr"] = lr
@@ -215,7 +221,8 @@ class TrainingLoop:
         self.flops_per_sample, self.peak_tflops = flops_per_sample, peak_tflops
         self._nonfinite_in_a_row = 0
         self._stop: str | None = None  # why to stop at the next step boundary
-        self._reason: str | None | object = _UNREAD  # this rank's stop reason, read once per step
+        self._reason: str | None = None  # this rank's stop reason, read once per step ...
+        self._reason_read = False  # ... at its first check
         self._losses: list[torch.Tensor] = []
         self._flags: list[float] | None = None  # the step's reduced [stop, loss bad, gradient bad]
         self._window = _Window()
@@ -246,7 +253,7 @@ class TrainingLoop:
                 self.state.save()
                 raise StageInterrupted(f"{self.name} stopped at step {self.state.progress.step} ({self._stop}); "
                                        f"rerun the same command to resume")
-            self._losses, self._flags, self._reason = [], None, _UNREAD
+            self._losses, self._flags, self._reason_read = [], None, False
             yield self.state.progress.step
 
     def next_batch(self) -> dict:
@@ -274,12 +281,14 @@ class TrainingLoop:
         DeepSpeed (its step has already run)."""
         self.last_loss = torch.stack(self._losses).mean() if self._losses else None
         if self._flags is None:
-            grad_bad = None if grad_norm is None or self.runtime.scaler is not None else ~torch.isfinite(grad_norm)
+            grad_bad = None
+            if grad_norm is not None and self.runtime.scaler is None:
+                grad_bad = ~torch.isfinite(grad_norm)
             self._flags = self._reduce(_nonfinite(self._losses), grad_bad)
-        stop, loss_bad, grad_bad = self._flags
+        stop, bad_loss, bad_gradient = self._flags
         if stop:
             self._stop = self._reason or "another rank"
-        if not (loss_bad or grad_bad):
+        if not (bad_loss or bad_gradient):
             self._nonfinite_in_a_row = 0
             self._grad_norm = grad_norm
             return True
@@ -289,8 +298,8 @@ class TrainingLoop:
     def _reduce(self, loss_bad: torch.Tensor, grad_bad: torch.Tensor | None) -> list[float]:
         """[stop wanted, loss non-finite, gradient non-finite] on any rank: one all-reduce, one sync."""
         device = self.runtime.device
-        if self._reason is _UNREAD:
-            self._reason = self._signal.reason()
+        if not self._reason_read:
+            self._reason, self._reason_read = self._signal.reason(), True
         stop = torch.full((1,), 0.0 if self._reason is None else 1.0, device=device)
         grad = torch.zeros(1, device=device) if grad_bad is None else grad_bad.reshape(1).float().to(device)
         flags = torch.cat([stop, loss_bad.reshape(1).float().to(device), grad])
@@ -343,7 +352,7 @@ class TrainingLoop:
             if self._grad_norm is not None:
                 values["grad_norm"] = _number(self._grad_norm)
             if state.scheduler is not None:
-                values["lr"] = state.scheduler.get_last_lr()[0]
+                values["lr"] = float(state.scheduler.get_last_lr()[0])
             values["skipped_steps"] = state.progress.skipped_steps
             values.update(self._window.rates(self.flops_per_sample, self.peak_tflops, runtime.world_size))
             if self.metrics_log is not None:
@@ -360,9 +369,6 @@ class TrainingLoop:
         """True on the steps that are multiples of ``steps`` and on the last one (after done())."""
         step = self.state.progress.step
         return step % steps == 0 or step == self.cfg.max_steps
-
-
-_UNREAD = object()
 
 
 def _nonfinite(losses: list[torch.Tensor]) -> torch.Tensor:

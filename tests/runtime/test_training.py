@@ -155,7 +155,7 @@ def test_redirected_output_gets_a_progress_line_per_log_window(encoded, tmp_path
         result = subprocess.run(
             [sys.executable, "-m", "pipeline.cli", "autoencoder", f"experiment.runs_dir={root}", *ARGS,
              "autoencoder.max_steps=6", "autoencoder.log_every=2"],
-            stdout=handle, stderr=subprocess.STDOUT, timeout=300, cwd=REPO,
+            stdout=handle, stderr=subprocess.STDOUT, timeout=300, cwd=REPO, check=False,
             env={**os.environ, training.PROGRESS_SECONDS_ENV: "0", "OMP_NUM_THREADS": "1"})
     text = output.read_text()
     assert result.returncode == 0, text[-3000:]

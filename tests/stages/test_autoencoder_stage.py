@@ -90,6 +90,26 @@ def test_non_finite_losses_are_skipped_then_stop_the_stage(prepared, tmp_path, l
         autoencoder.run(cfg)
 
 
+def test_non_finite_losses_can_roll_back_with_a_lower_learning_rate(prepared, tmp_path, monkeypatch):
+    cfg = _cfg(_fresh_copy(prepared, tmp_path), "autoencoder.max_steps=8", "autoencoder.max_nonfinite_steps=2",
+               "autoencoder.on_nonfinite=rollback", "autoencoder.lpips=none")
+    real = autoencoder.Objective.__call__
+    calls = {"n": 0}
+
+    def nan_after_first_checkpoint(self, model, x, gen):
+        calls["n"] += 1
+        loss, x_hat, terms, counts = real(self, model, x, gen)
+        return (loss * float("nan") if calls["n"] in (5, 6) else loss), x_hat, terms, counts  # step 4, twice
+
+    monkeypatch.setattr(autoencoder.Objective, "__call__", nan_after_first_checkpoint)
+    found = manifest.read(autoencoder.run(cfg))
+    assert found["metrics"]["rollbacks"] == 1 and found["metrics"]["skipped_steps"] == 2
+    assert found["metrics"]["steps"] == 8
+    final = checkpoint.latest(cfg.stage_dir("autoencoder") / "checkpoints") / "state.pt"
+    groups = torch.load(final, weights_only=True)["model"]["optimizer"]["param_groups"]
+    assert [g["lr"] for g in groups] == [0.5 * cfg.autoencoder.learning_rate] * len(groups)
+
+
 def test_resolution_not_divisible_by_the_factor_is_refused(tmp_path):
     cfg = _cfg(tmp_path, "data.resolution=12", "autoencoder.channel_mult=[1,1,1,1]")
     prepare.run(cfg)
