@@ -15,9 +15,9 @@ what it does with a non-finite step, and the progress it reports.
   on its own. A non-finite step is skipped; ``max_nonfinite_steps`` of them in a row either stop
   the stage (:class:`NonFiniteLossError`) or roll back to the newest checkpoint with the learning
   rate times ``rollback_lr_factor`` per rollback, at most ``max_rollbacks`` times.
-* Progress: on a terminal, a tqdm bar; otherwise (SLURM logs, redirected output) one log line
-  every ``log_every`` steps or every ``LATENTPIPE_PROGRESS_SECONDS`` (default 60) seconds,
-  whichever comes later: step/total, loss, images/s, data-wait share, elapsed, ETA.
+* Progress (:mod:`pipeline.runtime.progress`): on a terminal, a tqdm bar; otherwise (SLURM logs,
+  redirected output) one log line every ``log_every`` steps or every 60 s, whichever comes later:
+  step/total, loss, images/s, data-wait share, elapsed, ETA.
 * The GPU fast path of a training stage: TF32 matmuls/convolutions, ``torch.compile`` of the
   network, channels_last for convolutional networks, non-blocking host->device copies
   (:func:`configure_backends`, :func:`prepare_network`, :func:`to_device`).
@@ -26,9 +26,6 @@ what it does with a non-finite step, and the progress it reports.
 from __future__ import annotations
 
 import logging
-import math
-import os
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -36,7 +33,6 @@ from pathlib import Path
 from typing import Any, Literal, Protocol, Self
 
 import torch
-from tqdm import tqdm
 
 from pipeline.data.stream import ShardLoader, endless
 from pipeline.errors import LatentpipeError, StageInterrupted
@@ -45,14 +41,13 @@ from pipeline.runtime.dist import Runtime
 from pipeline.runtime.ema import EMA
 from pipeline.runtime.optim import scale_learning_rate
 from pipeline.runtime.preemption import StopSignal
+from pipeline.runtime.progress import ProgressDisplay, Window
 
 log = logging.getLogger(__name__)
 
 STATE_LAYOUT = "train-state-2"
 """Version of what :class:`TrainState` writes; checkpoints of another layout (the stages' own
 before this toolkit) are set aside like those of another config instead of failing to load."""
-PROGRESS_SECONDS_ENV = "LATENTPIPE_PROGRESS_SECONDS"
-"""Environment variable: least seconds between two progress lines when output is not a terminal."""
 
 
 class NonFiniteLossError(LatentpipeError):
@@ -225,14 +220,14 @@ class TrainingLoop:
         self._reason_read = False  # ... at its first check
         self._losses: list[torch.Tensor] = []
         self._flags: list[float] | None = None  # the step's reduced [stop, loss bad, gradient bad]
-        self._window = _Window()
+        self._window = Window()
         self.last_loss: torch.Tensor | None = None
         self._grad_norm: torch.Tensor | None = None
 
     def __enter__(self) -> Self:
         budget = None if self.cfg.time_budget_minutes is None else self.cfg.time_budget_minutes * 60
         self._signal = StopSignal(budget).__enter__()
-        self._display = _ProgressDisplay(self.name, self.cfg.max_steps, self.state.progress.step,
+        self._display = ProgressDisplay(self.name, self.cfg.max_steps, self.state.progress.step,
                                          enabled=self.runtime.is_main)
         self._batches = endless(self.state.loader)
         self.state.model.train()
@@ -358,7 +353,7 @@ class TrainingLoop:
             if self.metrics_log is not None:
                 self.metrics_log.scalars(step, values)
             self._display.log_step(step, values)
-            self._window = _Window()
+            self._window = Window()
         else:
             self._display.update(step)
         if step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
@@ -377,68 +372,3 @@ def _nonfinite(losses: list[torch.Tensor]) -> torch.Tensor:
 
 def _number(value: Any) -> float:
     return value.item() if isinstance(value, torch.Tensor) else value
-
-
-class _Window:
-    """Throughput of the steps since the last log line: images/s of the job, and this rank's
-    step time, fraction of time spent waiting for data, model TFLOP/s and MFU."""
-
-    def __init__(self):
-        self.start, self.steps, self.samples, self.data_wait = time.perf_counter(), 0, 0, 0.0
-
-    def rates(self, flops_per_sample: int | None, peak_tflops: float | None, world_size: int) -> dict[str, float]:
-        elapsed = time.perf_counter() - self.start
-        rates = {"images_per_s": self.samples / elapsed, "step_time_ms": 1000 * elapsed / max(self.steps, 1),
-                 "data_wait_fraction": self.data_wait / elapsed}
-        if flops_per_sample:
-            rates["model_tflops"] = flops_per_sample * self.samples / world_size / elapsed / 1e12
-            if peak_tflops:
-                rates["mfu"] = rates["model_tflops"] / peak_tflops
-        return rates
-
-
-class _ProgressDisplay:
-    """A tqdm bar on a terminal; log lines where the output is a file (SLURM logs)."""
-
-    def __init__(self, name: str, total: int, initial: int, *, enabled: bool):
-        self.name, self.total, self.initial, self.enabled = name, total, initial, enabled
-        self.start = self.last_line = time.monotonic()
-        self.interval = float(os.environ.get(PROGRESS_SECONDS_ENV, "60"))
-        self.bar = tqdm(total=total, initial=initial, desc=name, leave=False) if enabled and _terminal() else None
-
-    def update(self, step: int) -> None:
-        if self.bar is not None:
-            self.bar.update(step - self.bar.n)
-
-    def reset(self, step: int) -> None:
-        if self.bar is not None:
-            self.bar.n = step
-            self.bar.refresh()
-
-    def log_step(self, step: int, values: dict[str, float]) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{values['images_per_s']:.0f}",
-                                 wait=f"{values['data_wait_fraction']:.0%}", refresh=False)
-            self.update(step)
-            return
-        now = time.monotonic()
-        if not self.enabled or (now - self.last_line < self.interval and step != self.total):
-            return
-        self.last_line, elapsed = now, now - self.start
-        eta = elapsed / max(step - self.initial, 1) * (self.total - step)
-        log.info("%s: step %d/%d, loss %.4g, %.1f images/s, data wait %.0f%%, elapsed %s, ETA %s", self.name, step,
-                 self.total, values["loss"], values["images_per_s"], 100 * values["data_wait_fraction"],
-                 _clock(elapsed), _clock(eta))
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _terminal() -> bool:
-    return sys.stderr.isatty()
-
-
-def _clock(seconds: float) -> str:
-    seconds = round(seconds) if math.isfinite(seconds) else 0
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

@@ -15,7 +15,7 @@ import torch
 
 from pipeline import config
 from pipeline.diffusion.build import LOSSES, build_network, build_process
-from pipeline.runtime import training
+from pipeline.runtime import progress, training
 from pipeline.runtime.dist import Runtime
 from pipeline.runtime.optim import build_optimizer
 from pipeline.seeding import generator
@@ -156,7 +156,7 @@ def test_redirected_output_gets_a_progress_line_per_log_window(encoded, tmp_path
             [sys.executable, "-m", "pipeline.cli", "autoencoder", f"experiment.runs_dir={root}", *ARGS,
              "autoencoder.max_steps=6", "autoencoder.log_every=2"],
             stdout=handle, stderr=subprocess.STDOUT, timeout=300, cwd=REPO, check=False,
-            env={**os.environ, training.PROGRESS_SECONDS_ENV: "0", "OMP_NUM_THREADS": "1"})
+            env={**os.environ, progress.PROGRESS_SECONDS_ENV: "0", "OMP_NUM_THREADS": "1"})
     text = output.read_text()
     assert result.returncode == 0, text[-3000:]
     for step in (2, 4, 6):
@@ -166,8 +166,8 @@ def test_redirected_output_gets_a_progress_line_per_log_window(encoded, tmp_path
 
 
 def test_progress_lines_wait_for_the_interval_but_the_last_step_is_always_shown(caplog):
-    caplog.set_level(logging.INFO, logger=training.__name__)
-    display = training._ProgressDisplay("stage", total=8, initial=0, enabled=True)
+    caplog.set_level(logging.INFO, logger=progress.__name__)
+    display = progress.ProgressDisplay("stage", total=8, initial=0, enabled=True)
     assert display.bar is None  # pytest captures the output: not a terminal
     values = {"loss": 0.5, "images_per_s": 10.0, "data_wait_fraction": 0.25}
     for step in (2, 4, 6, 8):
