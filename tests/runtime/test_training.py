@@ -215,3 +215,20 @@ def test_a_compiled_denoiser_trains_like_the_eager_one():
     assert compiled == pytest.approx(eager, abs=1e-5, rel=1e-5)
     for name in eager_state:
         torch.testing.assert_close(compiled_state[name], eager_state[name], atol=1e-5, rtol=1e-5)
+
+
+def test_a_skipped_fp16_step_lowers_the_loss_scale_and_the_next_step_runs():
+    runtime = Runtime(precision="fp16", cpu=True)
+    model = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, optimizer = runtime.prepare(model, optimizer)
+    scale = runtime.scaler.get_scale()
+    runtime.backward(model(torch.ones(2, 3)).sum() * float("nan"))
+    runtime.clip_grad_norm(model.parameters(), 1.0, optimizer)  # unscales: sees the NaN gradients
+    runtime.skip_step(optimizer)
+    assert runtime.scaler.get_scale() == scale / 2  # GradScaler's backoff factor
+    before = [p.detach().clone() for p in model.parameters()]
+    runtime.backward(model(torch.ones(2, 3)).sum())
+    runtime.clip_grad_norm(model.parameters(), 1.0, optimizer)
+    runtime.step(optimizer)
+    assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
