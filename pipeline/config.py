@@ -308,7 +308,15 @@ class AutoencoderConfig(Section):
     time_budget_minutes: float | None = option(
         None, "Stop (checkpoint, exit code 75) after this long in one job; rerunning resumes.", above=0)
     mixed_precision: Literal["fp32", "bf16", "fp16"] = option("fp32", "Autocast precision (fp16 adds a grad scaler).")
-    max_nonfinite_steps: int = option(10, "Stop with an error after this many non-finite losses in a row.", min=1)
+    max_nonfinite_steps: int = option(10, "Non-finite losses in a row before stopping (or rolling back).", min=1)
+    on_nonfinite: Literal["rollback", "stop"] = option(
+        "stop", "After max_nonfinite_steps in a row: stop with an error, or reload the last checkpoint with a "
+        "lower learning rate.")
+    rollback_lr_factor: float = option(0.5, "Learning-rate factor applied at each rollback.", above=0, below=1)
+    max_rollbacks: int = option(3, "Rollbacks before giving up with an error.", min=0)
+    compile: bool = option(False, "torch.compile the autoencoder and discriminator (slower start, faster steps).")
+    tf32: bool = option(True, "CUDA: TF32 for fp32 matmuls and convolutions (off: full fp32 products).")
+    channels_last: bool = option(True, "CUDA: channels_last (NHWC) weights and image batches for cuDNN's fast kernels.")
     num_workers: int = option(1, "DataLoader workers per rank.", min=0)
     shuffle_buffer: int = option(1000, "Samples in the streaming shuffle buffer.", min=1)
     flip: bool = option(False, "Random horizontal flips (off for digits).")
@@ -477,6 +485,9 @@ class DiffusionConfig(Section):
     peak_tflops: float | None = option(
         None, "Peak TFLOP/s of one device for the MFU readout (e.g. 989 for an H100's dense bf16); None: no MFU.",
         above=0)
+    compile: bool = option(False, "torch.compile the denoiser network (slower start, faster steps).")
+    tf32: bool = option(True, "CUDA: TF32 for fp32 matmuls and convolutions (off: full fp32 products).")
+    channels_last: bool = option(True, "CUDA, U-Net: channels_last (NHWC) weights and latent batches.")
 
     def check(self) -> None:
         if self.process == "ddpm" and self.prediction == "score":

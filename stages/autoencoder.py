@@ -13,26 +13,25 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save as safetensors_bytes
-from tqdm import tqdm
 
 from pipeline import atomic, config, manifest
 from pipeline.autoencoder import LPIPS, PatchDiscriminator, lpips_input, adaptive_weight, gan_factor, generator_loss, hinge_d_loss
 from pipeline.autoencoder.build import build_autoencoder
 from pipeline.autoencoder.codebook import perplexity
 from pipeline.autoencoder.kl import bits_per_dim, negative_elbo
-from pipeline.data.stream import ShardLoader, endless, sequential_batches
-from pipeline.errors import LatentpipeError, StageInterrupted
+from pipeline.data.stream import ShardLoader, sequential_batches
+from pipeline.errors import LatentpipeError
 from pipeline.metrics.recon import psnr, ssim
-from pipeline.runtime import checkpoint
 from pipeline.runtime.dist import Runtime
 from pipeline.runtime.logging import MetricsLog
-from pipeline.runtime.preemption import StopSignal
+from pipeline.runtime.optim import build_optimizer
+from pipeline.runtime.training import TrainingLoop, TrainState, configure_backends, prepare_network, to_device
 from pipeline.seeding import derive_seed, generator
 
 NAME = "autoencoder"
@@ -42,13 +41,10 @@ WEIGHTS_FILE = "autoencoder.safetensors"
 # Changing these continues training from a checkpoint; any other change starts afresh.
 RESUMABLE_CHANGES = ("autoencoder.max_steps", "autoencoder.time_budget_minutes", "autoencoder.log_every",
                      "autoencoder.image_every", "autoencoder.checkpoint_every", "autoencoder.keep_checkpoints",
-                     "autoencoder.num_workers")
+                     "autoencoder.num_workers", "autoencoder.on_nonfinite", "autoencoder.rollback_lr_factor",
+                     "autoencoder.max_rollbacks", "autoencoder.compile", "autoencoder.tf32", "autoencoder.channels_last")
 
 log = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(LatentpipeError):
-    """Too many non-finite losses in a row."""
 
 
 def _image_spec(prepared: dict, ae: config.AutoencoderConfig) -> tuple[int, int]:
@@ -63,7 +59,8 @@ def _image_spec(prepared: dict, ae: config.AutoencoderConfig) -> tuple[int, int]
 
 class Objective:
     """The training loss of either autoencoder kind, with its logged terms (and, for VQ, the
-    step's code counts)."""
+    step's code counts). The terms stay on the device: the training loop reads them on log
+    steps only."""
 
     def __init__(self, cfg: config.AutoencoderConfig, lpips: LPIPS | None):
         self.cfg, self.lpips = cfg, lpips
@@ -75,8 +72,8 @@ class Objective:
             pixel = F.mse_loss(x_hat, x) if cfg.reconstruction_loss == "l2" else F.l1_loss(x_hat, x)
             loss = pixel + quantized.loss
             counts = quantized.counts
-            terms.update(commitment=quantized.commitment.item(), codebook_loss=quantized.codebook_loss.item(),
-                         perplexity=perplexity(quantized.counts).item())
+            terms.update(commitment=quantized.commitment.detach(), codebook_loss=quantized.codebook_loss.detach(),
+                         perplexity=perplexity(quantized.counts))
         else:
             x_hat, posterior = model(x, generator=step_generator)
             unwrapped = getattr(model, "module", model)
@@ -84,12 +81,12 @@ class Objective:
             dims = x[0].numel()
             pixel = elbo["loss"] / dims  # per-dimension scale, like the pixel losses
             loss = pixel
-            terms.update(kl=elbo["kl"].mean().item(), nelbo_bpd=bits_per_dim(elbo["nelbo"].mean(), dims).item())
+            terms.update(kl=elbo["kl"].mean().detach(), nelbo_bpd=bits_per_dim(elbo["nelbo"].mean(), dims).detach())
         if self.lpips is not None and cfg.lpips_weight > 0:
             perceptual = self.lpips(lpips_input(x_hat.float()), lpips_input(x.float())).mean()
             loss = loss + cfg.lpips_weight * perceptual
-            terms["lpips"] = perceptual.item()
-        terms["reconstruction"] = pixel.item()
+            terms["lpips"] = perceptual.detach()
+        terms["reconstruction"] = pixel.detach()
         return loss, x_hat, terms, counts
 
 
@@ -129,66 +126,36 @@ def _validate(model, cfg: config.Config, lpips: LPIPS | None, device) -> dict:
 def run(cfg: config.Config) -> Path:
     ae = cfg.autoencoder
     runtime = Runtime(precision=ae.mixed_precision)
+    configure_backends(runtime.device, ae.tf32)
     with manifest.stage_run(cfg, NAME, SECTIONS, INPUTS, is_main=runtime.is_main) as record:
         prepared = manifest.read(cfg.stage_dir("prepare"))
         channels, resolution = _image_spec(prepared, ae)
         lpips = LPIPS(ae.lpips).to(runtime.device) if ae.lpips != "none" else None  # fails early if weights are missing
         torch.manual_seed(derive_seed(cfg.experiment.seed, "autoencoder-init"))  # modules draw init weights globally
-        model = build_autoencoder(ae, channels, seed=cfg.experiment.seed,
-                                  all_reduce=runtime.all_reduce_sum, all_gather=runtime.all_gather_rows)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=ae.learning_rate, betas=ae.betas, weight_decay=ae.weight_decay)
-        discriminator = d_optimizer = None
+        model = prepare_network(build_autoencoder(ae, channels, seed=cfg.experiment.seed, all_reduce=runtime.all_reduce_sum,
+                                                  all_gather=runtime.all_gather_rows),
+                                runtime.device, compile=ae.compile, channels_last=ae.channels_last)
+        pairs = {"model": runtime.prepare(model, _adamw(model, ae))}
         if ae.gan_weight > 0:
-            discriminator = PatchDiscriminator(in_channels=channels)
-            d_optimizer = torch.optim.AdamW(discriminator.parameters(), lr=ae.learning_rate, betas=ae.betas)
-            discriminator, d_optimizer = runtime.prepare(discriminator, d_optimizer)
-        model, optimizer = runtime.prepare(model, optimizer)
+            discriminator = prepare_network(PatchDiscriminator(in_channels=channels), runtime.device, compile=ae.compile,
+                                            channels_last=ae.channels_last)
+            pairs["discriminator"] = runtime.prepare(discriminator, _adamw(discriminator, ae, weight_decay=0.01))
+        (model, optimizer), (discriminator, d_optimizer) = pairs["model"], pairs.get("discriminator", (None, None))
         loader = ShardLoader(
             str(cfg.stage_dir("prepare") / "train-*.tar"), batch_size=ae.batch_size, rank=runtime.rank,
             world_size=runtime.world_size, num_workers=ae.num_workers, seed=cfg.experiment.seed,
             samples_per_epoch=prepared["splits"]["train"]["count"], shuffle_buffer=ae.shuffle_buffer, flip=ae.flip,
         )
-        checkpoints = record.directory / "checkpoints"
         resume_key = config.section_hash(cfg, SECTIONS, ignore=RESUMABLE_CHANGES) + json.dumps(record.inputs, sort_keys=True)
-        checkpoint.set_aside_if_stale(checkpoints, resume_key, runtime)
-        step = 0
-        if (found := checkpoint.latest(checkpoints)) is not None:
-            shared, own = checkpoint.load(found, runtime.rank, runtime.world_size)
-            runtime.unwrap(model).load_state_dict(shared["model"])
-            optimizer.load_state_dict(shared["optimizer"])
-            if discriminator is not None:
-                runtime.unwrap(discriminator).load_state_dict(shared["discriminator"])
-                d_optimizer.load_state_dict(shared["d_optimizer"])
-            loader.load_state_dict(own["loader"])
-            runtime.load_state_dict(shared["runtime"])
-            step = int(shared["step"])
-            log.info("autoencoder: resumed from %s (step %d)", found, step)
-
-        def save() -> None:
-            shared = {"model": runtime.unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                      "runtime": runtime.state_dict()}
-            if discriminator is not None:
-                shared.update(discriminator=runtime.unwrap(discriminator).state_dict(), d_optimizer=d_optimizer.state_dict())
-            checkpoint.save(checkpoints, step, shared, {"loader": loader.state_dict()}, runtime, ae.keep_checkpoints,
-                            resume_key)
-
-        metrics_log = MetricsLog(record.directory, enabled=runtime.is_main, start_step=step,
+        state = TrainState(runtime, record.directory / "checkpoints", resume_key=resume_key, keep=ae.keep_checkpoints,
+                           loader=loader, pairs=pairs)
+        state.resume(NAME)
+        metrics_log = MetricsLog(record.directory, enabled=runtime.is_main, start_step=state.progress.step,
                                  wandb_project=cfg.experiment.wandb_project, config=config.to_dict(cfg))
         objective = Objective(ae, lpips)
-        nonfinite_in_a_row = skipped_steps = 0
-        budget = None if ae.time_budget_minutes is None else ae.time_budget_minutes * 60
-        images_seen, window_start = 0, time.perf_counter()
-        model.train()
-        with StopSignal(budget) as stop, tqdm(total=ae.max_steps, initial=step, desc="autoencoder",
-                                              disable=None if runtime.is_main else True, leave=False) as bar:
-            batches = endless(loader)
-            while step < ae.max_steps:
-                if runtime.any(stop.reason() is not None):
-                    save()
-                    raise StageInterrupted(f"autoencoder stopped at step {step} ({stop.reason() or 'another rank'}); "
-                                           f"rerun the same command to resume")
-                batch = next(batches)
-                x = batch["image"].to(runtime.device)
+        with TrainingLoop(state, ae, NAME, metrics_log=metrics_log) as loop:
+            for step in loop.steps():
+                x = to_device(loop.next_batch()["image"], runtime.device, ae.channels_last)
                 torch.manual_seed(derive_seed(cfg.experiment.seed, "dropout", runtime.rank, step))
                 with runtime.autocast():
                     loss, x_hat, terms, counts = objective(model, x, generator(cfg.experiment.seed, "posterior", runtime.rank, step))
@@ -196,60 +163,49 @@ def run(cfg: config.Config) -> Path:
                     if gan_on:
                         g_loss = generator_loss(discriminator(x_hat))
                         weight = adaptive_weight(loss, g_loss, runtime.unwrap(model).decoder.last_layer)
-                        loss = loss + ae.gan_weight * weight * g_loss
-                        terms["gan_g"] = g_loss.item()
-                if runtime.any(not math.isfinite(loss.item())):
-                    nonfinite_in_a_row += 1
-                    skipped_steps += 1
-                    optimizer.zero_grad(set_to_none=True)
-                    log.warning("autoencoder: non-finite loss at step %d, step skipped (%d in a row)", step, nonfinite_in_a_row)
-                    if nonfinite_in_a_row >= ae.max_nonfinite_steps:
-                        raise NonFiniteLossError(
-                            f"{nonfinite_in_a_row} non-finite losses in a row at step {step}: lower "
-                            f"autoencoder.learning_rate, use mixed_precision=fp32, or check the data")
+                        loss, terms["gan_g"] = loss + ae.gan_weight * weight * g_loss, g_loss.detach()
+                loop.backward(loss)
+                if not loop.check(runtime.clip_grad_norm(model.parameters(), ae.grad_clip or math.inf, optimizer)):
                     continue
-                nonfinite_in_a_row = 0
-                optimizer.zero_grad(set_to_none=True)
-                runtime.backward(loss)
-                if ae.grad_clip > 0:
-                    runtime.clip_grad_norm(model.parameters(), ae.grad_clip, optimizer)
                 runtime.step(optimizer)
+                optimizer.zero_grad(set_to_none=True)
                 if gan_on:
-                    d_optimizer.zero_grad(set_to_none=True)
                     with runtime.autocast():
                         d_loss = hinge_d_loss(discriminator(x), discriminator(x_hat.detach()))
+                    d_optimizer.zero_grad(set_to_none=True)  # drop what the generator's loss put there
                     runtime.backward(d_loss)
                     runtime.step(d_optimizer)
-                    terms["gan_d"] = d_loss.item()
-                step += 1
-                images_seen += x.shape[0] * runtime.world_size
-                bar.update()
-                if step % ae.log_every == 0 or step == ae.max_steps:
-                    elapsed = time.perf_counter() - window_start
-                    terms.update(loss=loss.item(), psnr=psnr(x_hat.detach().clamp(-1, 1), x).mean().item(),
-                                 images_per_s=images_seen / elapsed, skipped_steps=skipped_steps)
-                    if ae.kind == "vq":
-                        terms.update(runtime.unwrap(model).codebook.stats(counts, ae.dead_code_steps or ae.log_every))
-                    metrics_log.scalars(step, terms)
-                    bar.set_postfix(loss=f"{terms['loss']:.4f}", psnr=f"{terms['psnr']:.1f}")
-                    images_seen, window_start = 0, time.perf_counter()
-                if step % ae.image_every == 0:
-                    shown = x[:8]
-                    metrics_log.images(step, "reconstructions", torch.cat([shown, x_hat.detach()[:8]]), nrow=shown.shape[0])
-                if step % ae.checkpoint_every == 0 and step < ae.max_steps:
-                    save()
-        save()
+                    terms["gan_d"] = d_loss.detach()
+                loop.done(x.shape[0], partial(_logged, terms, x, x_hat, counts, runtime.unwrap(model), ae))
+                if (step + 1) % ae.image_every == 0:
+                    metrics_log.images(step + 1, "reconstructions", torch.cat([x[:8], x_hat.detach()[:8]]), nrow=len(x[:8]))
+        state.save()
         metrics_log.close()
         unwrapped = runtime.unwrap(model)
         if runtime.is_main:
             metrics = _validate(unwrapped, cfg, lpips, runtime.device)
             weights_path = record.directory / WEIGHTS_FILE
-            state = {k: v.detach().cpu().contiguous() for k, v in unwrapped.state_dict().items()}
-            atomic.write_bytes(weights_path, safetensors_bytes(state))
+            state_dict = {k: v.detach().cpu().contiguous() for k, v in unwrapped.state_dict().items()}
+            atomic.write_bytes(weights_path, safetensors_bytes(state_dict))
             record.add_output(weights_path)
-            record.metrics.update(metrics, steps=step, skipped_steps=skipped_steps)
+            record.metrics.update(metrics, steps=state.progress.step, skipped_steps=state.progress.skipped_steps,
+                                  rollbacks=state.progress.rollbacks)
             record.extra.update(latent={"channels": ae.latent_channels, "resolution": resolution // ae.factor,
                                         "kind": ae.kind}, image={"channels": channels, "resolution": resolution})
             log.info("autoencoder: %s", ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
         runtime.barrier()
     return record.directory
+
+
+def _adamw(module: torch.nn.Module, ae: config.AutoencoderConfig, weight_decay: float | None = None):
+    """AdamW at the autoencoder's rate (the discriminator keeps torch's default decay 0.01, as before)."""
+    return build_optimizer(module.parameters(), lr=ae.learning_rate, betas=ae.betas,
+                           weight_decay=ae.weight_decay if weight_decay is None else weight_decay)
+
+
+def _logged(terms: dict, x: torch.Tensor, x_hat: torch.Tensor, counts, model, ae: config.AutoencoderConfig) -> dict:
+    """The step's metrics for the log (log steps only: these read values from the device)."""
+    logged = {**terms, "psnr": psnr(x_hat.detach().float().clamp(-1, 1), x.float()).mean()}
+    if ae.kind == "vq":
+        logged.update(model.codebook.stats(counts, ae.dead_code_steps or ae.log_every))
+    return logged

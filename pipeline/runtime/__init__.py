@@ -1,2 +1,3 @@
 """Training runtime: the only package that imports accelerate / deepspeed / torch.distributed
-(``dist``), plus checkpoints, preemption and metric logging used by every training stage."""
+(``dist``), plus checkpoints, preemption, metric logging and progress, and the training toolkit
+(``training``: the TrainState and TrainingLoop every training stage is built on)."""

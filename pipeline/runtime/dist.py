@@ -147,6 +147,16 @@ class Runtime:
             self.scaler.step(optimizer)
             self.scaler.update()
 
+    def skip_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Drop this step's gradients instead of stepping. Under the fp16 gradient scaler, whose
+        ``unscale_`` (in :meth:`clip_grad_norm`) already saw the non-finite gradients, also end
+        its step with ``update()``, which lowers the scale as a skipped ``scaler.step`` would."""
+        optimizer.zero_grad(set_to_none=True)
+        unscaled = self.scaler is not None and self.sync_gradients and not self.zero_stage and bool(
+            self.scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"])
+        if unscaled:
+            self.scaler.update()
+
     def state_dict(self) -> dict:
         """The runtime's own state (the fp16 gradient scaler; DeepSpeed's loss scaler is part of
         :meth:`training_state`)."""
@@ -216,6 +226,13 @@ class Runtime:
         parts = [torch.zeros_like(padded) for _ in range(self.world_size)]
         torch_dist.all_gather(parts, padded.contiguous())
         return torch.cat([p[: int(c.item())] for p, c in zip(parts, counts)])
+
+    def reduce_max_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Element-wise maximum over the ranks, in place and without a host sync (for flags that
+        the caller reads with one ``.tolist()``)."""
+        if self.world_size > 1:
+            torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.MAX)
+        return tensor
 
     def any(self, flag: bool) -> bool:
         """True on every rank if it is true on any rank (e.g. a preemption signal, a NaN)."""

@@ -7,6 +7,8 @@ from safetensors.torch import load_file
 from pipeline import config, manifest
 from pipeline.autoencoder.build import build_autoencoder
 from pipeline.errors import LatentpipeError, StageInterrupted
+from pipeline.runtime import checkpoint
+from pipeline.runtime.training import NonFiniteLossError
 from stages import autoencoder, prepare
 
 from tests.support import signal_before_step
@@ -84,8 +86,28 @@ def test_non_finite_losses_are_skipped_then_stop_the_stage(prepared, tmp_path, l
         return (loss * float("nan") if calls["n"] in (2, 5, 6, 7) else loss), x_hat, terms, counts
 
     monkeypatch.setattr(autoencoder.Objective, "__call__", sometimes_nan)
-    with pytest.raises(autoencoder.NonFiniteLossError, match="3 non-finite losses in a row"):
+    with pytest.raises(NonFiniteLossError, match="3 non-finite steps in a row"):
         autoencoder.run(cfg)
+
+
+def test_non_finite_losses_can_roll_back_with_a_lower_learning_rate(prepared, tmp_path, monkeypatch):
+    cfg = _cfg(_fresh_copy(prepared, tmp_path), "autoencoder.max_steps=8", "autoencoder.max_nonfinite_steps=2",
+               "autoencoder.on_nonfinite=rollback", "autoencoder.lpips=none")
+    real = autoencoder.Objective.__call__
+    calls = {"n": 0}
+
+    def nan_after_first_checkpoint(self, model, x, gen):
+        calls["n"] += 1
+        loss, x_hat, terms, counts = real(self, model, x, gen)
+        return (loss * float("nan") if calls["n"] in (5, 6) else loss), x_hat, terms, counts  # step 4, twice
+
+    monkeypatch.setattr(autoencoder.Objective, "__call__", nan_after_first_checkpoint)
+    found = manifest.read(autoencoder.run(cfg))
+    assert found["metrics"]["rollbacks"] == 1 and found["metrics"]["skipped_steps"] == 2
+    assert found["metrics"]["steps"] == 8
+    final = checkpoint.latest(cfg.stage_dir("autoencoder") / "checkpoints") / "state.pt"
+    groups = torch.load(final, weights_only=True)["model"]["optimizer"]["param_groups"]
+    assert [g["lr"] for g in groups] == [0.5 * cfg.autoencoder.learning_rate] * len(groups)
 
 
 def test_resolution_not_divisible_by_the_factor_is_refused(tmp_path):
@@ -122,3 +144,26 @@ def test_checkpoints_from_another_config_are_set_aside_not_resumed(prepared, tmp
     assert "moved to" in caplog.text and "resumed from" not in caplog.text
     assert sorted(p.name for p in (directory / "checkpoints.stale").iterdir()) == ["step-00000003", "step-00000006"]
     assert sorted(p.name for p in (directory / "checkpoints").iterdir()) == ["step-00000003", "step-00000006"]
+
+
+def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one(prepared, tmp_path, monkeypatch, caplog):
+    caplog.set_level("INFO")
+    args = ("autoencoder.max_steps=8", "autoencoder.checkpoint_every=2", "autoencoder.lpips=none")
+    reference = _cfg(_fresh_copy(prepared, tmp_path / "a"), *args)
+    expected = load_file(autoencoder.run(reference) / autoencoder.WEIGHTS_FILE)
+
+    cfg = _cfg(_fresh_copy(prepared, tmp_path / "b"), *args)
+    signal_before_step(monkeypatch, 5)
+    with pytest.raises(StageInterrupted):
+        autoencoder.run(cfg)
+    monkeypatch.undo()
+    newest = checkpoint.latest(cfg.stage_dir("autoencoder") / "checkpoints")
+    assert newest.name == "step-00000005"
+    state = newest / "state.pt"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    found = manifest.read(autoencoder.run(cfg))
+    assert found["status"] == "complete" and found["metrics"]["steps"] == 8
+    assert "unreadable" in caplog.text and "resumed from" in caplog.text and "step-00000004" in caplog.text
+    resumed = load_file(cfg.stage_dir("autoencoder") / autoencoder.WEIGHTS_FILE)
+    for name in expected:  # steps 4..8 again from the older checkpoint: the same weights
+        assert torch.equal(resumed[name], expected[name]), name

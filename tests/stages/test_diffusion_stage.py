@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from pipeline import config, manifest
 from pipeline.errors import LatentpipeError, StageInterrupted
 from pipeline.runtime import checkpoint
+from pipeline.runtime.training import NonFiniteLossError
 from stages import autoencoder, diffusion, encode, prepare
 
 from tests.support import free_port, signal_before_step
@@ -105,7 +106,7 @@ def test_too_many_non_finite_steps_stop_with_a_clear_error(encoded, tmp_path, mo
     cfg = _cfg(_copy(encoded, tmp_path), "diffusion.max_nonfinite_steps=2", "diffusion.on_nonfinite=stop")
     real = diffusion.LOSSES["v"]
     monkeypatch.setitem(diffusion.LOSSES, "v", lambda *a, **k: real(*a, **k) * float("inf"))
-    with pytest.raises(diffusion.NonFiniteLossError, match="2 non-finite steps in a row"):
+    with pytest.raises(NonFiniteLossError, match="2 non-finite steps in a row"):
         diffusion.run(cfg)
 
 
