@@ -323,7 +323,7 @@ class SampleConfig:
     inpaint_count: int = option(16, "Validation images to inpaint.")
 
     def validate(self, key: str) -> None:
-        from pipeline.sampling import METHODS  # torch-heavy; only when validating
+        from pipeline.sampling import METHODS, SOLVERS  # torch-heavy; only when validating
 
         if self.method not in METHODS:
             close = difflib.get_close_matches(self.method, list(METHODS), n=1)
@@ -336,7 +336,7 @@ class SampleConfig:
             _fail(f"{key}.given_labels", "labels=given needs a list, e.g. sample.given_labels=[3,7]")
         if self.guidance_scale < 0:
             _fail(f"{key}.guidance_scale", f"must be >= 0, got {self.guidance_scale}")
-        if self.eta and "eta" not in inspect.signature(METHODS[self.method]).parameters:
+        if self.eta and "eta" not in SOLVERS[self.method].options:
             _fail(f"{key}.eta", f"{self.method} takes no eta; use ddim or dpmpp_3m_sde, or eta=0")
 
 

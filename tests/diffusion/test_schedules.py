@@ -69,7 +69,7 @@ def test_cosine_schedule_follows_its_definition():
 @pytest.mark.parametrize("T", [1000, 10000])
 def test_vp_sde_is_the_continuum_limit_of_ddpm(T):
     vp = VP()
-    ddpm = DDPM.linear(T, vp.beta_min / T, vp.beta_max / T)
+    ddpm = DDPM.linear(T, vp.beta_min / 1000, vp.beta_max / 1000)  # ends given at T = 1000, scaled by 1000 / T
     t = torch.arange(1, T + 1, dtype=torch.float64) / T
     err = (ddpm.alphas_cumprod.sqrt() - vp.marginal(t)[0]).abs().max()
     assert err < 5.0 / T  # O(1/T): one step of beta/T discretisation
@@ -99,19 +99,15 @@ def test_time_and_ve_sigma_are_inverse(process):
 
 
 @pytest.mark.parametrize("process", [DDPM.linear(T=100), NCSN(levels=10)], ids=["ddpm", "ncsn"])
-def test_discrete_network_time_recovers_the_index(process):
-    table = process.sigma_table if isinstance(process, DDPM) else process.levels
-    assert torch.equal(process.network_time(table), torch.arange(len(table)))
+def test_discrete_time_of_sigma_recovers_the_index(process):
+    table = process.sigma_ve(torch.arange(process.t_max + 1))
+    assert torch.equal(process.t_of_sigma(table), torch.arange(len(table)))
     grid = process.sigmas()
     assert grid[-1] == 0 and bool((grid[:-1] > grid[1:]).all()) and len(grid) == len(table) + 1
 
 
 def _range(process):
-    if isinstance(process, DDPM):
-        return process.sigma_table[0], process.sigma_table[-1]
-    if isinstance(process, NCSN):
-        return process.levels[0], process.levels[-1]
-    return process.sigma_ve(process.t_min), process.sigma_ve(1.0)
+    return process.sigma_ve(process.t_min), process.sigma_ve(process.t_max)
 
 
 @pytest.mark.parametrize("process", [DDPM.linear(), VP(), SubVP(), VE(), NCSN()], ids=["ddpm", "vp", "subvp", "ve", "ncsn"])
