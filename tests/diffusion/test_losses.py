@@ -75,6 +75,20 @@ def test_vlb_kl_term_is_hos_weighted_eps_error():
         assert (vlb_term(_exact_ddpm_eps(process, x0), process, x0, torch.tensor(t), noise).abs() < 1e-9).all()
 
 
+def test_fixed_large_variance_at_t0_is_the_clipped_posterior_variance():
+    # Ho et al.'s "fixedlarge": sigma_t^2 = append(beta~_1, betas[1:]), so at t = 0 both choices
+    # of variance give the same decoder L_0.
+    process = DDPM.linear()
+    x0 = torch.rand(8, 6, generator=_g(9), dtype=torch.float64) * 2 - 1
+    noise = torch.randn(8, 6, generator=_g(10), dtype=torch.float64)
+    net = lambda x, t: 0.9 * x  # noqa: E731
+    zero = torch.tensor(0)
+    torch.testing.assert_close(vlb_term(net, process, x0, zero, noise, "beta"),
+                               vlb_term(net, process, x0, zero, noise, "posterior"))
+    assert not torch.allclose(vlb_term(net, process, x0, torch.tensor(5), noise, "beta"),
+                              vlb_term(net, process, x0, torch.tensor(5), noise, "posterior"))
+
+
 def _exact_ddpm_eps(process, x0):
     def net(x_t, t):
         a, s = (c.to(x_t.dtype).reshape(-1, 1) for c in process.marginal(t))
