@@ -14,18 +14,18 @@ it back; decode(encode(x)) = x up to the solver error, so latents can be interpo
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from pipeline import seeding
-from pipeline.sampling.frame import batch_sigma
 from pipeline.sampling.adaptive import dopri5, log_sigma_ode
 from pipeline.sampling.edm import heun
+from pipeline.sampling.frame import batch_sigma
 from pipeline.sampling.grids import logsnr_sigmas
 
-__all__ = ["log_likelihood", "bits_per_dim", "encode", "decode"]
+__all__ = ["bits_per_dim", "decode", "encode", "log_likelihood"]
 
 
 def _gaussian_prior(z: Tensor, sigma: float) -> Tensor:

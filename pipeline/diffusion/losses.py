@@ -145,7 +145,7 @@ def vlb(eps_net, process, x0: Tensor, generator=None, variance: str = "posterior
             noise = seeding.randn(x0.shape, generator, device=x0.device, dtype=x0.dtype)
             total = total + vlb_term(eps_net, process, x0, torch.tensor(t), noise, variance, **cond)
     else:
-        t = seeding.randint(process.T, (x0.shape[0],), generator, device=x0.device)
+        drawn = seeding.randint(process.T, (x0.shape[0],), generator, device=x0.device)
         noise = seeding.randn(x0.shape, generator, device=x0.device, dtype=x0.dtype)
-        total = total + process.T * vlb_term(eps_net, process, x0, t, noise, variance, **cond)
+        total = total + process.T * vlb_term(eps_net, process, x0, drawn, noise, variance, **cond)
     return total / (dims * math.log(2))

@@ -20,8 +20,15 @@ class Process(Protocol):
     timesteps, NCSN levels), continuous for the SDEs.
     """
 
-    t_min: float
-    t_max: float
+    @property
+    def t_min(self) -> float:
+        """The smallest time (trained on)."""
+        ...
+
+    @property
+    def t_max(self) -> float:
+        """The largest time (trained on)."""
+        ...
 
     def marginal(self, t) -> tuple[Tensor, Tensor]:
         """(alpha_t, sigma_t) of q(x_t | x_0)."""

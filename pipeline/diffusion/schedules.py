@@ -183,6 +183,10 @@ class _SDEProcess(abc.ABC):
     def marginal(self, t) -> tuple[Tensor, Tensor]:
         """(alpha_t, sigma_t) of x_t = alpha_t x_0 + sigma_t eps."""
 
+    @abc.abstractmethod
+    def t_of_sigma(self, sigma) -> Tensor:
+        """The time of a VE noise level (the inverse of ``sigma_ve``)."""
+
     def sigma_ve(self, t) -> Tensor:
         alpha, sigma = self.marginal(t)
         return sigma / alpha

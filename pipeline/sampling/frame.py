@@ -8,7 +8,7 @@ solvers see only the denoiser contract D(x, sigma) and know nothing about proces
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor

@@ -13,8 +13,8 @@ whether it reports solver statistics into ``info`` (``reports``). To add a metho
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping
 
 from torch import Tensor
 
@@ -24,7 +24,7 @@ from pipeline.sampling.dpm_solver import dpmpp_2m, dpmpp_3m_sde
 from pipeline.sampling.edm import heun
 from pipeline.sampling.sde import euler_maruyama, langevin, pc
 
-__all__ = ["Solver", "SOLVERS", "METHODS"]
+__all__ = ["METHODS", "SOLVERS", "Solver"]
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from pipeline.sampling.frame import batch_sigma, noise_like
 
-__all__ = ["denoise", "ode_derivative", "ancestral_split", "noise_like", "check_grid"]
+__all__ = ["ancestral_split", "check_grid", "denoise", "noise_like", "ode_derivative"]
 
 
 def denoise(denoiser, x: Tensor, sigma: Tensor) -> Tensor:

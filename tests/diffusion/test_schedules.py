@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from pipeline.diffusion import DDPM, NCSN, VE, VP, Denoiser, GaussianMixture, SubVP
-from pipeline.diffusion.process import Process
 from pipeline.diffusion.gmm import sliced_wasserstein, sliced_wasserstein_floor
+from pipeline.diffusion.process import Process
 from pipeline.sampling import sample
 
 
