@@ -215,7 +215,8 @@ class DiffusionConfig:
 
     process: Literal["ddpm", "vp", "subvp", "ve"] = option(
         "ddpm", "Forward process: discrete DDPM (Ho et al. 2020), or the VP / sub-VP / VE SDE (Song et al. 2021).")
-    beta_schedule: Literal["linear", "cosine"] = option("linear", "ddpm: betas linear 1e-4..0.02 or the cosine schedule.")
+    beta_schedule: Literal["linear", "cosine"] = option(
+        "linear", "ddpm: betas linear 1e-4..0.02 (at T = 1000; both ends scaled by 1000 / T) or the cosine schedule.")
     timesteps: int = option(1000, "ddpm: number of steps T.")
     beta_min: float = option(0.1, "vp/subvp: beta(0).")
     beta_max: float = option(20.0, "vp/subvp: beta(1).")
