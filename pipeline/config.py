@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
-import inspect
 import json
 import types
 import typing
@@ -33,7 +32,7 @@ import yaml
 
 from pipeline.errors import LatentpipeError
 from pipeline.networks import BACKENDS, DiTConfig, UNetConfig, denoiser_config
-from pipeline.sampling import METHODS
+from pipeline.sampling import METHODS, SOLVERS
 
 
 class ConfigError(LatentpipeError, ValueError):
@@ -429,7 +428,8 @@ class DiffusionConfig(Section):
 
     process: Literal["ddpm", "vp", "subvp", "ve"] = option(
         "ddpm", "Forward process: discrete DDPM (Ho et al. 2020), or the VP / sub-VP / VE SDE (Song et al. 2021).")
-    beta_schedule: Literal["linear", "cosine"] = option("linear", "ddpm: betas linear 1e-4..0.02 or the cosine schedule.")
+    beta_schedule: Literal["linear", "cosine"] = option(
+        "linear", "ddpm: betas linear 1e-4..0.02 (at T = 1000; both ends scaled by 1000 / T) or the cosine schedule.")
     timesteps: int = option(1000, "ddpm: number of steps T.", min=1)
     beta_min: float = option(0.1, "vp/subvp: beta(0).", above=0)
     beta_max: float = option(20.0, "vp/subvp: beta(1).", above=0)
@@ -537,7 +537,7 @@ class SampleConfig(Section):
     def check(self) -> None:
         if self.labels == "given" and not self.given_labels:
             _fail("given_labels", "labels=given needs a list, e.g. sample.given_labels=[3,7]")
-        if self.eta and "eta" not in inspect.signature(METHODS[self.method]).parameters:
+        if self.eta and "eta" not in SOLVERS[self.method].options:
             _fail("eta", f"{self.method} takes no eta; use ddim or dpmpp_3m_sde, or eta=0")
 
 

@@ -62,3 +62,10 @@ def randperm(n: int, generator: torch.Generator | None, *, device: str | torch.d
     """A random permutation of range(n) from ``generator``, returned on ``device``."""
     home = generator.device if generator is not None else device
     return torch.randperm(n, generator=generator, device=home).to(device, non_blocking=True)
+
+
+def multinomial(weights: torch.Tensor, n: int, generator: torch.Generator | None, *,
+                device: str | torch.device = "cpu") -> torch.Tensor:
+    """n indices drawn with replacement with probabilities proportional to ``weights``."""
+    home = generator.device if generator is not None else device
+    return torch.multinomial(weights.to(home), n, replacement=True, generator=generator).to(device, non_blocking=True)

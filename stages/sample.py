@@ -14,7 +14,6 @@ shards, and with ``sample.inpaint`` the inpainting of masked validation images.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import io
 import json
 import logging
@@ -32,7 +31,7 @@ from pipeline.data.shards import ShardWriter, make_sample
 from pipeline.data.stream import sequential_batches
 from pipeline.diffusion.build import sampling_sigmas
 from pipeline.runtime.dist import Runtime
-from pipeline.sampling import METHODS
+from pipeline.sampling import SOLVERS
 from pipeline.sampling import sample as run_sampler
 from pipeline.sampling.generate import generate
 from pipeline.sampling.inverse import inpainting
@@ -81,7 +80,7 @@ def _render(trained, autoencoder, cfg: config.Config, indices: range, device, in
     s = cfg.sample
     labels = labels_for(s, indices, trained.num_classes, cfg.experiment.seed)
     generators = [generator(cfg.experiment.seed, "sample", i) for i in indices]
-    options = {"eta": s.eta} if "eta" in inspect.signature(METHODS[s.method]).parameters else {}
+    options = {"eta": s.eta} if "eta" in SOLVERS[s.method].options else {}
     latents = generate(trained.denoiser, trained.shape, sampling_sigmas(trained.process, s.grid, s.steps), generators,
                        method=s.method, labels=None if labels is None else labels.to(device),
                        null_class=trained.num_classes, guidance_scale=s.guidance_scale, device=device, info=info,

@@ -12,7 +12,9 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from pipeline import seeding
 from pipeline.diffusion import losses
+from pipeline.diffusion.process import Process
 from pipeline.diffusion.schedules import DDPM, VE, VP, SubVP
 from pipeline.networks import build_denoiser
 from pipeline.sampling.grids import karras_sigmas
@@ -25,7 +27,7 @@ LOSSES: dict[str, Callable[..., Tensor]] = {
 }
 
 
-def build_process(cfg):
+def build_process(cfg) -> Process:
     """The forward process of ``cfg`` (a DiffusionConfig)."""
     if cfg.process == "ddpm":
         return DDPM.linear(cfg.timesteps) if cfg.beta_schedule == "linear" else DDPM.cosine(cfg.timesteps)
@@ -34,14 +36,12 @@ def build_process(cfg):
     return (VP if cfg.process == "vp" else SubVP)(beta_min=cfg.beta_min, beta_max=cfg.beta_max)
 
 
-def sigma_range(process) -> tuple[float, float]:
+def sigma_range(process: Process) -> tuple[float, float]:
     """(sigma_min, sigma_max) in the VE frame: the smallest and largest noise level trained on."""
-    if isinstance(process, DDPM):
-        return float(process.sigma_table[0]), float(process.sigma_table[-1])
-    return float(process.sigma_ve(process.t_min)), float(process.sigma_ve(1.0))
+    return float(process.sigma_ve(process.t_min)), float(process.sigma_ve(process.t_max))
 
 
-def sampling_sigmas(process, grid: str, steps: int) -> Tensor:
+def sampling_sigmas(process: Process, grid: str, steps: int) -> Tensor:
     """A descending grid of ``steps`` noise levels ending at 0: Karras et al.'s rho = 7 spacing
     over the process's range (EDM eq. 5) or the process's own (DDPM timesteps, SDE times)."""
     if grid == "karras":
@@ -58,5 +58,5 @@ def build_network(cfg, channels: int, resolution: int, num_classes: int) -> nn.M
 def drop_labels(labels: Tensor, probability: float, null_class: int, generator: torch.Generator) -> Tensor:
     """Labels with each replaced by the null class with ``probability`` (classifier-free
     guidance training, Ho & Salimans 2022, Algorithm 1)."""
-    dropped = torch.rand(labels.shape, generator=generator) < probability
-    return torch.where(dropped.to(labels.device), torch.full_like(labels, null_class), labels)
+    dropped = seeding.rand(labels.shape, generator, device=labels.device) < probability
+    return torch.where(dropped, torch.full_like(labels, null_class), labels)

@@ -23,7 +23,8 @@ import math
 import torch
 from torch import Tensor
 
-from pipeline.diffusion.parameterization import batch_sigma
+from pipeline import seeding
+from pipeline.sampling.frame import batch_sigma
 
 __all__ = ["GaussianMixture", "sliced_wasserstein", "sliced_wasserstein_floor"]
 
@@ -47,11 +48,11 @@ class GaussianMixture:
         """Random means in [-spread, spread]^d, random rotated covariances with standard
         deviations in ``scale`` and weights in [0.5, 1.5] (normalised)."""
         g = generator
-        means = (2 * torch.rand(components, dim, generator=g, dtype=dtype) - 1) * spread
-        q, _ = torch.linalg.qr(torch.randn(components, dim, dim, generator=g, dtype=dtype))
-        std = scale[0] + (scale[1] - scale[0]) * torch.rand(components, dim, generator=g, dtype=dtype)
+        means = (2 * seeding.rand((components, dim), g, dtype=dtype) - 1) * spread
+        q, _ = torch.linalg.qr(seeding.randn((components, dim, dim), g, dtype=dtype))
+        std = scale[0] + (scale[1] - scale[0]) * seeding.rand((components, dim), g, dtype=dtype)
         covs = q @ torch.diag_embed(std**2) @ q.transpose(-1, -2)
-        weights = 0.5 + torch.rand(components, generator=g, dtype=dtype)
+        weights = 0.5 + seeding.rand((components,), g, dtype=dtype)
         return cls(weights, means, covs)
 
     def to(self, dtype) -> "GaussianMixture":
@@ -59,13 +60,15 @@ class GaussianMixture:
 
     # -- sampling ----------------------------------------------------------------------------
     def sample(self, n: int, generator: torch.Generator | None = None, sigma: float = 0.0) -> Tensor:
-        """n draws from p_sigma (p_0 by default)."""
-        k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
-        z = torch.randn(n, self.dim, generator=generator, dtype=self.means.dtype)
+        """n draws from p_sigma (p_0 by default), drawn on the generator's device, returned on the
+        mixture's."""
+        device, dtype = self.means.device, self.means.dtype
+        k = seeding.multinomial(self.weights, n, generator, device=device)
+        z = seeding.randn((n, self.dim), generator, device=device, dtype=dtype)
         chol = self.eigvecs[k] * self.eigvals[k].sqrt().unsqueeze(-2)
         x = self.means[k] + (chol @ z.unsqueeze(-1)).squeeze(-1)
         if sigma:
-            x = x + sigma * torch.randn(n, self.dim, generator=generator, dtype=self.means.dtype)
+            x = x + sigma * seeding.randn((n, self.dim), generator, device=device, dtype=dtype)
         return x
 
     # -- exact quantities at noise level sigma -----------------------------------------------
@@ -163,7 +166,7 @@ def sliced_wasserstein(a: Tensor, b: Tensor, projections: int = 256, generator: 
     if a.shape != b.shape:
         raise ValueError(f"need equal-size sample sets, got {tuple(a.shape)} and {tuple(b.shape)}")
     a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
-    theta = torch.randn(a.shape[1], projections, generator=generator, dtype=torch.float64)
+    theta = seeding.randn((a.shape[1], projections), generator, device=a.device, dtype=torch.float64)
     theta = (theta / theta.norm(dim=0)).to(a.dtype)
     pa, pb = (a @ theta).sort(0).values, (b @ theta).sort(0).values
     return float((pa - pb).abs().mean())

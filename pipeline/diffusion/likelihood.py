@@ -14,17 +14,18 @@ it back; decode(encode(x)) = x up to the solver error, so latents can be interpo
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from pipeline.diffusion.parameterization import batch_sigma
+from pipeline import seeding
 from pipeline.sampling.adaptive import dopri5, log_sigma_ode
 from pipeline.sampling.edm import heun
+from pipeline.sampling.frame import batch_sigma
 from pipeline.sampling.grids import logsnr_sigmas
 
-__all__ = ["log_likelihood", "bits_per_dim", "encode", "decode"]
+__all__ = ["bits_per_dim", "decode", "encode", "log_likelihood"]
 
 
 def _gaussian_prior(z: Tensor, sigma: float) -> Tensor:
@@ -45,7 +46,7 @@ def log_likelihood(denoiser, x: Tensor, sigma_min: float, sigma_max: float,
         v = torch.eye(d, dtype=x.dtype, device=x.device).reshape(d, 1, *x.shape[1:]).expand(d, *x.shape)
         weight = 1.0
     else:
-        v = torch.randn((probes, *x.shape), generator=generator, dtype=x.dtype, device=x.device)
+        v = seeding.randn((probes, *x.shape), generator, device=x.device, dtype=x.dtype)
         if estimator == "rademacher":
             v = v.sign()
         elif estimator != "gaussian":
@@ -75,7 +76,7 @@ def bits_per_dim(denoiser, images: Tensor, sigma_min: float, sigma_max: float,
     """Bits/dim of 8-bit data (integers 0..255) under the model on [-1, 1] with uniform
     dequantisation x = 2 (images + u)/256 - 1, u ~ U[0, 1) (Theis et al. 2016; Ho et al. 2020,
     Sec. 4): -log2 P(images) <= -(log p(x) + d log(2/256)) / ln 2, i.e. +7 bits per dimension."""
-    u = torch.rand(images.shape, generator=generator, dtype=torch.float64).to(images.device)
+    u = seeding.rand(images.shape, generator, device=images.device, dtype=torch.float64)
     x = (2 * (images.to(torch.float64) + u) / 256 - 1).to(options.pop("dtype", torch.float64))
     logp = log_likelihood(denoiser, x, sigma_min, sigma_max, generator=generator, **options)
     d = images[0].numel()

@@ -7,10 +7,12 @@ With x_t = alpha x_0 + s eps (s = alpha sigma) and the network seeing (x_t, netw
 - ``v_loss``:   E ||v - v_theta(x_t, t)||^2, v = alpha eps - s x_0 (Salimans & Ho 2022, Sec. 4);
 - ``dsm_loss``: denoising score matching sum_i lambda(sigma_i) E ||s_theta(x_t, i) + eps / s||^2
   with grad log q(x_t | x_0) = -eps / s and lambda(sigma) = s^2 by default
-  (Song & Ermon 2019, eqs. 2 and 6; Vincent 2011);
+  (Song & Ermon 2019, eqs. 2 and 6; Vincent 2011), where s_theta = net / s is the network's
+  output divided by the marginal std (score_sde; see :mod:`pipeline.diffusion.parameterization`);
 - ``vlb``: the DDPM variational bound L_T + sum_t L_{t-1} + L_0 in closed form, bits/dim
   (Ho et al. 2020, eq. 5, eq. 13 for the discretised decoder L_0).
-Squared norms are means over the non-batch dimensions.
+Squared norms are means over the non-batch dimensions. Noise is drawn on the generator's own
+device and moved to the data's (:mod:`pipeline.seeding`), so a CPU generator serves CUDA data.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from pipeline.diffusion.parameterization import batch_sigma
+from pipeline import seeding
+from pipeline.diffusion.process import Process
+from pipeline.sampling.frame import batch_sigma
 
 __all__ = ["eps_loss", "x0_loss", "v_loss", "dsm_loss", "vlb", "vlb_term", "constant", "sigma_squared"]
 
@@ -38,11 +42,11 @@ def sigma_squared(sigma: Tensor) -> Tensor:
     return sigma**2
 
 
-def _perturb(net, process, x0: Tensor, generator, **cond):
+def _perturb(net, process: Process, x0: Tensor, generator, **cond):
     """Draw sigma and eps, build x_t = alpha x_0 + s eps and run the network on it."""
-    sigma = batch_sigma(process.training_sigmas(x0.shape[0], generator), x0)
+    sigma = batch_sigma(process.training_sigmas(x0.shape[0], generator, device=x0.device), x0)
     alpha = process.input_scale(sigma).to(x0.dtype)
-    eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+    eps = seeding.randn(x0.shape, generator, device=x0.device, dtype=x0.dtype)
     s = alpha * sigma
     out = net(alpha * x0 + s * eps, process.network_time(sigma.reshape(-1)), **cond)
     return sigma.reshape(-1), alpha, s, eps, out
@@ -70,10 +74,13 @@ def v_loss(net, process, x0: Tensor, generator=None, weighting: Weighting = cons
 
 def dsm_loss(net, process, x0: Tensor, generator=None, weighting: Weighting | None = None, **cond) -> Tensor:
     """Weighted DSM; the default weighting lambda = s^2 (sigma^2 for VE/NCSN) makes every level's
-    term O(1) (Song & Ermon 2019, eq. 6)."""
+    term O(1) (Song & Ermon 2019, eq. 6). With s_theta = out / s the term
+    lambda ||out / s + eps / s||^2 is computed as (lambda / s^2) ||out + eps||^2, which never forms
+    the O(1/s) score (s ~ 1e-6 for sub-VP at t_min)."""
     sigma, alpha, s, eps, out = _perturb(net, process, x0, generator, **cond)
-    weight = weighting(sigma) if weighting is not None else (s.reshape(-1)) ** 2
-    return _weighted_mse(out, -eps / s, weight)
+    s = s.reshape(-1)
+    weight = weighting(sigma) / s**2 if weighting is not None else torch.ones_like(s)
+    return _weighted_mse(out, -eps, weight)
 
 
 # -- the variational bound ------------------------------------------------------------------
@@ -85,18 +92,20 @@ def _normal_kl(mean1: Tensor, var1, mean2: Tensor, var2) -> Tensor:
 def _discretised_gaussian_log_likelihood(x0: Tensor, mean: Tensor, var) -> Tensor:
     """log of N(mean, var) mass on x0's bin of width 2/255 in [-1, 1], edge bins extended to
     +-infinity (Ho et al. 2020, eq. 13)."""
-    normal = torch.distributions.Normal(mean, torch.as_tensor(var, dtype=mean.dtype).sqrt())
+    normal = torch.distributions.Normal(mean, torch.as_tensor(var, dtype=mean.dtype).sqrt(), validate_args=False)  # no host sync
     upper = torch.where(x0 > 0.999, torch.ones_like(x0), normal.cdf(x0 + 1 / 255))
     lower = torch.where(x0 < -0.999, torch.zeros_like(x0), normal.cdf(x0 - 1 / 255))
     return torch.log((upper - lower).clamp_min(1e-12))
 
 
 def _decoder_variance(process, t: Tensor, variance: str) -> Tensor:
-    """sigma_t^2 of p_theta: beta_t or beta~_t; beta~ at t = 0 is 0 and takes beta~ at t = 1,
-    as in Ho et al.'s code (posterior_log_variance_clipped)."""
+    """sigma_t^2 of p_theta: beta_t or beta~_t. At t = 0 both take beta~ of t = 1 (beta~_0 = 0), as
+    in Ho et al.'s code: posterior_log_variance_clipped for "posterior", and "fixedlarge"'s
+    append(posterior_variance[1], betas[1:]) for "beta"."""
+    clipped = process.posterior_variance(torch.where(t == 0, torch.ones_like(t), t))
     if variance == "beta":
-        return process.betas[t]
-    return process.posterior_variance(torch.where(t == 0, torch.ones_like(t), t))
+        return torch.where(t == 0, clipped, process.betas.to(t.device)[t])
+    return clipped
 
 
 def vlb_term(eps_net, process, x0: Tensor, t: Tensor, noise: Tensor, variance: str = "posterior", **cond) -> Tensor:
@@ -133,10 +142,10 @@ def vlb(eps_net, process, x0: Tensor, generator=None, variance: str = "posterior
     total = _prior_kl(process, x0)
     if full:
         for t in range(process.T):
-            noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+            noise = seeding.randn(x0.shape, generator, device=x0.device, dtype=x0.dtype)
             total = total + vlb_term(eps_net, process, x0, torch.tensor(t), noise, variance, **cond)
     else:
-        t = torch.randint(0, process.T, (x0.shape[0],), generator=generator)
-        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
-        total = total + process.T * vlb_term(eps_net, process, x0, t, noise, variance, **cond)
+        drawn = seeding.randint(process.T, (x0.shape[0],), generator, device=x0.device)
+        noise = seeding.randn(x0.shape, generator, device=x0.device, dtype=x0.dtype)
+        total = total + process.T * vlb_term(eps_net, process, x0, drawn, noise, variance, **cond)
     return total / (dims * math.log(2))

@@ -11,28 +11,25 @@ With x_t = alpha x_0 + s x_eps (s = sigma_t = alpha * sigma):
 - x0:    D = x0_theta
 - v:     v = alpha eps - s x_0 (Salimans & Ho 2022, Sec. 4), so
          D = (alpha x_t - s v_theta) / (alpha^2 + s^2)
-- score: s_theta(x_t, t) ~ grad_{x_t} log p_t; Tweedie's formula in the VE frame
-         D = x + sigma^2 * alpha * s_theta  (Efron 2011; Song et al. 2021, eq. 6)
+- score: the network output o is the score scaled by the marginal std, s_theta = o / s
+         (score_sde's ``get_score_fn``: the net's output is divided by the std, so it stays O(1)
+         where the score itself is O(1/s), up to 1e6 for sub-VP at t_min); Tweedie's formula in
+         the VE frame D = x + sigma^2 alpha s_theta (Efron 2011; Song et al. 2021, eq. 6)
+         then gives D = x + sigma * o (o ~ -eps: the score net is an eps net of opposite sign).
 """
 
 from __future__ import annotations
 
 from typing import Callable, Literal
 
-import torch
 from torch import Tensor
 
-__all__ = ["Denoiser", "batch_sigma", "eps_from_denoised", "score_from_denoised", "v_from_denoised"]
+from pipeline.diffusion.process import Process
+from pipeline.sampling.frame import batch_sigma
+
+__all__ = ["Denoiser", "eps_from_denoised", "score_from_denoised", "v_from_denoised"]
 
 Prediction = Literal["eps", "x0", "v", "score"]
-
-
-def batch_sigma(sigma, x: Tensor) -> Tensor:
-    """``sigma`` as a (B, 1, ..., 1) tensor in x's dtype/device (from a scalar, (B,) or (B, 1...))."""
-    s = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
-    if s.dim() > 0 and s.shape[0] == x.shape[0]:
-        s = s.reshape(x.shape[0])
-    return s.expand(x.shape[0]).reshape(x.shape[0], *([1] * (x.dim() - 1)))
 
 
 def eps_from_denoised(x: Tensor, sigma, denoised: Tensor) -> Tensor:
@@ -59,7 +56,7 @@ class Denoiser:
     ``time`` to override the latter (e.g. a network conditioned on log sigma).
     """
 
-    def __init__(self, net: Callable[..., Tensor], process, prediction: Prediction = "eps",
+    def __init__(self, net: Callable[..., Tensor], process: Process, prediction: Prediction = "eps",
                  time: Callable[[Tensor], Tensor] | None = None):
         if prediction not in ("eps", "x0", "v", "score"):
             raise ValueError(f"prediction must be eps, x0, v or score, got {prediction!r}")
@@ -77,4 +74,4 @@ class Denoiser:
         if self.prediction == "v":
             st = a * s
             return (a * (a * x) - st * out) / (a * a + st * st)
-        return x + s * s * a * out
+        return x + s * out  # = x + sigma^2 alpha (out / (alpha sigma)), the std-scaled score

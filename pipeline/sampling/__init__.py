@@ -8,39 +8,25 @@ of one per sample so that samples do not depend on the batch); inputs are never
 modified in place and the arithmetic runs in ``noise``'s dtype. Conditioning is bound into the
 denoiser (``functools.partial(D, **cond)``, :mod:`~pipeline.sampling.guidance`,
 :mod:`~pipeline.sampling.inverse`). ``METHODS`` maps each name to its solver
-``solver(denoiser, x, sigmas, generator=None, **options)``.
+``solver(denoiser, x, sigmas, generator=None, **options)``; ``SOLVERS`` holds each method's
+registry entry (its options, whether it is stochastic, :mod:`~pipeline.sampling.registry`).
+
+Layering: this package never imports ``pipeline.diffusion`` (solvers see only the denoiser
+contract); ``pipeline.diffusion`` imports from here. The VE-frame helpers both use live at the
+bottom, in :mod:`~pipeline.sampling.frame`.
 """
 
 from __future__ import annotations
 
-import inspect
-from typing import Callable
-
 import torch
 from torch import Tensor
 
-from pipeline.sampling.adaptive import rk45
-from pipeline.sampling.ancestral import ddim, ddpm, euler
-from pipeline.sampling.dpm_solver import dpmpp_2m, dpmpp_3m_sde
-from pipeline.sampling.edm import heun
 from pipeline.sampling.grids import ddpm_sigmas, ddpm_timesteps, karras_sigmas, logsnr_sigmas
-from pipeline.sampling.sde import euler_maruyama, langevin, pc
+from pipeline.sampling.registry import METHODS, SOLVERS, Solver
 from pipeline.sampling.steps import check_grid
 
-__all__ = ["METHODS", "sample", "ddpm_sigmas", "ddpm_timesteps", "karras_sigmas", "logsnr_sigmas"]
-
-METHODS: dict[str, Callable[..., Tensor]] = {
-    "ddpm": ddpm,
-    "ddim": ddim,
-    "euler": euler,
-    "heun": heun,
-    "rk45": rk45,
-    "euler_maruyama": euler_maruyama,
-    "pc": pc,
-    "langevin": langevin,
-    "dpmpp_2m": dpmpp_2m,
-    "dpmpp_3m_sde": dpmpp_3m_sde,
-}
+__all__ = ["METHODS", "SOLVERS", "Solver", "sample", "ddpm_sigmas", "ddpm_timesteps", "karras_sigmas",
+           "logsnr_sigmas"]
 
 
 def sample(denoiser, noise: Tensor, sigmas: Tensor, method: str = "heun",
@@ -50,9 +36,12 @@ def sample(denoiser, noise: Tensor, sigmas: Tensor, method: str = "heun",
     ``info``, when given, receives "nfe" (number of denoiser calls) and any solver statistics
     (rk45: "steps", "rejected"). ``options`` go to the solver (e.g. eta=, churn=, rtol=).
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown sampling method {method!r}; choose from {sorted(METHODS)}")
-    solver = METHODS[method]
+    if method not in SOLVERS:
+        raise ValueError(f"unknown sampling method {method!r}; choose from {sorted(SOLVERS)}")
+    entry = SOLVERS[method]
+    unknown = set(options) - set(entry.options)
+    if unknown:
+        raise ValueError(f"{method} takes the options {sorted(entry.options)}, not {sorted(unknown)}")
     sigmas = check_grid(sigmas, noise)
     calls = 0
 
@@ -61,9 +50,9 @@ def sample(denoiser, noise: Tensor, sigmas: Tensor, method: str = "heun",
         calls += 1
         return denoiser(x, sigma)
 
-    if info is not None and "info" in inspect.signature(solver).parameters:
+    if info is not None and entry.reports:
         options["info"] = info
-    out = solver(counted, noise, sigmas, generator=generator, **options)
+    out = entry.solver(counted, noise, sigmas, generator=generator, **options)
     if info is not None:
         info["nfe"] = calls
     return out

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from pipeline.diffusion.parameterization import batch_sigma
+from pipeline.sampling.frame import batch_sigma
 
 _C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
 _A = (

@@ -10,6 +10,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from pipeline import seeding
 from pipeline.sampling import sample
 from pipeline.sampling.guidance import classifier_free
 
@@ -24,8 +25,7 @@ def generate(denoiser, shape: Sequence[int], sigmas: Tensor, generators: Sequenc
     ``null_class`` label (Ho & Salimans 2022); w = 1 is the plain conditional model.
     ``options`` go to the solver (e.g. eta=).
     """
-    noise = torch.stack([torch.randn(tuple(shape), generator=g, device=g.device) for g in generators]).to(device)
-    noise = noise * sigmas[0]
+    noise = torch.stack([seeding.randn(shape, g, device=device) for g in generators]) * sigmas[0].to(device)
     if labels is None:
         conditioned = denoiser
     elif guidance_scale == 1.0:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from pipeline.diffusion.parameterization import batch_sigma
+from pipeline.sampling.frame import batch_sigma
 
 __all__ = ["classifier_free"]
 

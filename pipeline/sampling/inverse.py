@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from pipeline.diffusion.parameterization import batch_sigma
+from pipeline.sampling.frame import batch_sigma
 
 __all__ = ["posterior_denoiser", "inpainting"]
 

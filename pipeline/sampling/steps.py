@@ -9,12 +9,12 @@ g^2 = d sigma^2 / dsigma). Any process maps onto these through x_ve = x_t / alph
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 from torch import Tensor
 
-from pipeline.diffusion.parameterization import batch_sigma
+from pipeline.sampling.frame import batch_sigma, noise_like
+
+__all__ = ["ancestral_split", "check_grid", "denoise", "noise_like", "ode_derivative"]
 
 
 def denoise(denoiser, x: Tensor, sigma: Tensor) -> Tensor:
@@ -34,17 +34,6 @@ def ancestral_split(sigma: Tensor, sigma_next: Tensor, eta: float) -> tuple[Tens
     up = eta * (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2).sqrt()
     up = torch.minimum(up, sigma_next)
     return (sigma_next**2 - up**2).sqrt(), up
-
-
-def noise_like(x: Tensor, generator: torch.Generator | Sequence[torch.Generator] | None) -> Tensor:
-    """Standard normal noise shaped like x. A sequence of generators, one per sample, draws each
-    row from its own: the samples then do not depend on the batch they are rendered in."""
-    if generator is None or isinstance(generator, torch.Generator):
-        return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-    if len(generator) != x.shape[0]:
-        raise ValueError(f"{len(generator)} generators for a batch of {x.shape[0]}: pass one per sample")
-    return torch.stack([torch.randn(x.shape[1:], generator=g, dtype=x.dtype, device=g.device).to(x.device)
-                        for g in generator])
 
 
 def check_grid(sigmas: Tensor, noise: Tensor) -> Tensor:

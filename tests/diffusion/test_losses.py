@@ -9,6 +9,7 @@ import torch
 
 from pipeline.diffusion import DDPM, NCSN, VE, VP, SubVP
 from pipeline.diffusion.losses import constant, dsm_loss, eps_loss, v_loss, vlb, vlb_term, x0_loss
+from tests.diffusion.oracle import process_time
 
 PROCESSES = {"ddpm": DDPM.linear(), "vp": VP(), "subvp": SubVP(), "ve": VE(), "ncsn": NCSN(levels=20)}
 POINT = torch.tensor([0.3, -0.5, 0.8], dtype=torch.float64)  # data = a single point: E[x_0 | x_t] = POINT
@@ -19,12 +20,13 @@ def _g(seed):
 
 
 def _exact_network(process, target):
-    """The Bayes-optimal network for data concentrated at POINT, from the definitions."""
+    """The Bayes-optimal network for data concentrated at POINT, from the definitions (the score
+    network outputs the score times the marginal std, s grad log p = -eps)."""
 
     def net(x_t, time):
-        alpha, s = (c.to(x_t.dtype)[:, None] for c in process.marginal(time))
+        alpha, s = (c.to(x_t.dtype)[:, None] for c in process.marginal(process_time(process, time)))
         eps = (x_t - alpha * POINT) / s
-        return {"eps": eps, "x0": POINT.expand_as(x_t), "v": alpha * eps - s * POINT, "score": -eps / s}[target]
+        return {"eps": eps, "x0": POINT.expand_as(x_t), "v": alpha * eps - s * POINT, "score": -eps}[target]
 
     return net
 
@@ -73,6 +75,20 @@ def test_vlb_kl_term_is_hos_weighted_eps_error():
         assert (vlb_term(_exact_ddpm_eps(process, x0), process, x0, torch.tensor(t), noise).abs() < 1e-9).all()
 
 
+def test_fixed_large_variance_at_t0_is_the_clipped_posterior_variance():
+    # Ho et al.'s "fixedlarge": sigma_t^2 = append(beta~_1, betas[1:]), so at t = 0 both choices
+    # of variance give the same decoder L_0.
+    process = DDPM.linear()
+    x0 = torch.rand(8, 6, generator=_g(9), dtype=torch.float64) * 2 - 1
+    noise = torch.randn(8, 6, generator=_g(10), dtype=torch.float64)
+    net = lambda x, t: 0.9 * x  # noqa: E731
+    zero = torch.tensor(0)
+    torch.testing.assert_close(vlb_term(net, process, x0, zero, noise, "beta"),
+                               vlb_term(net, process, x0, zero, noise, "posterior"))
+    assert not torch.allclose(vlb_term(net, process, x0, torch.tensor(5), noise, "beta"),
+                              vlb_term(net, process, x0, torch.tensor(5), noise, "posterior"))
+
+
 def _exact_ddpm_eps(process, x0):
     def net(x_t, t):
         a, s = (c.to(x_t.dtype).reshape(-1, 1) for c in process.marginal(t))
@@ -82,7 +98,7 @@ def _exact_ddpm_eps(process, x0):
 
 
 def test_vlb_full_sum_and_its_one_term_estimate():
-    process = DDPM.linear(T=50, beta_end=0.3)
+    process = DDPM.linear(T=50)
     x0 = (torch.randint(0, 256, (8, 4), generator=_g(7)).double() / 127.5) - 1
     net = _exact_ddpm_eps(process, x0)  # the KL terms vanish; L_T and L_0 remain
     full = vlb(net, process, x0, _g(8), full=True)

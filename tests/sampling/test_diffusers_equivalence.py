@@ -63,15 +63,17 @@ def _ours(process, denoiser, latents, timesteps, method, generator, **options):
     return sample(denoiser, noise, sigmas, method=method, generator=generator, **options)
 
 
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
 @pytest.mark.parametrize("steps", [10, 50])
 @pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
-def test_ddim_matches_diffusers(setup, steps, eta):
+def test_ddim_matches_diffusers(setup, steps, eta, spacing):
+    # diffusers steps from t to t - T // steps, the next timestep of these two spacings.
     process, eps_net, denoiser = setup
-    scheduler = _float64(diffusers.DDIMScheduler(**SCHEDULE, set_alpha_to_one=True, steps_offset=0, timestep_spacing="leading"))
+    scheduler = _float64(diffusers.DDIMScheduler(**SCHEDULE, set_alpha_to_one=True, steps_offset=0, timestep_spacing=spacing))
     scheduler.set_timesteps(steps)
     latents = torch.randn(256, 3, generator=_g(1), dtype=torch.float64)
     theirs = _run_diffusers(scheduler, eps_net, latents, _g(2), eta=eta)
-    timesteps = ddpm_timesteps(T, steps, "uniform")
+    timesteps = ddpm_timesteps(T, steps, spacing)
     assert torch.equal(timesteps, scheduler.timesteps.long())
     ours = _ours(process, denoiser, latents, timesteps, "ddim", _g(2), eta=eta)
     torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-9)
@@ -85,7 +87,7 @@ def test_ddpm_matches_diffusers(setup, variance, variance_type, steps):
     scheduler.set_timesteps(steps)
     latents = torch.randn(64, 3, generator=_g(1), dtype=torch.float64)
     theirs = _run_diffusers(scheduler, eps_net, latents, _g(2))
-    timesteps = ddpm_timesteps(T, steps, "uniform")
+    timesteps = ddpm_timesteps(T, steps, "leading")
     assert torch.equal(timesteps, scheduler.timesteps.long())
     ours = _ours(process, denoiser, latents, timesteps, "ddpm", _g(2), variance=variance)
     torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-9)

@@ -10,8 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+import ast
+import inspect
+from pathlib import Path
+
 from pipeline.diffusion.gmm import GaussianMixture, sliced_wasserstein, sliced_wasserstein_floor
-from pipeline.sampling import METHODS, karras_sigmas, sample
+from pipeline.sampling import METHODS, SOLVERS, karras_sigmas, logsnr_sigmas, sample
+from pipeline.sampling.sde import _langevin_step, _predict, _reverse_diffusion_coefs
 
 N = 2000
 SIGMA_MAX = 80.0
@@ -57,7 +62,33 @@ BUDGETS = {
 
 
 def test_every_method_has_a_budget():
-    assert set(BUDGETS) == set(METHODS)
+    assert set(BUDGETS) == set(METHODS) == set(SOLVERS)
+
+
+@pytest.mark.parametrize("method", sorted(SOLVERS))
+def test_the_registry_declares_each_solvers_options(method):
+    entry = SOLVERS[method]
+    assert METHODS[method] is entry.solver
+    parameters = inspect.signature(entry.solver).parameters
+    declared = set(entry.options) | ({"info"} if entry.reports else set())
+    assert set(parameters) - {"denoiser", "x", "sigmas", "generator"} == declared
+    if entry.noise_option is not None:
+        assert entry.noise_option in entry.options
+        assert entry.is_stochastic() == bool(parameters[entry.noise_option].default)
+
+
+def test_sample_refuses_an_option_the_method_does_not_take(gmm):
+    with pytest.raises(ValueError, match="takes the options"):
+        sample(gmm.denoiser, torch.ones(2, 2, dtype=torch.float64), _grid(3), "euler", eta=0.5)
+
+
+def test_sampling_never_imports_diffusion():
+    # The layering: pipeline.diffusion may use pipeline.sampling, never the other way round.
+    for path in (Path(__file__).resolve().parents[2] / "pipeline/sampling").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n.startswith("pipeline.diffusion") for n in names), path.name
 
 
 @pytest.mark.parametrize("method", sorted(BUDGETS))
@@ -102,8 +133,53 @@ def test_deterministic_for_a_generator_and_leaves_inputs_alone(gmm, method):
     assert torch.equal(a, b)
     assert torch.equal(noise, noise_copy) and torch.equal(sigmas, sigmas_copy)
     c = sample(gmm.denoiser, noise, sigmas, method, generator=_g(9))
-    stochastic = method in {"ddpm", "euler_maruyama", "pc", "langevin", "dpmpp_3m_sde"}
-    assert (not torch.equal(a, c)) == stochastic
+    assert (not torch.equal(a, c)) == SOLVERS[method].is_stochastic()
+
+
+STOCHASTIC_OPTIONS = {"ddim": {"eta": 1.0}, "heun": {"churn": 10.0}}
+
+
+@pytest.mark.parametrize("method", sorted(SOLVERS))
+def test_a_sample_does_not_depend_on_its_batch(gmm, method):
+    # Per-sample generators: sample 2 of a batch of 4 equals sample 2 rendered alone (PC's
+    # corrector step once used norms averaged over the batch, F5). Methods whose noise is an
+    # option run with it on.
+    assert SOLVERS[method].batch_independent
+    options = STOCHASTIC_OPTIONS.get(method, {})
+    noise = SIGMA_MAX * torch.randn(4, 2, generator=_g(6), dtype=torch.float64)
+    sigmas = _grid(6)
+    batch = sample(gmm.denoiser, noise, sigmas, method, generator=[_g(20 + i) for i in range(4)], **options)
+    alone = sample(gmm.denoiser, noise[2:3], sigmas, method, generator=[_g(22)], **options)
+    torch.testing.assert_close(batch[2:3], alone, rtol=1e-10, atol=1e-10)
+    assert SOLVERS[method].is_stochastic(**options) == (not torch.equal(batch[0], sample(
+        gmm.denoiser, noise, sigmas, method, generator=[_g(30 + i) for i in range(4)], **options)[0]))
+
+
+def test_pc_is_a_predictor_step_then_corrector_steps(gmm):
+    # Song et al. 2021, Algorithm 2: predictor sigma_i -> sigma_{i-1}, then Langevin at sigma_{i-1}
+    # with Algorithm 4's step at the noise-dominated norms, 2 (snr sigma)^2.
+    noise = SIGMA_MAX * torch.randn(16, 2, generator=_g(4), dtype=torch.float64)
+    sigmas = torch.tensor([SIGMA_MAX, 1.0, 0.0], dtype=torch.float64)
+    generator = _g(11)
+    x = _predict(gmm.denoiser, noise, sigmas[0], sigmas[1], _reverse_diffusion_coefs, generator)
+    for _ in range(2):
+        z = torch.randn(x.shape, generator=generator, dtype=x.dtype)
+        x = _langevin_step(x, gmm.denoiser(x, sigmas[1]), sigmas[1], 2 * (0.16 * sigmas[1]) ** 2, z)
+    expected = gmm.denoiser(x, sigmas[1])
+    torch.testing.assert_close(sample(gmm.denoiser, noise, sigmas, "pc", generator=_g(11), corrector_steps=2), expected)
+
+
+def test_langevin_defaults_reach_the_noise_floor_within_2000_evaluations(gmm):
+    # F9: Song & Ermon's defaults (100 steps per level, eps = 2e-5 at sigma_L = 0.01) on 19
+    # geometric levels, 1,901 evaluations, land within 1.2x the mean distance between two fresh
+    # mixture sample sets (the former defaults, 10 steps at ratio 0.05, ended 25x above it).
+    info = {}
+    noise = SIGMA_MAX * torch.randn(N, 2, generator=_g(2), dtype=torch.float64)
+    x = sample(gmm.denoiser, noise, logsnr_sigmas(0.01, SIGMA_MAX, 19), "langevin", generator=_g(3), info=info)
+    err = sliced_wasserstein(x, gmm.sample(N, _g(1)), generator=_g(7))
+    fresh = [sliced_wasserstein(gmm.sample(N, _g(100 + 2 * i)), gmm.sample(N, _g(101 + 2 * i)), generator=_g(100))
+             for i in range(8)]
+    assert info["nfe"] <= 2000 and err <= 1.2 * sum(fresh) / len(fresh), err
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -154,8 +230,8 @@ def test_heun_churn_is_stochastic_and_zero_churn_is_algorithm_1(gmm):
 def test_nfe_counts(gmm):
     noise = SIGMA_MAX * torch.randn(4, 2, generator=_g(4), dtype=torch.float64)
     sigmas = _grid(10)  # 10 levels + 0 -> 10 steps
-    expected = {"ddpm": 10, "ddim": 10, "euler": 10, "heun": 19, "euler_maruyama": 10, "pc": 20,
-                "langevin": 10 * 10 + 1, "dpmpp_2m": 10, "dpmpp_3m_sde": 10}
+    expected = {"ddpm": 10, "ddim": 10, "euler": 10, "heun": 19, "euler_maruyama": 10, "pc": 10 + 9,
+                "langevin": 10 * 100 + 1, "dpmpp_2m": 10, "dpmpp_3m_sde": 10}
     for method, nfe in expected.items():
         info = {}
         sample(gmm.denoiser, noise, sigmas, method, generator=_g(1), info=info)
