@@ -19,9 +19,9 @@ See docs/architecture.md for who reads what.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Mapping
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
