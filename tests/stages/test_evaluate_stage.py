@@ -10,8 +10,9 @@ import shutil
 import numpy as np
 import pytest
 
-from pipeline import cli, manifest
+from pipeline import artifacts, cli, manifest
 from pipeline.data.stream import sequential_batches
+from pipeline.metrics.images import to_uint8
 from stages import evaluate, sample
 
 from tests.stages.test_sample_stage import SAMPLE_ARGS, _copy, trained  # noqa: F401 (fixture)
@@ -67,11 +68,11 @@ def test_real_val_images_as_samples_score_like_real_images(sampled, tmp_path, we
     cfg = _cfg_eval(_copy_sampled(sampled, tmp_path), "evaluate.likelihood_count=0", "evaluate.reconstruction=false")
     images, labels = [], []
     for batch in sequential_batches(str(cfg.stage_dir("prepare") / "val-*.tar"), 64):
-        images.append(sample.to_uint8(batch["image"]))
+        images.append(to_uint8(batch["image"]))
         labels.append(np.asarray(batch["label"]))
     buffer = io.BytesIO()
     np.savez(buffer, images=np.concatenate(images), labels=np.concatenate(labels).astype(np.int64))
-    (cfg.stage_dir("sample") / sample.SAMPLES_FILE).write_bytes(buffer.getvalue())
+    (cfg.stage_dir("sample") / artifacts.Samples.SAMPLES_FILE).write_bytes(buffer.getvalue())
     metrics = json.loads((evaluate.run(cfg) / evaluate.METRICS_FILE).read_text())
     assert abs(metrics["fid"]) < 1e-3
     assert metrics["precision"] == metrics["recall"] == 1.0
