@@ -1,6 +1,7 @@
 """`latentpipe submit --dry-run` and the job plan: no SLURM needed."""
 
 import json
+import shlex
 import subprocess
 import sys
 
@@ -95,3 +96,18 @@ def test_jobs_file_records_ids_and_dependencies(tmp_path):
     assert [(j["stage"], j["job_id"], j["depends_on"]) for j in recorded["jobs"]] == \
         [("prepare", "11", None), ("autoencoder", "12", "11")]
     assert "--dependency=afterok:11" in recorded["jobs"][1]["command"]
+
+
+@pytest.mark.parametrize("stage", list(stage_registry.STAGES))
+def test_common_sh_forwards_usr1_only_to_stages_that_checkpoint(stage):
+    """common.sh asks the registry (python -m pipeline.stage_registry) instead of a list of its own."""
+    script = f"""
+        source {shlex.quote(str(slurm.slurm_dir() / "common.sh"))}
+        LP_STAGE={stage}; LP_CHILD=""
+        LP_CHECKPOINTS=$({shlex.quote(sys.executable)} -m pipeline.stage_registry checkpoints {stage})
+        lp_forward USR1; echo "signal=$LP_SIGNAL"
+    """
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True, timeout=60)
+    forwarded = stage_registry.get(stage).checkpoints
+    assert ("signal=USR1" in done.stdout) == forwarded, done.stdout
+    assert ("does not checkpoint, ignored" in done.stdout) == (not forwarded)
