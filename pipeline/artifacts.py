@@ -102,14 +102,18 @@ class Artifact:
         """The recorded files of a split, in manifest order."""
         return [self.directory / o.path for o in self.outputs if o.split == split]
 
-    def verified(self, name: str) -> Path:
-        """The path of recorded output ``name`` after checking its size and sha256 against the
-        manifest (a file changed after the stage finished is refused, naming the stage to rerun)."""
+    def output(self, name: str) -> OutputFile:
+        """The manifest entry of output ``name`` (a path relative to the stage directory)."""
         entry = next((o for o in self.outputs if o.path == name), None)
-        path = self.directory / name
         if entry is None:
             raise StageInputError(f"stage '{self.STAGE}' recorded no output {name!r} in {self.directory}: "
                                   f"rerun `latentpipe {self.STAGE}`")
+        return entry
+
+    def verified(self, name: str) -> Path:
+        """The path of recorded output ``name`` after checking its size and sha256 against the
+        manifest (a file changed after the stage finished is refused, naming the stage to rerun)."""
+        entry, path = self.output(name), self.directory / name
         if not path.is_file():
             raise StageInputError(f"{path} is missing (recorded by stage '{self.STAGE}'): "
                                   f"rerun `latentpipe {self.STAGE}`")
@@ -207,7 +211,7 @@ class TrainedAutoencoder(Artifact):
 
     @property
     def weights(self) -> OutputFile:
-        return next(o for o in self.outputs if o.path == self.WEIGHTS_FILE)
+        return self.output(self.WEIGHTS_FILE)
 
     def load_model(self, cfg: config.AutoencoderConfig, device: torch.device | str) -> nn.Module:
         """The trained autoencoder in eval mode (``cfg``: the config it was trained with, which

@@ -89,8 +89,8 @@ def run_pipeline(cfg: config.Config, force: Sequence[str] = (), until: str | Non
         log.info("%s: running (%s)", header, "forced" if spec.name in force else reason)
         start = time.perf_counter()
         spec.run(cfg)
-        times[spec.name] = time.perf_counter() - start
-        log.info("%s: done in %s", header, _duration(times[spec.name]))
+        times[spec.name] = elapsed = time.perf_counter() - start
+        log.info("%s: done in %s", header, _duration(elapsed))
     return times
 
 

@@ -47,8 +47,9 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 def describe_file(path: Path, root: Path, **extra: Any) -> dict:
     """An output entry: path relative to the stage directory, size, sha256 when small."""
-    entry = {"path": str(path.relative_to(root)), "bytes": path.stat().st_size}
-    if entry["bytes"] <= HASHED_FILE_LIMIT:
+    size = path.stat().st_size
+    entry: dict[str, Any] = {"path": str(path.relative_to(root)), "bytes": size}
+    if size <= HASHED_FILE_LIMIT:
         entry["sha256"] = sha256_file(path)
     return {**entry, **extra}
 
