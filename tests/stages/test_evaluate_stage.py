@@ -43,7 +43,7 @@ def test_metrics_are_finite_reported_and_a_rerun_is_skipped(sampled, tmp_path, w
     out = evaluate.run(cfg)
     found = manifest.read(out)
     assert found["status"] == "complete"
-    metrics = json.loads((out / evaluate.METRICS_FILE).read_text())
+    metrics = json.loads((out / artifacts.Evaluation.METRICS_FILE).read_text())
     for key in ("fid", "kid", "precision", "recall", "fid_train_vs_val", "classifier_accuracy",
                 "classifier_real_val_accuracy", "rfid", "autoencoder_val_psnr", "autoencoder_val_codebook_usage",
                 "latent_bits_per_dim"):
@@ -54,7 +54,7 @@ def test_metrics_are_finite_reported_and_a_rerun_is_skipped(sampled, tmp_path, w
     assert set(metrics["classifier_accuracy_per_class"]) == {str(c) for c in range(10)}
     assert metrics["likelihood_latents"] == 3 and metrics["likelihood_nfe"] > 0
     assert metrics["sampler"]["method"] == "ddpm"
-    report = (out / evaluate.REPORT_FILE).read_text()
+    report = (out / artifacts.Evaluation.REPORT_FILE).read_text()
     assert "../sample/grid.png" in report and "| fid |" in report and "diffusion:" in report and "evaluate:" in report
     assert manifest.up_to_date(cfg, evaluate.NAME, evaluate.SECTIONS, evaluate.INPUTS)[0]
     run_id = found["run_id"]
@@ -73,7 +73,7 @@ def test_real_val_images_as_samples_score_like_real_images(sampled, tmp_path, we
     buffer = io.BytesIO()
     np.savez(buffer, images=np.concatenate(images), labels=np.concatenate(labels).astype(np.int64))
     (cfg.stage_dir("sample") / artifacts.Samples.SAMPLES_FILE).write_bytes(buffer.getvalue())
-    metrics = json.loads((evaluate.run(cfg) / evaluate.METRICS_FILE).read_text())
+    metrics = json.loads((evaluate.run(cfg) / artifacts.Evaluation.METRICS_FILE).read_text())
     assert abs(metrics["fid"]) < 1e-3
     assert metrics["precision"] == metrics["recall"] == 1.0
     assert metrics["kid"] <= 0  # the unbiased MMD^2 of a set against itself: the diagonal is left out

@@ -47,7 +47,7 @@ def test_one_rank_equals_two_ranks_equals_another_batch_size(trained, tmp_path):
     images, labels = _samples(one)
     assert images.shape == (11, 16, 16, 1) and images.dtype == np.uint8
     assert labels.tolist() == [i % 10 for i in range(11)]
-    assert (one / "tiny" / "sample" / sample.GRID_FILE).is_file()
+    assert (one / "tiny" / "sample" / artifacts.Samples.GRID_FILE).is_file()
     found = manifest.read(one / "tiny" / "sample")
     assert found["status"] == "complete" and found["samples"]["count"] == 11 and found["samples"]["nfe"] > 0
 
