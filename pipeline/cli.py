@@ -19,7 +19,7 @@ import sys
 import time
 from typing import Sequence
 
-from pipeline import config, manifest
+from pipeline import config, manifest, stage_registry
 from pipeline.errors import REQUEUE_EXIT_CODE, LatentpipeError, StageInterrupted
 
 log = logging.getLogger("latentpipe")
@@ -31,8 +31,6 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    import stages
-
     parser = argparse.ArgumentParser(prog="latentpipe", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     verbosity = parser.add_mutually_exclusive_group()
@@ -41,14 +39,14 @@ def _build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     run = commands.add_parser("run", help="run every stage in order, skipping up-to-date ones")
-    run.add_argument("--force", action="append", default=[], choices=list(stages.BY_NAME), metavar="STAGE",
+    run.add_argument("--force", action="append", default=[], choices=list(stage_registry.STAGES), metavar="STAGE",
                      help="rerun STAGE even if its output is up to date (repeatable)")
-    run.add_argument("--until", choices=list(stages.BY_NAME), metavar="STAGE", help="stop after STAGE")
+    run.add_argument("--until", choices=list(stage_registry.STAGES), metavar="STAGE", help="stop after STAGE")
     _add_config_args(run)
 
-    for stage in stages.PIPELINE:
-        summary = (stage.__doc__ or "").strip().splitlines()[0].replace("%", "%%")
-        sub = commands.add_parser(stage.NAME, help=summary, description=stage.__doc__,
+    for spec in stage_registry.PIPELINE:
+        doc = spec.doc()
+        sub = commands.add_parser(spec.name, help=doc.splitlines()[0].replace("%", "%%"), description=doc,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
         _add_config_args(sub)
 
@@ -78,23 +76,21 @@ def run_pipeline(cfg: config.Config, force: Sequence[str] = (), until: str | Non
     """Every stage in order (up to and including ``until``); a stage whose output is complete,
     from the same config section and the same inputs, is skipped unless forced. Returns each
     stage's wall time (None: skipped)."""
-    import stages
-
-    names = [stage.NAME for stage in stages.PIPELINE]
-    selected = stages.PIPELINE[: names.index(until) + 1] if until else stages.PIPELINE
+    names = list(stage_registry.STAGES)
+    selected = stage_registry.PIPELINE[: names.index(until) + 1] if until else stage_registry.PIPELINE
     times: dict[str, float | None] = {}
-    for number, stage in enumerate(selected, 1):
-        header = f"[{number}/{len(selected)}] {stage.NAME}"
-        fresh, reason = manifest.up_to_date(cfg, stage.NAME, stage.SECTIONS, stage.INPUTS)
-        if fresh and stage.NAME not in force:
-            log.info("%s: up to date, skipped (--force %s reruns it)", header, stage.NAME)
-            times[stage.NAME] = None
+    for number, spec in enumerate(selected, 1):
+        header = f"[{number}/{len(selected)}] {spec.name}"
+        fresh, reason = manifest.up_to_date(cfg, spec.name, spec.sections, spec.inputs)
+        if fresh and spec.name not in force:
+            log.info("%s: up to date, skipped (--force %s reruns it)", header, spec.name)
+            times[spec.name] = None
             continue
-        log.info("%s: running (%s)", header, "forced" if stage.NAME in force else reason)
+        log.info("%s: running (%s)", header, "forced" if spec.name in force else reason)
         start = time.perf_counter()
-        stage.run(cfg)
-        times[stage.NAME] = time.perf_counter() - start
-        log.info("%s: done in %s", header, _duration(times[stage.NAME]))
+        spec.run(cfg)
+        times[spec.name] = elapsed = time.perf_counter() - start
+        log.info("%s: done in %s", header, _duration(elapsed))
     return times
 
 
@@ -133,8 +129,6 @@ def summary(cfg: config.Config, times: dict[str, float | None]) -> str:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    import stages
-
     if args.command == "weights":
         from pipeline import weights
 
@@ -158,7 +152,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "run":
         print(summary(cfg, run_pipeline(cfg, args.force, args.until)))
     else:
-        stages.BY_NAME[args.command].run(cfg)
+        stage_registry.get(args.command).run(cfg)
     return 0
 
 

@@ -20,7 +20,7 @@ import uuid
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Protocol, Sequence
 
 from pipeline import atomic, config
 from pipeline.errors import LatentpipeError, StageInterrupted
@@ -47,8 +47,9 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 def describe_file(path: Path, root: Path, **extra: Any) -> dict:
     """An output entry: path relative to the stage directory, size, sha256 when small."""
-    entry = {"path": str(path.relative_to(root)), "bytes": path.stat().st_size}
-    if entry["bytes"] <= HASHED_FILE_LIMIT:
+    size = path.stat().st_size
+    entry: dict[str, Any] = {"path": str(path.relative_to(root)), "bytes": size}
+    if size <= HASHED_FILE_LIMIT:
         entry["sha256"] = sha256_file(path)
     return {**entry, **extra}
 
@@ -108,6 +109,40 @@ def write(stage_dir: Path, manifest: dict) -> None:
     atomic.write_text(Path(stage_dir) / MANIFEST, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
 
 
+def read_complete(cfg: config.Config, stage: str) -> tuple[dict, str]:
+    """A stage's manifest and its hash, refused unless it exists and is ``complete``."""
+    directory = cfg.stage_dir(stage)
+    found = read(directory)
+    if found is None:
+        raise StageInputError(f"stage '{stage}' has no manifest in {directory}: run `latentpipe {stage}` first")
+    if found.get("status") != COMPLETE:
+        raise StageInputError(
+            f"stage '{stage}' in {directory} is {found.get('status')!r}, not complete: rerun `latentpipe {stage}`"
+        )
+    return found, manifest_hash(directory)
+
+
+def check_upstreams(cfg: config.Config, stage: str, found: dict, current: dict[str, str] | None = None) -> None:
+    """Refuse ``stage`` (manifest ``found``) when it was made from another upstream output than the
+    current one: each recorded input manifest hash must equal the upstream's hash now
+    (``current``: only these upstreams, with these hashes; default: every recorded one, read
+    from disk, a missing upstream counting as different)."""
+    for upstream, recorded in found.get("inputs", {}).items():
+        if current is not None and upstream not in current:
+            continue
+        now = current[upstream] if current is not None else _hash_if_present(cfg.stage_dir(upstream))
+        if now != recorded:
+            raise StageInputError(
+                f"stage '{stage}' was made from a different '{upstream}' "
+                f"(recorded manifest {recorded[:12]}, current {(now or 'missing')[:12]}): "
+                f"rerun `latentpipe {stage}` or restore the matching '{upstream}' output"
+            )
+
+
+def _hash_if_present(stage_dir: Path) -> str | None:
+    return manifest_hash(stage_dir) if (Path(stage_dir) / MANIFEST).is_file() else None
+
+
 def check_inputs(cfg: config.Config, inputs: Sequence[str]) -> dict[str, str]:
     """Manifest hashes of the upstream stages, after checking they exist, are complete and agree.
 
@@ -117,26 +152,9 @@ def check_inputs(cfg: config.Config, inputs: Sequence[str]) -> dict[str, str]:
     """
     manifests, hashes = {}, {}
     for name in inputs:
-        directory = cfg.stage_dir(name)
-        found = read(directory)
-        if found is None:
-            raise StageInputError(
-                f"stage '{name}' has no manifest in {directory}: run `latentpipe {name}` first"
-            )
-        if found.get("status") != COMPLETE:
-            raise StageInputError(
-                f"stage '{name}' in {directory} is {found.get('status')!r}, not complete: "
-                f"rerun `latentpipe {name}`"
-            )
-        manifests[name], hashes[name] = found, manifest_hash(directory)
+        manifests[name], hashes[name] = read_complete(cfg, name)
     for name, found in manifests.items():
-        for upstream, recorded in found.get("inputs", {}).items():
-            if upstream in hashes and hashes[upstream] != recorded:
-                raise StageInputError(
-                    f"stage '{name}' was made from a different '{upstream}' "
-                    f"(recorded manifest {recorded[:12]}, current {hashes[upstream][:12]}): "
-                    f"rerun `latentpipe {name}` or restore the matching '{upstream}' output"
-                )
+        check_upstreams(cfg, name, found, hashes)
     return hashes
 
 
@@ -159,6 +177,12 @@ def up_to_date(cfg: config.Config, stage: str, sections: Sequence[str], inputs: 
     return True, "complete"
 
 
+class Publishable(Protocol):
+    """A stage output description (a ``pipeline.artifacts.Artifact``)."""
+
+    def to_manifest(self) -> dict[str, Any]: ...
+
+
 @dataclass
 class StageRecord:
     """What a running stage reports into its manifest."""
@@ -171,6 +195,10 @@ class StageRecord:
 
     def add_output(self, path: Path, **extra: Any) -> None:
         self.outputs.append(describe_file(Path(path), self.directory, **extra))
+
+    def publish(self, artifact: Publishable) -> None:
+        """Describe the output in the manifest: the artifact's top-level keys (pipeline.artifacts)."""
+        self.extra.update(artifact.to_manifest())
 
 
 @contextlib.contextmanager

@@ -30,10 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from pipeline import config, manifest
+from pipeline import config, manifest, stage_registry
 from pipeline.errors import LatentpipeError
 
-SLURM_DIR = Path(__file__).resolve().parent.parent / "slurm"
+SLURM_DIR = Path(__file__).resolve().parent / "sbatch"
+"""common.sh and one sbatch script per stage: package data, so a wheel install can submit too
+(the checkout's top-level ``slurm/`` is a link to it)."""
 JOBS_FILE = "jobs.json"
 
 
@@ -53,34 +55,32 @@ def slurm_dir() -> Path:
 def plan(cfg: config.Config, config_path: str | None, overrides: Sequence[str], only: Sequence[str] = (),
          force: Sequence[str] = (), sample_tasks: int = 1, sbatch_args: Sequence[str] = ()) -> tuple[list[Job], dict]:
     """The jobs to submit, in order, and why each stage is (not) submitted."""
-    import stages
-
-    unknown = [name for name in only if name not in stages.BY_NAME]
+    unknown = [name for name in only if name not in stage_registry.STAGES]
     if unknown:
-        raise LatentpipeError(f"unknown stage(s) {', '.join(unknown)}; choose from {', '.join(stages.BY_NAME)}")
+        raise LatentpipeError(f"unknown stage(s) {', '.join(unknown)}; choose from {', '.join(stage_registry.STAGES)}")
     if sample_tasks < 1:
         raise LatentpipeError(f"--sample-tasks must be at least 1, got {sample_tasks}")
     log_dir = cfg.run_dir.resolve() / "slurm"
     tail = ([str(Path(config_path).resolve())] if config_path else []) + list(overrides)
     jobs: list[Job] = []
     reasons: dict[str, str] = {}
-    for stage in stages.PIPELINE:
-        if only and stage.NAME not in only:
-            reasons[stage.NAME] = "not selected"
+    for spec in stage_registry.PIPELINE:
+        if only and spec.name not in only:
+            reasons[spec.name] = "not selected"
             continue
-        fresh, why = manifest.up_to_date(cfg, stage.NAME, stage.SECTIONS, stage.INPUTS)
-        if fresh and not jobs and stage.NAME not in force:
-            reasons[stage.NAME] = "up to date, skipped"
+        fresh, why = manifest.up_to_date(cfg, spec.name, spec.sections, spec.inputs)
+        if fresh and not jobs and spec.name not in force:
+            reasons[spec.name] = "up to date, skipped"
             continue
-        reasons[stage.NAME] = "forced" if stage.NAME in force else why if not fresh else "an earlier stage reruns"
-        script = str(slurm_dir() / f"{stage.NAME}.sbatch")
-        name = f"{cfg.experiment.name}-{stage.NAME}"
+        reasons[spec.name] = "forced" if spec.name in force else why if not fresh else "an earlier stage reruns"
+        script = str(slurm_dir() / f"{spec.name}.sbatch")
+        name = f"{cfg.experiment.name}-{spec.name}"
         common = ["sbatch", "--parsable", "--kill-on-invalid-dep=yes", f"--job-name={name}"]
-        if stage.NAME == "sample" and sample_tasks > 1:
-            jobs.append(Job(stage.NAME, [*common, f"--array=0-{sample_tasks - 1}", f"--output={log_dir}/%x-%A_%a.out",
-                                         *sbatch_args, script, *tail], array=True,
+        if spec.name == "sample" and sample_tasks > 1:
+            jobs.append(Job(spec.name, [*common, f"--array=0-{sample_tasks - 1}", f"--output={log_dir}/%x-%A_%a.out",
+                                        *sbatch_args, script, *tail], array=True,
                             depends_on=len(jobs) - 1 if jobs else None))
-        jobs.append(Job(stage.NAME, [*common, f"--output={log_dir}/%x-%j.out", *sbatch_args, script, *tail],
+        jobs.append(Job(spec.name, [*common, f"--output={log_dir}/%x-%j.out", *sbatch_args, script, *tail],
                         depends_on=len(jobs) - 1 if jobs else None))
     return jobs, reasons
 
@@ -149,18 +149,16 @@ def job_states(job_id: str) -> list[dict]:
 
 
 def status(cfg: config.Config) -> str:
-    import stages
-
     path = cfg.run_dir / "slurm" / JOBS_FILE
     recorded = json.loads(path.read_text()) if path.is_file() else {"jobs": []}
     lines = [f"{cfg.run_dir}" + (f" (submitted {recorded['submitted']})" if path.is_file() else " (nothing submitted)")]
-    for stage in stages.PIPELINE:
-        found = manifest.read(cfg.stage_dir(stage.NAME))
-        fresh, why = manifest.up_to_date(cfg, stage.NAME, stage.SECTIONS, stage.INPUTS)
+    for spec in stage_registry.PIPELINE:
+        found = manifest.read(cfg.stage_dir(spec.name))
+        fresh, why = manifest.up_to_date(cfg, spec.name, spec.sections, spec.inputs)
         state = (found or {}).get("status", "-")
-        lines.append(f"  {stage.NAME:<12} manifest {state:<12} {'up to date' if fresh else why}")
+        lines.append(f"  {spec.name:<12} manifest {state:<12} {'up to date' if fresh else why}")
         for job in recorded["jobs"]:
-            if job["stage"] != stage.NAME or not job["job_id"]:
+            if job["stage"] != spec.name or not job["job_id"]:
                 continue
             tasks = job_states(job["job_id"])
             if not tasks:

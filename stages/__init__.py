@@ -1,10 +1,7 @@
-"""The pipeline's stages, one module each, in run order.
+"""The pipeline's stages, one module each; their order, config sections and inputs are listed in
+:mod:`pipeline.stage_registry`.
 
-A stage module has ``NAME``, ``SECTIONS`` (the config sections its output depends on),
-``INPUTS`` (the upstream stages it reads) and ``run(cfg)``.
+A stage module has ``NAME``, ``SECTIONS`` and ``INPUTS`` (read from its registry entry) and
+``run(cfg) -> Path``. It reads its inputs only through :mod:`pipeline.artifacts` and publishes
+its output as one of them; it never imports another stage.
 """
-
-from stages import autoencoder, diffusion, encode, evaluate, prepare, sample
-
-PIPELINE = (prepare, autoencoder, encode, diffusion, sample, evaluate)
-BY_NAME = {stage.NAME: stage for stage in PIPELINE}

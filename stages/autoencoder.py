@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save as safetensors_bytes
 
-from pipeline import atomic, config, manifest
+from pipeline import artifacts, atomic, config, manifest, stage_registry
 from pipeline.autoencoder import LPIPS, PatchDiscriminator, lpips_input, adaptive_weight, gan_factor, generator_loss, hinge_d_loss
 from pipeline.autoencoder.build import build_autoencoder
 from pipeline.autoencoder.codebook import perplexity
@@ -34,10 +34,8 @@ from pipeline.runtime.optim import build_optimizer
 from pipeline.runtime.training import TrainingLoop, TrainState, configure_backends, prepare_network, to_device
 from pipeline.seeding import derive_seed, generator
 
-NAME = "autoencoder"
-SECTIONS = ("experiment", "data", "autoencoder")  # experiment: its seed
-INPUTS = ("prepare",)
-WEIGHTS_FILE = "autoencoder.safetensors"
+SPEC = stage_registry.get("autoencoder")
+NAME, SECTIONS, INPUTS = SPEC.name, SPEC.sections, SPEC.inputs
 # Changing these continues training from a checkpoint; any other change starts afresh.
 RESUMABLE_CHANGES = ("autoencoder.max_steps", "autoencoder.time_budget_minutes", "autoencoder.log_every",
                      "autoencoder.image_every", "autoencoder.checkpoint_every", "autoencoder.keep_checkpoints",
@@ -47,9 +45,9 @@ RESUMABLE_CHANGES = ("autoencoder.max_steps", "autoencoder.time_budget_minutes",
 log = logging.getLogger(__name__)
 
 
-def _image_spec(prepared: dict, ae: config.AutoencoderConfig) -> tuple[int, int]:
+def _image_spec(prepared: artifacts.PreparedShards, ae: config.AutoencoderConfig) -> tuple[int, int]:
     """(channels, resolution) of the prepared images, checked against the autoencoder."""
-    channels, resolution = prepared["image"]["channels"], prepared["image"]["resolution"]
+    channels, resolution = prepared.image.channels, prepared.image.resolution
     if resolution % ae.factor:
         raise LatentpipeError(
             f"autoencoder.channel_mult gives f={ae.factor}, which does not divide the "
@@ -95,7 +93,7 @@ def _validate(model, cfg: config.Config, lpips: LPIPS | None, device) -> dict:
     model.eval()
     totals = {"psnr": 0.0, "ssim": 0.0, "lpips": 0.0}
     count, counts = 0, None
-    val = str(cfg.stage_dir("prepare") / "val-*.tar")
+    val = [str(path) for path in artifacts.PreparedShards.from_stage_dir(cfg).files("val")]
     with torch.no_grad():
         for batch in sequential_batches(val, cfg.autoencoder.batch_size):
             x = batch["image"].to(device)
@@ -128,7 +126,7 @@ def run(cfg: config.Config) -> Path:
     runtime = Runtime(precision=ae.mixed_precision)
     configure_backends(runtime.device, ae.tf32)
     with manifest.stage_run(cfg, NAME, SECTIONS, INPUTS, is_main=runtime.is_main) as record:
-        prepared = manifest.read(cfg.stage_dir("prepare"))
+        prepared = artifacts.PreparedShards.from_stage_dir(cfg)
         channels, resolution = _image_spec(prepared, ae)
         lpips = LPIPS(ae.lpips).to(runtime.device) if ae.lpips != "none" else None  # fails early if weights are missing
         torch.manual_seed(derive_seed(cfg.experiment.seed, "autoencoder-init"))  # modules draw init weights globally
@@ -142,9 +140,9 @@ def run(cfg: config.Config) -> Path:
             pairs["discriminator"] = runtime.prepare(discriminator, _adamw(discriminator, ae, weight_decay=0.01))
         (model, optimizer), (discriminator, d_optimizer) = pairs["model"], pairs.get("discriminator", (None, None))
         loader = ShardLoader(
-            str(cfg.stage_dir("prepare") / "train-*.tar"), batch_size=ae.batch_size, rank=runtime.rank,
+            [str(path) for path in prepared.files("train")], batch_size=ae.batch_size, rank=runtime.rank,
             world_size=runtime.world_size, num_workers=ae.num_workers, seed=cfg.experiment.seed,
-            samples_per_epoch=prepared["splits"]["train"]["count"], shuffle_buffer=ae.shuffle_buffer, flip=ae.flip,
+            samples_per_epoch=prepared.count("train"), shuffle_buffer=ae.shuffle_buffer, flip=ae.flip,
         )
         resume_key = config.section_hash(cfg, SECTIONS, ignore=RESUMABLE_CHANGES) + json.dumps(record.inputs, sort_keys=True)
         state = TrainState(runtime, record.directory / "checkpoints", resume_key=resume_key, keep=ae.keep_checkpoints,
@@ -184,14 +182,16 @@ def run(cfg: config.Config) -> Path:
         unwrapped = runtime.unwrap(model)
         if runtime.is_main:
             metrics = _validate(unwrapped, cfg, lpips, runtime.device)
-            weights_path = record.directory / WEIGHTS_FILE
+            weights_path = record.directory / artifacts.TrainedAutoencoder.WEIGHTS_FILE
             state_dict = {k: v.detach().cpu().contiguous() for k, v in unwrapped.state_dict().items()}
             atomic.write_bytes(weights_path, safetensors_bytes(state_dict))
             record.add_output(weights_path)
             record.metrics.update(metrics, steps=state.progress.step, skipped_steps=state.progress.skipped_steps,
                                   rollbacks=state.progress.rollbacks)
-            record.extra.update(latent={"channels": ae.latent_channels, "resolution": resolution // ae.factor,
-                                        "kind": ae.kind}, image={"channels": channels, "resolution": resolution})
+            record.publish(artifacts.TrainedAutoencoder(
+                directory=record.directory, image=artifacts.ImageShape(channels=channels, resolution=resolution),
+                latent=artifacts.LatentShape(channels=ae.latent_channels, resolution=resolution // ae.factor,
+                                             kind=ae.kind)))
             log.info("autoencoder: %s", ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
         runtime.barrier()
     return record.directory

@@ -16,14 +16,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
-from pipeline import atomic, config, manifest
+from pipeline import artifacts, atomic, config, manifest, stage_registry
 from pipeline.data.stream import ShardLoader
 from pipeline.diffusion.build import LOSSES, build_network, build_process, drop_labels, sampling_sigmas, sigma_range
 from pipeline.diffusion.parameterization import Denoiser
@@ -37,12 +36,9 @@ from pipeline.runtime.optim import build_optimizer, lr_schedule
 from pipeline.runtime.training import TrainingLoop, TrainState, configure_backends, prepare_network, to_device
 from pipeline.sampling.generate import generate
 from pipeline.seeding import derive_seed, generator
-from stages import encode as encode_stage
 
-NAME = "diffusion"
-SECTIONS = ("experiment", "diffusion")  # experiment: its seed
-INPUTS = ("prepare", "autoencoder", "encode")
-WEIGHTS_FILE = "denoiser.safetensors"
+SPEC = stage_registry.get("diffusion")
+NAME, SECTIONS, INPUTS = SPEC.name, SPEC.sections, SPEC.inputs
 # Changing these continues training from a checkpoint; any other change starts afresh.
 RESUMABLE_CHANGES = tuple(f"diffusion.{key}" for key in (
     "max_steps", "time_budget_minutes", "log_every", "image_every", "checkpoint_every", "keep_checkpoints",
@@ -55,74 +51,15 @@ PREVIEW_METHOD, PREVIEW_STEPS, PREVIEW_GUIDANCE, PREVIEW_ROWS = "dpmpp_2m", 20, 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class TrainedDiffusion:
-    """What the later stages need of a trained diffusion model."""
-
-    denoiser: Denoiser
-    """D(x, sigma, y=None) -> x0_hat in the VE frame, with the EMA weights (eval mode)."""
-    space: LatentSpace
-    latent: dict
-    """The encode manifest's ``latent`` entry (kind, channels, resolution, statistics)."""
-    sigma_min: float
-    sigma_max: float
-    num_classes: int
-    process: object
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return self.latent["channels"], self.latent["resolution"], self.latent["resolution"]
-
-    def latents_from_batch(self, batch: dict) -> torch.Tensor:
-        """Latent-shard batch -> normalised model-space latents (KL: posterior means)."""
-        return self.space.from_batch(batch, sample_posterior=False)
-
-
-def _latent_space(cfg: config.Config, encoded: dict) -> LatentSpace:
-    latent = encoded["latent"]
-    codebook = None
-    if latent["kind"] == "vq":
-        codebook = load_file(cfg.stage_dir("encode") / encode_stage.CODEBOOK_FILE)["embeddings"]
-    return LatentSpace.from_manifest(latent, cfg.diffusion.normalize, codebook)
-
-
-def _num_classes(cfg: config.Config, prepared: dict) -> int:
+def _num_classes(cfg: config.Config, prepared: artifacts.PreparedShards) -> int:
     if not cfg.diffusion.class_conditional:
         return 0
-    classes = prepared.get("classes") or []
+    classes = prepared.classes
     if not classes:
         raise LatentpipeError("diffusion.class_conditional=true needs labelled images, but the prepare stage found "
                               "no classes: set diffusion.class_conditional=false or label the data "
                               "(data.labels_from_subfolders=true)")
     return len(classes)
-
-
-def load_trained(cfg: config.Config, device) -> TrainedDiffusion:
-    """The trained model of ``cfg``'s diffusion stage, refusing one trained with another config."""
-    trained = manifest.read(cfg.stage_dir(NAME))
-    expected = config.section_hash(cfg, SECTIONS)
-    if trained["config_hash"] != expected:
-        raise LatentpipeError(
-            f"the denoiser in {cfg.stage_dir(NAME)} was trained with another config "
-            f"({trained['config_hash'][:12]}, current {expected[:12]}): rerun `latentpipe diffusion`")
-    encoded = manifest.read(cfg.stage_dir("encode"))
-    latent, info = encoded["latent"], trained["denoiser"]
-    if [latent["channels"], latent["resolution"]] != info["latent_shape"][:2]:
-        raise LatentpipeError(f"the encode stage's latents ({latent['channels']}x{latent['resolution']}) are not "
-                              f"the ones the denoiser was trained on: rerun `latentpipe diffusion`")
-    net = build_network(cfg.diffusion, latent["channels"], latent["resolution"], info["num_classes"])
-    net.load_state_dict(load_file(cfg.stage_dir(NAME) / WEIGHTS_FILE))
-    process = build_process(cfg.diffusion)
-    return TrainedDiffusion(Denoiser(net.to(device).eval(), process, cfg.diffusion.prediction),
-                            _latent_space(cfg, encoded), latent, *sigma_range(process), info["num_classes"], process)
-
-
-def _check_latents(cfg: config.Config, encoded: dict) -> None:
-    autoencoder = manifest.read(cfg.stage_dir("autoencoder"))
-    weights = next(o for o in autoencoder["outputs"] if o["path"] == encode_stage.autoencoder_stage.WEIGHTS_FILE)
-    if encoded["latent"]["autoencoder_sha256"] != weights["sha256"]:
-        raise LatentpipeError(f"the latents in {cfg.stage_dir('encode')} were made by another autoencoder than the "
-                              f"one in {cfg.stage_dir('autoencoder')}: rerun `latentpipe encode`")
 
 
 @torch.no_grad()
@@ -136,7 +73,7 @@ def _preview(net, ema: EMA, cfg: config.Config, space: LatentSpace, process, num
     latents = generate(Denoiser(ema_net, process, cfg.diffusion.prediction), shape,
                        sampling_sigmas(process, "karras", PREVIEW_STEPS), generators, method=PREVIEW_METHOD,
                        labels=labels, null_class=num_classes, guidance_scale=PREVIEW_GUIDANCE, device=device)
-    autoencoder = encode_stage.load_autoencoder(cfg, device)
+    autoencoder = artifacts.load_autoencoder(cfg, device)
     return autoencoder.decode(space.to_decoder(latents, snap=True)).clamp(-1, 1)
 
 
@@ -146,11 +83,10 @@ def run(cfg: config.Config) -> Path:
                       gradient_accumulation_steps=d.gradient_accumulation_steps)
     configure_backends(runtime.device, d.tf32)
     with manifest.stage_run(cfg, NAME, SECTIONS, INPUTS, is_main=runtime.is_main) as record:
-        prepared, encoded = manifest.read(cfg.stage_dir("prepare")), manifest.read(cfg.stage_dir("encode"))
-        _check_latents(cfg, encoded)
-        space, num_classes = _latent_space(cfg, encoded), _num_classes(cfg, prepared)
-        shape = (encoded["latent"]["channels"], encoded["latent"]["resolution"], encoded["latent"]["resolution"])
-        if d.flip and "codes_flip" not in encoded["latent"]["fields"] and "mean_flip" not in encoded["latent"]["fields"]:
+        prepared, encoded = artifacts.PreparedShards.from_stage_dir(cfg), artifacts.EncodedLatents.from_stage_dir(cfg)
+        space, num_classes = encoded.latent_space(d.normalize), _num_classes(cfg, prepared)
+        shape = (encoded.latent.channels, encoded.latent.resolution, encoded.latent.resolution)
+        if d.flip and not encoded.latent.has_mirrors:
             raise LatentpipeError("diffusion.flip=true needs the mirrored latents: set encode.flip_twin=true and "
                                   "rerun `latentpipe encode`, or diffusion.flip=false")
         process = build_process(d)
@@ -163,9 +99,9 @@ def run(cfg: config.Config) -> Path:
         scheduler = lr_schedule(optimizer, warmup_steps=d.warmup_steps, total_steps=d.max_steps, kind=d.lr_schedule)
         model, optimizer = runtime.prepare(net, optimizer)
         loader = ShardLoader(
-            str(cfg.stage_dir("encode") / encode_stage.LATENT_DIR / "train-*.tar"), batch_size=d.batch_size,
+            [str(path) for path in encoded.files("train")], batch_size=d.batch_size,
             rank=runtime.rank, world_size=runtime.world_size, num_workers=d.num_workers, seed=cfg.experiment.seed,
-            samples_per_epoch=prepared["splits"]["train"]["count"], shuffle_buffer=d.shuffle_buffer,
+            samples_per_epoch=prepared.count("train"), shuffle_buffer=d.shuffle_buffer,
         )
         resume_key = config.section_hash(cfg, SECTIONS, ignore=RESUMABLE_CHANGES) + json.dumps(record.inputs, sort_keys=True)
         state = TrainState(runtime, record.directory / "checkpoints", resume_key=resume_key, keep=d.keep_checkpoints,
@@ -203,16 +139,16 @@ def run(cfg: config.Config) -> Path:
         state.save()
         metrics_log.close()
         if runtime.is_main:
-            weights_path = record.directory / WEIGHTS_FILE
+            weights_path = record.directory / artifacts.TrainedDenoiser.WEIGHTS_FILE
             atomic.write_bytes(weights_path, safetensors_bytes(ema.averaged_state_dict()))
             record.add_output(weights_path)
             record.metrics.update(steps=state.progress.step, skipped_steps=state.progress.skipped_steps,
                                   rollbacks=state.progress.rollbacks, parameters=sum(p.numel() for p in net.parameters()))
             if loop.last_loss is not None:  # None when the job resumed from its final checkpoint
                 record.metrics["final_loss"] = loop.last_loss.item()
-            record.extra.update(denoiser={
-                "backbone": d.backbone, "network": asdict(net.config), "num_classes": num_classes,
-                "latent_shape": list(shape), "process": d.process, "prediction": d.prediction,
-                "sigma_range": list(sigma_range(process)), "training_flops_per_sample": flops_per_sample})
+            record.publish(artifacts.TrainedDenoiser(directory=record.directory, denoiser=artifacts.DenoiserInfo(
+                backbone=d.backbone, network=asdict(net.config), num_classes=num_classes, latent_shape=shape,
+                process=d.process, prediction=d.prediction, sigma_range=sigma_range(process),
+                training_flops_per_sample=flops_per_sample)))
         runtime.barrier()
     return record.directory

@@ -21,22 +21,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
-from pipeline import atomic, config, manifest
-from pipeline.autoencoder.build import build_autoencoder
+from pipeline import artifacts, atomic, config, manifest, stage_registry
 from pipeline.data.shards import ShardWriter
 from pipeline.data.stream import sequential_batches
-from pipeline.errors import LatentpipeError
 from pipeline.runtime.dist import Runtime
-from stages import autoencoder as autoencoder_stage
 
-NAME = "encode"
-SECTIONS = ("encode",)
-INPUTS = ("prepare", "autoencoder")
-LATENT_DIR = "latents"
-CODEBOOK_FILE = "codebook.safetensors"
+SPEC = stage_registry.get("encode")
+NAME, SECTIONS, INPUTS = SPEC.name, SPEC.sections, SPEC.inputs
 
 log = logging.getLogger(__name__)
 
@@ -45,19 +38,6 @@ def _npy(array: torch.Tensor) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array.cpu().numpy(), allow_pickle=False)
     return buffer.getvalue()
-
-
-def load_autoencoder(cfg: config.Config, device):
-    """The trained autoencoder, after checking it was made from the current autoencoder config."""
-    trained = manifest.read(cfg.stage_dir("autoencoder"))
-    expected = config.section_hash(cfg, autoencoder_stage.SECTIONS)
-    if trained["config_hash"] != expected:
-        raise LatentpipeError(
-            f"the autoencoder in {cfg.stage_dir('autoencoder')} was trained with another config "
-            f"({trained['config_hash'][:12]}, current {expected[:12]}): rerun `latentpipe autoencoder`")
-    model = build_autoencoder(cfg.autoencoder, trained["image"]["channels"])
-    model.load_state_dict(load_file(cfg.stage_dir("autoencoder") / autoencoder_stage.WEIGHTS_FILE))
-    return model.to(device).eval()
 
 
 @torch.no_grad()
@@ -111,10 +91,11 @@ def _drop_foreign_outputs(out_dir: Path, stems: set[str], made_from: dict) -> No
 def run(cfg: config.Config) -> Path:
     runtime = Runtime()
     with manifest.stage_run(cfg, NAME, SECTIONS, INPUTS, is_main=runtime.is_main) as record:
-        trained = manifest.read(cfg.stage_dir("autoencoder"))
-        model = load_autoencoder(cfg, runtime.device)
-        out_dir = record.directory / LATENT_DIR
-        inputs = sorted(cfg.stage_dir("prepare").glob("*.tar"))
+        trained = artifacts.TrainedAutoencoder.from_stage_dir(cfg)
+        model = trained.load_model(cfg.autoencoder, runtime.device)
+        prepared = artifacts.PreparedShards.from_stage_dir(cfg)
+        out_dir = record.directory / artifacts.EncodedLatents.LATENT_DIR
+        inputs = sorted(prepared.files("train") + prepared.files("val"))
         made_from = {"inputs": record.inputs, "config": config.section_hash(cfg, SECTIONS)}
         if runtime.is_main:
             _drop_foreign_outputs(out_dir, {url.stem for url in inputs}, made_from)
@@ -136,19 +117,18 @@ def run(cfg: config.Config) -> Path:
             if cfg.autoencoder.kind == "vq":
                 codebook = model.codebook
                 table = codebook.embed(torch.arange(codebook.num_codes).view(1, -1, 1)).squeeze(-1)[0].T
-                atomic.write_bytes(record.directory / CODEBOOK_FILE,
+                atomic.write_bytes(record.directory / artifacts.EncodedLatents.CODEBOOK_FILE,
                                    safetensors_bytes({"embeddings": table.detach().cpu().contiguous()}))
-                record.add_output(record.directory / CODEBOOK_FILE)
+                record.add_output(record.directory / artifacts.EncodedLatents.CODEBOOK_FILE)
             for url in inputs:
                 record.add_output(out_dir / url.name, split=url.stem.rsplit("-", 1)[0], count=stats[url.stem]["images"])
-            weights = next(o for o in trained["outputs"] if o["path"] == autoencoder_stage.WEIGHTS_FILE)
             fields = ["codes"] if cfg.autoencoder.kind == "vq" else ["mean", "logvar"]
             fields += [f"{name}_flip" for name in fields] if cfg.encode.flip_twin else []
-            record.extra.update(latent={
-                **trained["latent"], "fields": fields,
-                "channel_mean": mean.tolist(), "channel_std": np.sqrt(var).tolist(),
-                "scale": 1.0 / overall_std, "autoencoder_sha256": weights["sha256"],
-            })
+            shape = trained.latent
+            record.publish(artifacts.EncodedLatents(directory=record.directory, latent=artifacts.LatentStats(
+                channels=shape.channels, resolution=shape.resolution, kind=shape.kind, fields=tuple(fields),
+                channel_mean=tuple(mean.tolist()), channel_std=tuple(np.sqrt(var).tolist()), scale=1.0 / overall_std,
+                autoencoder_sha256=trained.weights.sha256)))
             record.metrics.update(latent_scale=1.0 / overall_std, train_images=sum(s["images"] for s in train))
         runtime.barrier()
     return record.directory

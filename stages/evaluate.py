@@ -38,26 +38,21 @@ import numpy as np
 import torch
 import yaml
 
-from pipeline import atomic, config, manifest, weights
+from pipeline import artifacts, atomic, config, manifest, stage_registry, weights
 from pipeline.data.stream import sequential_batches
 from pipeline.diffusion.likelihood import log_likelihood
 from pipeline.metrics import classifier
 from pipeline.metrics.features import PREPROCESS, InceptionFeatures
 from pipeline.metrics.fid import FeatureStats, frechet_distance
-from pipeline.metrics.images import as_network_input
+from pipeline.metrics.images import as_network_input, to_uint8
 from pipeline.metrics.kid import kernel_inception_distance
 from pipeline.metrics.precision_recall import precision_recall
 from pipeline.metrics.reference import Reference, reference_features
 from pipeline.runtime.dist import Runtime
 from pipeline.seeding import generator
-from stages import diffusion as diffusion_stage
-from stages import encode as encode_stage
-from stages import sample as sample_stage
 
-NAME = "evaluate"
-SECTIONS = ("experiment", "evaluate")  # experiment: its seed
-INPUTS = ("prepare", "autoencoder", "encode", "diffusion", "sample")
-METRICS_FILE, REPORT_FILE = "metrics.json", "report.md"
+SPEC = stage_registry.get("evaluate")
+NAME, SECTIONS, INPUTS = SPEC.name, SPEC.sections, SPEC.inputs
 REPORTED_SECTIONS = {"prepare": "data", "autoencoder": "autoencoder", "encode": "encode", "diffusion": "diffusion",
                      "sample": "sample"}
 """The config section of each upstream stage that the report shows, read from that stage's own
@@ -66,9 +61,9 @@ saved config.yaml (what actually produced the artifact, whatever the current con
 log = logging.getLogger(__name__)
 
 
-def _shards(prepared: dict, split: str) -> dict:
+def _shards(prepared: artifacts.PreparedShards, split: str) -> dict:
     """What identifies a split's images: its shards' hashes."""
-    return {"split": split, "shards": sorted(o["sha256"] for o in prepared["outputs"] if o.get("split") == split)}
+    return {"split": split, "shards": prepared.shard_hashes(split)}
 
 
 def _features(inception, images: np.ndarray | torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -77,20 +72,20 @@ def _features(inception, images: np.ndarray | torch.Tensor, batch_size: int) -> 
                       for i in range(0, len(images), batch_size)])
 
 
-def _real_reference(cfg: config.Config, inception, prepared: dict, split: str, cache: Path,
+def _real_reference(cfg: config.Config, inception, prepared: artifacts.PreparedShards, split: str, cache: Path,
                     count: int | None = None) -> Reference:
     """Cached features of ``count`` (None: all) real images of a split, spread evenly over it
     (image floor(i * total / count)): shards written in source order can hold one class each,
     so the first ``count`` would not be a fair sample."""
-    pattern = str(cfg.stage_dir("prepare") / f"{split}-*.tar")
-    total = prepared["splits"][split]["count"]
+    shards = [str(path) for path in prepared.files(split)]
+    total = prepared.count(split)
     count = total if count is None else min(count, total)
     wanted = {i * total // count for i in range(count)}
     source = {**_shards(prepared, split), "count": count, "selection": "evenly spread"}
 
     def batches():
         seen = 0
-        for batch in sequential_batches(pattern, cfg.evaluate.batch_size):
+        for batch in sequential_batches(shards, cfg.evaluate.batch_size):
             keep = [j for j in range(len(batch["image"])) if seen + j in wanted]
             seen += len(batch["image"])
             if keep:
@@ -99,52 +94,54 @@ def _real_reference(cfg: config.Config, inception, prepared: dict, split: str, c
     return reference_features(cache, source, inception, batches)
 
 
-def _sample_quality(cfg: config.Config, inception, images: np.ndarray, val: Reference, prepared: dict,
+def _sample_quality(cfg: config.Config, inception, images: np.ndarray, val: Reference, prepared: artifacts.PreparedShards,
                     cache: Path) -> dict:
     e = cfg.evaluate
     real, generated = torch.from_numpy(val.features), _features(inception, images, e.batch_size)
     kid, kid_std = kernel_inception_distance(generated, real, generator=generator(cfg.experiment.seed, "kid"),
                                              subsets=e.kid_subsets, subset_size=e.kid_subset_size)
     precision, recall = precision_recall(real, generated, k=e.nearest_k)
-    floor_count = min(len(images), prepared["splits"]["train"]["count"])
+    floor_count = min(len(images), prepared.count("train"))
     train = _real_reference(cfg, inception, prepared, "train", cache, floor_count)
     return {"fid": frechet_distance(FeatureStats.of(generated), val.stats), "kid": kid, "kid_std": kid_std,
             "precision": precision, "recall": recall, "fid_train_vs_val": frechet_distance(train.stats, val.stats),
             "fid_train_images": floor_count, "fid_val_images": len(real)}
 
 
-def _classifier_accuracy(cfg: config.Config, images: np.ndarray, labels: np.ndarray, prepared: dict,
-                         cache: Path) -> dict:
-    prepare_dir, num_classes = cfg.stage_dir("prepare"), len(prepared["classes"])
+def _classifier_accuracy(cfg: config.Config, images: np.ndarray, labels: np.ndarray,
+                         prepared: artifacts.PreparedShards, cache: Path) -> dict:
     source = {"train": _shards(prepared, "train"), "val": _shards(prepared, "val")}
-    trained = classifier.load_or_train(cache, source, str(prepare_dir / "train-*.tar"), str(prepare_dir / "val-*.tar"),
-                                       num_classes, classifier.Settings(steps=cfg.evaluate.classifier_steps))
+    train, val = ([str(path) for path in prepared.files(split)] for split in ("train", "val"))
+    trained = classifier.load_or_train(cache, source, train, val, len(prepared.classes),
+                                       classifier.Settings(steps=cfg.evaluate.classifier_steps))
     scores = classifier.accuracy(trained.model, images, torch.from_numpy(labels))
     return {"classifier_accuracy": scores["accuracy"], "classifier_real_val_accuracy": trained.val_accuracy,
             "classifier_accuracy_per_class": {str(c): a for c, a in sorted(scores["per_class"].items())}}
 
 
 @torch.no_grad()
-def _reconstruction(cfg: config.Config, inception, val: Reference, device) -> dict:
-    autoencoder = encode_stage.load_autoencoder(cfg, device)
+def _reconstruction(cfg: config.Config, inception, val: Reference, prepared: artifacts.PreparedShards,
+                    device) -> dict:
+    trained = artifacts.TrainedAutoencoder.from_stage_dir(cfg)
+    autoencoder = trained.load_model(cfg.autoencoder, device)
     reconstructions = []
-    for batch in sequential_batches(str(cfg.stage_dir("prepare") / "val-*.tar"), cfg.evaluate.batch_size):
+    for batch in sequential_batches([str(path) for path in prepared.files("val")], cfg.evaluate.batch_size):
         encoded = autoencoder.encode(batch["image"].to(device))
         x_hat = autoencoder.decode(encoded.z_q if cfg.autoencoder.kind == "vq" else encoded.mean)
-        reconstructions.append(sample_stage.to_uint8(x_hat))  # as a PNG would store them, like the samples
+        reconstructions.append(to_uint8(x_hat))  # as a PNG would store them, like the samples
     features = _features(inception, np.concatenate(reconstructions), cfg.evaluate.batch_size)
-    trained = manifest.read(cfg.stage_dir("autoencoder"))
-    from_manifest = {f"autoencoder_{k}": v for k, v in trained["metrics"].items()
+    from_manifest = {f"autoencoder_{k}": v for k, v in trained.metrics.items()
                      if k.startswith("val_") and isinstance(v, (int, float))}
     return {"rfid": frechet_distance(FeatureStats.of(features), val.stats), **from_manifest}
 
 
 def _bits_per_dim(cfg: config.Config, device) -> dict:
     """-log2 p(x) / d of val latents x in the normalised latent space, via the PF-ODE."""
-    trained = diffusion_stage.load_trained(cfg, device)
-    pattern, wanted = str(cfg.stage_dir("encode") / encode_stage.LATENT_DIR / "val-*.tar"), cfg.evaluate.likelihood_count
+    encoded = artifacts.EncodedLatents.from_stage_dir(cfg)
+    trained = artifacts.TrainedDenoiser.from_stage_dir(cfg).load(cfg, encoded, device)
+    wanted = cfg.evaluate.likelihood_count
     latents, taken = [], 0
-    for batch in sequential_batches(pattern, wanted):
+    for batch in sequential_batches([str(path) for path in encoded.files("val")], wanted):
         latents.append(trained.latents_from_batch(batch))
         taken += len(latents[-1])
         if taken >= wanted:
@@ -189,9 +186,8 @@ def run(cfg: config.Config) -> Path:
     runtime = Runtime()
     with manifest.stage_run(cfg, NAME, SECTIONS, INPUTS, is_main=runtime.is_main) as record:
         if runtime.is_main:  # the metrics are cheap next to training: one rank computes them all
-            prepared, sampled = manifest.read(cfg.stage_dir("prepare")), manifest.read(cfg.stage_dir("sample"))
-            with np.load(cfg.stage_dir("sample") / sample_stage.SAMPLES_FILE) as data:
-                images, labels = data["images"], data["labels"]
+            prepared, sampled = artifacts.PreparedShards.from_stage_dir(cfg), artifacts.Samples.from_stage_dir(cfg)
+            images, labels = sampled.arrays()
             cache, device = weights.cache_dir(), runtime.device
             metrics: dict = {"samples": len(images)}
             if e.fid or e.reconstruction:
@@ -199,19 +195,19 @@ def run(cfg: config.Config) -> Path:
                 val = _real_reference(cfg, inception, prepared, "val", cache / "fid-reference")
             if e.fid:
                 metrics.update(_sample_quality(cfg, inception, images, val, prepared, cache / "fid-reference"))
-            if e.classifier and prepared.get("classes") and (labels >= 0).all():
+            if e.classifier and prepared.classes and (labels >= 0).all():
                 metrics.update(_classifier_accuracy(cfg, images, labels, prepared, cache / "classifier"))
             elif e.classifier:
                 log.info("evaluate: no classifier accuracy (it needs labelled data and class-conditional samples)")
             if e.reconstruction:
-                metrics.update(_reconstruction(cfg, inception, val, device))
+                metrics.update(_reconstruction(cfg, inception, val, prepared, device))
             if e.likelihood_count:
                 metrics.update(_bits_per_dim(cfg, device))
-            metrics["sampler"] = {k: sampled["samples"].get(k) for k in ("method", "steps", "guidance_scale", "snap", "nfe")}
-            atomic.write_text(record.directory / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
-            atomic.write_text(record.directory / REPORT_FILE, _report(cfg, metrics))
-            record.add_output(record.directory / METRICS_FILE)
-            record.add_output(record.directory / REPORT_FILE)
+            metrics["sampler"] = {k: getattr(sampled.samples, k) for k in ("method", "steps", "guidance_scale", "snap", "nfe")}
+            atomic.write_text(record.directory / artifacts.Evaluation.METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
+            atomic.write_text(record.directory / artifacts.Evaluation.REPORT_FILE, _report(cfg, metrics))
+            record.add_output(record.directory / artifacts.Evaluation.METRICS_FILE)
+            record.add_output(record.directory / artifacts.Evaluation.REPORT_FILE)
             record.metrics.update({k: v for k, v in metrics.items() if not isinstance(v, dict)})
             log.info("evaluate: %s", ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
         runtime.barrier()

@@ -20,14 +20,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline import atomic, config, manifest
+from pipeline import artifacts, atomic, config, manifest, stage_registry
 from pipeline.data import shards, sources, transforms
 from pipeline.errors import LatentpipeError
 from pipeline.seeding import uniform_fraction
 
-NAME = "prepare"
-SECTIONS = ("data",)
-INPUTS: tuple[str, ...] = ()
+SPEC = stage_registry.get("prepare")
+NAME, SECTIONS, INPUTS = SPEC.name, SPEC.sections, SPEC.inputs
 SPLITS = ("train", "val")
 PROGRESS = "progress.json"
 
@@ -137,21 +136,19 @@ def run(cfg: config.Config) -> Path:
                 record.add_output(directory / shard["name"], split=split, count=shard["count"])
             skipped_keys = {s["key"] for s in state["skipped"]}
             labels = Counter(i.label for i in by_split[split] if i.key not in skipped_keys and i.label is not None)
-            summary[split] = {
-                "count": sum(s["count"] for s in state["shards"]),
-                "shards": [s["name"] for s in state["shards"]],
-                "class_counts": {source.classes[k]: labels[k] for k in sorted(labels)},
-            }
+            summary[split] = artifacts.SplitSummary(
+                count=sum(s["count"] for s in state["shards"]),
+                shards=tuple(s["name"] for s in state["shards"]),
+                class_counts={source.classes[k]: labels[k] for k in sorted(labels)},
+            )
         skipped = [s for split in SPLITS for s in progress["splits"][split]["skipped"]]
         if skipped:
             log.warning("prepare: skipped %d unreadable image(s); they are listed in the manifest", len(skipped))
-        record.metrics.update({f"{s}_count": summary[s]["count"] for s in SPLITS}, skipped=len(skipped))
-        record.extra.update(
-            splits=summary,
-            classes=source.classes,
-            skipped=skipped,
-            image={"resolution": data.resolution, "channels": 1 if data.color == "gray" else 3,
-                   "format": data.image_format},
-        )
+        record.metrics.update({f"{s}_count": summary[s].count for s in SPLITS}, skipped=len(skipped))
+        record.publish(artifacts.PreparedShards(
+            directory=directory, splits=summary, classes=tuple(source.classes), skipped=tuple(skipped),
+            image=artifacts.ImageSpec(resolution=data.resolution, channels=1 if data.color == "gray" else 3,
+                                      format=data.image_format),
+        ))
         (directory / PROGRESS).unlink()
     return directory

@@ -26,23 +26,21 @@ import torch
 import torchvision.utils
 from tqdm import tqdm
 
-from pipeline import atomic, config, manifest
+from pipeline import artifacts, atomic, config, manifest, stage_registry
 from pipeline.data.shards import ShardWriter, make_sample
 from pipeline.data.stream import sequential_batches
 from pipeline.diffusion.build import sampling_sigmas
+from pipeline.labels import labels_for
+from pipeline.metrics.images import to_uint8
 from pipeline.runtime.dist import Runtime
 from pipeline.sampling import SOLVERS
 from pipeline.sampling import sample as run_sampler
 from pipeline.sampling.generate import generate
 from pipeline.sampling.inverse import inpainting
 from pipeline.seeding import generator
-from stages import diffusion as diffusion_stage
-from stages import encode as encode_stage
 
-NAME = "sample"
-SECTIONS = ("experiment", "sample")  # experiment: its seed
-INPUTS = ("prepare", "autoencoder", "encode", "diffusion")
-SAMPLES_FILE, GRID_FILE, INPAINT_FILE = "samples.npz", "grid.png", "inpainting.png"
+SPEC = stage_registry.get("sample")
+NAME, SECTIONS, INPUTS = SPEC.name, SPEC.sections, SPEC.inputs
 # The result of a chunk depends on these keys only (not on batch or chunk bookkeeping).
 RENDER_IRRELEVANT = ("sample.batch_size", "sample.write_shards", "sample.grid_rows", "sample.inpaint",
                      "sample.inpaint_mask", "sample.inpaint_count")
@@ -58,25 +56,7 @@ def array_task() -> tuple[int, int]:
     return int(os.environ["SLURM_ARRAY_TASK_ID"]) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0")), count
 
 
-def labels_for(cfg: config.SampleConfig, indices: range, num_classes: int, seed: int) -> torch.Tensor | None:
-    """The class label of each sample index (None for an unconditional model)."""
-    if not num_classes:
-        return None
-    if cfg.labels == "all":
-        return torch.tensor([i % num_classes for i in indices])
-    if cfg.labels == "given":
-        if max(cfg.given_labels) >= num_classes or min(cfg.given_labels) < 0:
-            raise config.ConfigError(f"sample.given_labels: {cfg.given_labels} are not all in [0, {num_classes})")
-        return torch.tensor([cfg.given_labels[i % len(cfg.given_labels)] for i in indices])
-    return torch.stack([torch.randint(num_classes, (), generator=generator(seed, "label", i)) for i in indices])
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """[-1, 1] (B, C, H, W) -> uint8 (B, H, W, C), rounding as PIL would store it."""
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def _render(trained, autoencoder, cfg: config.Config, indices: range, device, info: dict) -> tuple[np.ndarray, np.ndarray]:
+def _render(trained: artifacts.TrainedDiffusion, autoencoder, cfg: config.Config, indices: range, device, info: dict) -> tuple[np.ndarray, np.ndarray]:
     s = cfg.sample
     labels = labels_for(s, indices, trained.num_classes, cfg.experiment.seed)
     generators = [generator(cfg.experiment.seed, "sample", i) for i in indices]
@@ -100,15 +80,16 @@ def _write_chunk(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
     atomic.write_bytes(path, buffer.getvalue())
 
 
-def _inpaint(trained, autoencoder, cfg: config.Config, device) -> torch.Tensor:
+def _inpaint(trained: artifacts.TrainedDiffusion, autoencoder, cfg: config.Config, device) -> torch.Tensor:
     """Rows of (masked input, inpainted, original) for the first validation images, solved in
     latent space by posterior sampling (pipeline.sampling.inverse)."""
     s = cfg.sample
-    batch = next(iter(sequential_batches(str(cfg.stage_dir("prepare") / "val-*.tar"), s.inpaint_count)))
+    val = artifacts.PreparedShards.from_stage_dir(cfg).files("val")
+    batch = next(iter(sequential_batches([str(path) for path in val], s.inpaint_count)))
     images = batch["image"].to(device)
     with torch.no_grad():
         encoded = autoencoder.encode(images)
-        z = encoded.z_q if trained.latent["kind"] == "vq" else encoded.mean
+        z = encoded.z_q if trained.latent.kind == "vq" else encoded.mean
     known = trained.space.to_model(z)
     mask = torch.zeros_like(known)
     h, w = known.shape[-2:]
@@ -157,22 +138,22 @@ def run(cfg: config.Config) -> Path:
             labels = np.concatenate([p["labels"] for p in parts])
             buffer = io.BytesIO()
             np.savez(buffer, images=images, labels=labels)
-            atomic.write_bytes(record.directory / SAMPLES_FILE, buffer.getvalue())
-            record.add_output(record.directory / SAMPLES_FILE, count=len(images))
-            _save_grid(record.directory / GRID_FILE, images[: s.grid_rows**2], s.grid_rows)
-            record.add_output(record.directory / GRID_FILE)
+            atomic.write_bytes(record.directory / artifacts.Samples.SAMPLES_FILE, buffer.getvalue())
+            record.add_output(record.directory / artifacts.Samples.SAMPLES_FILE, count=len(images))
+            _save_grid(record.directory / artifacts.Samples.GRID_FILE, images[: s.grid_rows**2], s.grid_rows)
+            record.add_output(record.directory / artifacts.Samples.GRID_FILE)
             if s.write_shards:
                 _write_shards(record.directory / "shards", images, labels)
                 for shard in sorted((record.directory / "shards").glob("*.tar")):
                     record.add_output(shard)
             if s.inpaint:
-                trained = diffusion_stage.load_trained(cfg, runtime.device)
-                grid = _inpaint(trained, encode_stage.load_autoencoder(cfg, runtime.device), cfg, runtime.device)
-                _save_grid(record.directory / INPAINT_FILE, to_uint8(grid), 3)
-                record.add_output(record.directory / INPAINT_FILE)
-            record.extra.update(samples={"count": len(images), "method": s.method, "steps": s.steps, "grid": s.grid,
-                                         "guidance_scale": s.guidance_scale, "snap": s.snap, "nfe": info.get("nfe"),
-                                         "labels": s.labels})
+                trained = artifacts.load_trained(cfg, runtime.device)
+                grid = _inpaint(trained, artifacts.load_autoencoder(cfg, runtime.device), cfg, runtime.device)
+                _save_grid(record.directory / artifacts.Samples.INPAINT_FILE, to_uint8(grid), 3)
+                record.add_output(record.directory / artifacts.Samples.INPAINT_FILE)
+            record.publish(artifacts.Samples(directory=record.directory, samples=artifacts.SamplerInfo(
+                count=len(images), method=s.method, steps=s.steps, grid=s.grid, guidance_scale=s.guidance_scale,
+                snap=s.snap, nfe=info.get("nfe"), labels=s.labels)))
             record.metrics.update(samples=len(images), nfe=info.get("nfe"))
         runtime.barrier()
     return record.directory
@@ -186,8 +167,8 @@ def _render_chunks(cfg: config.Config, chunk_dir: Path, runtime: Runtime, worker
     info: dict = {}
     if not mine:
         return info
-    trained = diffusion_stage.load_trained(cfg, runtime.device)
-    autoencoder = encode_stage.load_autoencoder(cfg, runtime.device)
+    trained = artifacts.load_trained(cfg, runtime.device)
+    autoencoder = artifacts.load_autoencoder(cfg, runtime.device)
     for c, indices in tqdm(mine, desc="sample", unit="chunk", disable=None if runtime.is_main else True, leave=False):
         parts = [_render(trained, autoencoder, cfg, indices[i : i + s.batch_size], runtime.device, info)
                  for i in range(0, len(indices), s.batch_size)]

@@ -25,19 +25,19 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from pipeline import config, manifest
+from pipeline import artifacts, config, manifest, stage_registry
 from pipeline.autoencoder import LPIPS, lpips_input
 from pipeline.autoencoder.build import build_autoencoder
-from stages import autoencoder, prepare
 
 
 def _train(root: Path, name: str, overrides: list[str]) -> dict:
     cfg = config.load(overrides=[f"experiment.runs_dir={root}", f"experiment.name={name}", *overrides])
     if not (cfg.stage_dir("prepare") / manifest.MANIFEST).is_file():
-        prepare.run(cfg)
+        stage_registry.get("prepare").run(cfg)
     start = time.perf_counter()
-    found = manifest.read(autoencoder.run(cfg))
-    return {**found["metrics"], "seconds": time.perf_counter() - start, "K": cfg.autoencoder.num_codes}
+    stage_registry.get("autoencoder").run(cfg)
+    trained = artifacts.TrainedAutoencoder.from_stage_dir(cfg)
+    return {**trained.metrics, "seconds": time.perf_counter() - start, "K": cfg.autoencoder.num_codes}
 
 
 def _row(label: str, m: dict) -> str:

@@ -19,16 +19,16 @@ from pathlib import Path
 
 import torch
 
-from pipeline import config, manifest
+from pipeline import artifacts, config
 from pipeline.data.stream import sequential_batches
 from pipeline.diffusion.build import sampling_sigmas
+from pipeline.labels import labels_for
 from pipeline.metrics import classifier
 from pipeline.metrics.features import InceptionFeatures
 from pipeline.metrics.fid import FeatureStats, frechet_distance
 from pipeline.metrics.kid import kernel_inception_distance
 from pipeline.sampling.generate import generate
 from pipeline.seeding import generator
-from stages import diffusion, encode, sample
 
 DEFAULT_SETTINGS = ("ddpm:process:1000", "ddim:process:10", "ddim:process:20", "ddim:process:50", "ddim:process:100",
                     "heun:karras:10", "heun:karras:20", "dpmpp_2m:karras:10", "dpmpp_2m:karras:20")
@@ -41,7 +41,7 @@ def render(trained, autoencoder, cfg, method: str, grid: str, steps: int, count:
     images, batch, off = [], 250, 0
     for start in range(0, count, batch):
         indices = range(start, min(start + batch, count))
-        labels = sample.labels_for(cfg.sample, indices, trained.num_classes, cfg.experiment.seed)
+        labels = labels_for(cfg.sample, indices, trained.num_classes, cfg.experiment.seed)
         generators = [generator(cfg.experiment.seed, "sample", i) for i in indices]
         latents = generate(trained.denoiser, trained.shape, sampling_sigmas(trained.process, grid, steps), generators,
                            method=method, labels=labels, null_class=trained.num_classes,
@@ -49,7 +49,7 @@ def render(trained, autoencoder, cfg, method: str, grid: str, steps: int, count:
         off += int((latents.flatten(1).abs().max(1).values > 2 * data_absmax).sum())
         with torch.no_grad():
             images.append(autoencoder.decode(trained.space.to_decoder(latents, snap=snap)).clamp(-1, 1))
-    labels = sample.labels_for(cfg.sample, range(count), trained.num_classes, cfg.experiment.seed)
+    labels = labels_for(cfg.sample, range(count), trained.num_classes, cfg.experiment.seed)
     return torch.cat(images), labels, off / count
 
 
@@ -65,17 +65,17 @@ def main() -> None:
     torch.manual_seed(0)
 
     cfg = config.load(args.config, args.overrides)
-    trained = diffusion.load_trained(cfg, "cpu")
-    autoencoder = encode.load_autoencoder(cfg, "cpu")
+    encoded = artifacts.EncodedLatents.from_stage_dir(cfg)
+    trained = artifacts.TrainedDenoiser.from_stage_dir(cfg).load(cfg, encoded, "cpu")
+    autoencoder = artifacts.load_autoencoder(cfg, "cpu")
     inception = InceptionFeatures()
-    prepared = manifest.read(cfg.stage_dir("prepare"))
-    val = str(cfg.stage_dir("prepare") / "val-*.tar")
+    prepared = artifacts.PreparedShards.from_stage_dir(cfg)
+    train, val = ([str(path) for path in prepared.files(split)] for split in ("train", "val"))
     real = torch.cat([inception(b["image"]) for b in sequential_batches(val, 250)])
     real_stats = FeatureStats.of(real)
-    source = {"shards": sorted(o["sha256"] for o in prepared["outputs"] if o.get("split") in ("train", "val"))}
-    digits = classifier.load_or_train(args.cache, source, str(cfg.stage_dir("prepare") / "train-*.tar"), val,
-                                      trained.num_classes)
-    latents = str(cfg.stage_dir("encode") / "latents" / "val-*.tar")
+    source = {"shards": sorted(prepared.shard_hashes("train") + prepared.shard_hashes("val"))}
+    digits = classifier.load_or_train(args.cache, source, train, val, trained.num_classes)
+    latents = [str(path) for path in encoded.files("val")]
     data_absmax = max(float(trained.latents_from_batch(b).abs().max()) for b in sequential_batches(latents, 500))
     print(f"{args.samples} samples vs {len(real)} real val images; prediction {cfg.diffusion.prediction}; guidance "
           f"{cfg.sample.guidance_scale}; classifier accuracy on real val {digits.val_accuracy:.1%}\n")

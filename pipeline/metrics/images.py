@@ -22,3 +22,9 @@ def as_network_input(images: Tensor | np.ndarray) -> Tensor:
     if not images.is_floating_point():
         raise ValueError(f"images must be uint8 (N, H, W, C) or float (N, C, H, W), got {images.dtype}")
     return images.float()
+
+
+def to_uint8(images: Tensor) -> np.ndarray:
+    """float (N, C, H, W) in [-1, 1] -> uint8 (N, H, W, C), rounding as PIL would store it (the
+    inverse of :func:`as_network_input` up to that rounding)."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()

@@ -1,14 +1,14 @@
 """`latentpipe submit --dry-run` and the job plan: no SLURM needed."""
 
 import json
+import shlex
 import subprocess
 import sys
 
 import pytest
 
-from pipeline import config, manifest, slurm
+from pipeline import config, manifest, slurm, stage_registry
 from pipeline.errors import LatentpipeError
-import stages
 
 
 def _cfg(tmp_path, *extra):
@@ -17,25 +17,27 @@ def _cfg(tmp_path, *extra):
 
 def _fake_complete(cfg, stage):
     """A manifest that up_to_date accepts (config hash and input hashes match)."""
-    module = stages.BY_NAME[stage]
+    spec = stage_registry.get(stage)
     directory = cfg.stage_dir(stage)
     directory.mkdir(parents=True)
     manifest.write(directory, {"stage": stage, "status": "complete",
-                               "config_hash": config.section_hash(cfg, module.SECTIONS),
-                               "inputs": {name: manifest.manifest_hash(cfg.stage_dir(name)) for name in module.INPUTS}})
+                               "config_hash": config.section_hash(cfg, spec.sections),
+                               "inputs": {name: manifest.manifest_hash(cfg.stage_dir(name)) for name in spec.inputs}})
 
 
 def test_plan_chains_every_stage_with_an_array_for_sample(tmp_path):
     cfg = _cfg(tmp_path)
     jobs, reasons = slurm.plan(cfg, None, ["data.limit=10"], sample_tasks=4, sbatch_args=["--time=5"])
     names = [j.stage for j in jobs]
-    assert names == [s.NAME for s in stages.PIPELINE][:4] + ["sample", "sample"] + [s.NAME for s in stages.PIPELINE][5:]
+    order = list(stage_registry.STAGES)
+    assert names == order[:4] + ["sample", "sample"] + order[5:]
     assert jobs[0].depends_on is None and all(j.depends_on == i for i, j in enumerate(jobs[1:]))
     array = jobs[names.index("sample")]
     assert array.array and "--array=0-3" in array.argv and not jobs[names.index("sample") + 1].array
     for job in jobs:
         assert "--kill-on-invalid-dep=yes" in job.argv and job.argv[-1] == "data.limit=10"
-        assert job.argv[-2].endswith(f"slurm/{job.stage}.sbatch")
+        assert job.argv[-2] == str(slurm.slurm_dir() / f"{job.stage}.sbatch")
+        assert (slurm.slurm_dir() / f"{job.stage}.sbatch").is_file()
         assert job.argv.index("--time=5") < job.argv.index(job.argv[-2])  # user options win over ours
     assert set(reasons.values()) == {"no manifest"}
 
@@ -81,8 +83,8 @@ def test_dry_run_prints_a_runnable_script_and_submits_nothing(tmp_path):
 def test_status_without_submissions_lists_every_stage(tmp_path):
     text = slurm.status(_cfg(tmp_path))
     assert "nothing submitted" in text
-    for stage in stages.PIPELINE:
-        assert stage.NAME in text
+    for name in stage_registry.STAGES:
+        assert name in text
 
 
 def test_jobs_file_records_ids_and_dependencies(tmp_path):
@@ -94,3 +96,18 @@ def test_jobs_file_records_ids_and_dependencies(tmp_path):
     assert [(j["stage"], j["job_id"], j["depends_on"]) for j in recorded["jobs"]] == \
         [("prepare", "11", None), ("autoencoder", "12", "11")]
     assert "--dependency=afterok:11" in recorded["jobs"][1]["command"]
+
+
+@pytest.mark.parametrize("stage", list(stage_registry.STAGES))
+def test_common_sh_forwards_usr1_only_to_stages_that_checkpoint(stage):
+    """common.sh asks the registry (python -m pipeline.stage_registry) instead of a list of its own."""
+    script = f"""
+        source {shlex.quote(str(slurm.slurm_dir() / "common.sh"))}
+        LP_STAGE={stage}; LP_CHILD=""
+        LP_CHECKPOINTS=$({shlex.quote(sys.executable)} -m pipeline.stage_registry checkpoints {stage})
+        lp_forward USR1; echo "signal=$LP_SIGNAL"
+    """
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True, timeout=60)
+    forwarded = stage_registry.get(stage).checkpoints
+    assert ("signal=USR1" in done.stdout) == forwarded, done.stdout
+    assert ("does not checkpoint, ignored" in done.stdout) == (not forwarded)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline import config, manifest
+from pipeline import artifacts, config, manifest
 from pipeline.autoencoder.build import build_autoencoder
 from pipeline.errors import LatentpipeError, StageInterrupted
 from pipeline.runtime import checkpoint
@@ -52,7 +52,7 @@ def test_trains_exports_and_reports(prepared, tmp_path, lpips_cache, kind, preci
         assert 0 < found["metrics"]["val_codebook_usage"] <= 1
     assert found["latent"] == {"channels": 4, "resolution": 4, "kind": kind}
     model = build_autoencoder(cfg.autoencoder, 1)
-    model.load_state_dict(load_file(out / autoencoder.WEIGHTS_FILE))
+    model.load_state_dict(load_file(out / artifacts.TrainedAutoencoder.WEIGHTS_FILE))
     assert (out / "metrics.jsonl").read_text().count("\n") == 3
     assert list((out / "images").glob("reconstructions-*.png"))
 
@@ -60,7 +60,7 @@ def test_trains_exports_and_reports(prepared, tmp_path, lpips_cache, kind, preci
 def test_interrupted_and_resumed_equals_uninterrupted(prepared, tmp_path, lpips_cache, monkeypatch):
     reference = _cfg(_fresh_copy(prepared, tmp_path / "a"), "autoencoder.max_steps=8")
     autoencoder.run(reference)
-    expected = load_file(reference.stage_dir("autoencoder") / autoencoder.WEIGHTS_FILE)
+    expected = load_file(reference.stage_dir("autoencoder") / artifacts.TrainedAutoencoder.WEIGHTS_FILE)
 
     cfg = _cfg(_fresh_copy(prepared, tmp_path / "b"), "autoencoder.max_steps=8")
     signal_before_step(monkeypatch, 5)
@@ -69,7 +69,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(prepared, tmp_path, lpips_
     assert manifest.read(cfg.stage_dir("autoencoder"))["status"] == "interrupted"
     monkeypatch.undo()
     autoencoder.run(cfg)
-    resumed = load_file(cfg.stage_dir("autoencoder") / autoencoder.WEIGHTS_FILE)
+    resumed = load_file(cfg.stage_dir("autoencoder") / artifacts.TrainedAutoencoder.WEIGHTS_FILE)
     assert resumed.keys() == expected.keys()
     for name in expected:
         assert torch.equal(resumed[name], expected[name]), name

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline import config, manifest
-from stages import autoencoder, prepare
+from pipeline import artifacts, config, manifest
+from stages import prepare
 
 from tests.support import free_port
 
@@ -53,7 +53,7 @@ def test_two_ranks_resumed_equals_uninterrupted(prepared, tmp_path):
     resumed = _copy(prepared, tmp_path / "resumed")
     _torchrun(resumed, "autoencoder.max_steps=4")
     _torchrun(resumed, "autoencoder.max_steps=8")  # continues from step 4's checkpoint
-    a = load_file(straight / "tiny" / "autoencoder" / autoencoder.WEIGHTS_FILE)
-    b = load_file(resumed / "tiny" / "autoencoder" / autoencoder.WEIGHTS_FILE)
+    a = load_file(straight / "tiny" / "autoencoder" / artifacts.TrainedAutoencoder.WEIGHTS_FILE)
+    b = load_file(resumed / "tiny" / "autoencoder" / artifacts.TrainedAutoencoder.WEIGHTS_FILE)
     for name in a:
         assert torch.equal(a[name], b[name]), name

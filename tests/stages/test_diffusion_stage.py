@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline import config, manifest
+from pipeline import artifacts, config, manifest
 from pipeline.errors import LatentpipeError, StageInterrupted
 from pipeline.runtime import checkpoint
 from pipeline.runtime.training import NonFiniteLossError
@@ -61,8 +61,8 @@ def test_trains_exports_ema_weights_and_loads_for_sampling(encoded, tmp_path):
     assert found["status"] == "complete" and found["metrics"]["steps"] == 8
     assert found["denoiser"]["num_classes"] == 10 and found["denoiser"]["latent_shape"] == [4, 4, 4]
     assert (out / "images" / "samples-00000008.png").is_file()
-    weights = load_file(out / diffusion.WEIGHTS_FILE)
-    trained = diffusion.load_trained(cfg, "cpu")
+    weights = load_file(out / artifacts.TrainedDenoiser.WEIGHTS_FILE)
+    trained = artifacts.load_trained(cfg, "cpu")
     for name, value in trained.denoiser.net.state_dict().items():
         assert torch.equal(value, weights[name]), name
     x = torch.randn(3, *trained.shape)
@@ -73,7 +73,7 @@ def test_trains_exports_ema_weights_and_loads_for_sampling(encoded, tmp_path):
 
 def test_interrupted_and_resumed_equals_uninterrupted(encoded, tmp_path, monkeypatch):
     reference = _cfg(_copy(encoded, tmp_path / "a"))
-    expected = load_file(diffusion.run(reference) / diffusion.WEIGHTS_FILE)
+    expected = load_file(diffusion.run(reference) / artifacts.TrainedDenoiser.WEIGHTS_FILE)
 
     cfg = _cfg(_copy(encoded, tmp_path / "b"))
     signal_before_step(monkeypatch, 5)
@@ -81,7 +81,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(encoded, tmp_path, monkeyp
         diffusion.run(cfg)
     assert manifest.read(cfg.stage_dir("diffusion"))["status"] == "interrupted"
     monkeypatch.undo()
-    resumed = load_file(diffusion.run(cfg) / diffusion.WEIGHTS_FILE)
+    resumed = load_file(diffusion.run(cfg) / artifacts.TrainedDenoiser.WEIGHTS_FILE)
     for name in expected:
         assert torch.equal(resumed[name], expected[name]), name
 
@@ -142,7 +142,7 @@ def test_load_trained_refuses_another_diffusion_config(encoded, tmp_path):
     root = _copy(encoded, tmp_path)
     diffusion.run(_cfg(root))
     with pytest.raises(LatentpipeError, match="rerun `latentpipe diffusion`"):
-        diffusion.load_trained(_cfg(root, "diffusion.prediction=eps"), "cpu")
+        artifacts.load_trained(_cfg(root, "diffusion.prediction=eps"), "cpu")
 
 
 
@@ -166,7 +166,7 @@ def _poison_one_sample(shard):
 def test_two_ranks_skip_a_nan_batch_together_and_finish(tmp_path):
     kl = ("autoencoder.kind=kl", "diffusion.max_steps=12")
     root = _encoded(tmp_path, *kl)
-    _poison_one_sample(sorted((root / "tiny" / "encode" / encode.LATENT_DIR).glob("train-*.tar"))[0])
+    _poison_one_sample(sorted((root / "tiny" / "encode" / artifacts.EncodedLatents.LATENT_DIR).glob("train-*.tar"))[0])
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
          "-m", "pipeline.cli", "-q", "diffusion", f"experiment.runs_dir={root}", *ARGS, *kl],
@@ -175,4 +175,4 @@ def test_two_ranks_skip_a_nan_batch_together_and_finish(tmp_path):
     found = manifest.read(root / "tiny" / "diffusion")
     assert found["status"] == "complete" and found["metrics"]["steps"] == 12
     assert found["metrics"]["skipped_steps"] >= 1
-    assert all(torch.isfinite(v).all() for v in load_file(root / "tiny" / "diffusion" / diffusion.WEIGHTS_FILE).values())
+    assert all(torch.isfinite(v).all() for v in load_file(root / "tiny" / "diffusion" / artifacts.TrainedDenoiser.WEIGHTS_FILE).values())

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import config, manifest
+from pipeline import artifacts, config, manifest
 from pipeline.autoencoder.build import build_autoencoder
 from pipeline.data.stream import read_shard, sequential_batches
 from pipeline.errors import LatentpipeError
@@ -43,7 +43,7 @@ def _copy(trained, root):
 
 
 def _files(directory):
-    return {p.name: p.read_bytes() for p in sorted((directory / encode.LATENT_DIR).glob("*.tar"))}
+    return {p.name: p.read_bytes() for p in sorted((directory / artifacts.EncodedLatents.LATENT_DIR).glob("*.tar"))}
 
 
 def test_latents_are_the_autoencoders_codes_and_decode_back(trained, tmp_path):
@@ -54,11 +54,11 @@ def test_latents_are_the_autoencoders_codes_and_decode_back(trained, tmp_path):
     model = build_autoencoder(cfg.autoencoder, 1)
     from safetensors.torch import load_file
 
-    model.load_state_dict(load_file(cfg.stage_dir("autoencoder") / autoencoder.WEIGHTS_FILE))
+    model.load_state_dict(load_file(cfg.stage_dir("autoencoder") / artifacts.TrainedAutoencoder.WEIGHTS_FILE))
     model.eval()
     shard = sorted(cfg.stage_dir("prepare").glob("val-*.tar"))[0]
     images = next(iter(sequential_batches(str(shard), 8)))
-    latents = list(read_shard(str(out / encode.LATENT_DIR / shard.name), 5))[:8]
+    latents = list(read_shard(str(out / artifacts.EncodedLatents.LATENT_DIR / shard.name), 5))[:8]
     with torch.no_grad():
         expected = model.encode(images["image"]).indices
         expected_flip = model.encode(images["image"].flip(-1)).indices
@@ -67,7 +67,7 @@ def test_latents_are_the_autoencoders_codes_and_decode_back(trained, tmp_path):
         codes = torch.from_numpy(np.load(io.BytesIO(sample["codes.npy"])))
         assert torch.equal(codes.long(), expected[i])
         assert torch.equal(torch.from_numpy(np.load(io.BytesIO(sample["codes_flip.npy"]))).long(), expected_flip[i])
-    table = load_file(out / encode.CODEBOOK_FILE)["embeddings"]
+    table = load_file(out / artifacts.EncodedLatents.CODEBOOK_FILE)["embeddings"]
     assert table.shape == (32, 4)
     assert torch.allclose(table[expected[0]].permute(2, 0, 1), model.codebook.embed(expected[:1])[0], atol=1e-6)
 
@@ -97,5 +97,5 @@ def test_rerun_after_a_new_autoencoder_reencodes_everything(trained, tmp_path):
 
 def test_refuses_an_autoencoder_trained_with_another_config(trained, tmp_path):
     cfg = _cfg(_copy(trained, tmp_path), "autoencoder.num_codes=64")
-    with pytest.raises(LatentpipeError, match="trained with another config"):
+    with pytest.raises(LatentpipeError, match="made with another config"):
         encode.run(cfg)

@@ -10,8 +10,9 @@ import shutil
 import numpy as np
 import pytest
 
-from pipeline import cli, manifest
+from pipeline import artifacts, cli, manifest
 from pipeline.data.stream import sequential_batches
+from pipeline.metrics.images import to_uint8
 from stages import evaluate, sample
 
 from tests.stages.test_sample_stage import SAMPLE_ARGS, _copy, trained  # noqa: F401 (fixture)
@@ -42,7 +43,7 @@ def test_metrics_are_finite_reported_and_a_rerun_is_skipped(sampled, tmp_path, w
     out = evaluate.run(cfg)
     found = manifest.read(out)
     assert found["status"] == "complete"
-    metrics = json.loads((out / evaluate.METRICS_FILE).read_text())
+    metrics = json.loads((out / artifacts.Evaluation.METRICS_FILE).read_text())
     for key in ("fid", "kid", "precision", "recall", "fid_train_vs_val", "classifier_accuracy",
                 "classifier_real_val_accuracy", "rfid", "autoencoder_val_psnr", "autoencoder_val_codebook_usage",
                 "latent_bits_per_dim"):
@@ -53,7 +54,7 @@ def test_metrics_are_finite_reported_and_a_rerun_is_skipped(sampled, tmp_path, w
     assert set(metrics["classifier_accuracy_per_class"]) == {str(c) for c in range(10)}
     assert metrics["likelihood_latents"] == 3 and metrics["likelihood_nfe"] > 0
     assert metrics["sampler"]["method"] == "ddpm"
-    report = (out / evaluate.REPORT_FILE).read_text()
+    report = (out / artifacts.Evaluation.REPORT_FILE).read_text()
     assert "../sample/grid.png" in report and "| fid |" in report and "diffusion:" in report and "evaluate:" in report
     assert manifest.up_to_date(cfg, evaluate.NAME, evaluate.SECTIONS, evaluate.INPUTS)[0]
     run_id = found["run_id"]
@@ -67,12 +68,17 @@ def test_real_val_images_as_samples_score_like_real_images(sampled, tmp_path, we
     cfg = _cfg_eval(_copy_sampled(sampled, tmp_path), "evaluate.likelihood_count=0", "evaluate.reconstruction=false")
     images, labels = [], []
     for batch in sequential_batches(str(cfg.stage_dir("prepare") / "val-*.tar"), 64):
-        images.append(sample.to_uint8(batch["image"]))
+        images.append(to_uint8(batch["image"]))
         labels.append(np.asarray(batch["label"]))
     buffer = io.BytesIO()
     np.savez(buffer, images=np.concatenate(images), labels=np.concatenate(labels).astype(np.int64))
-    (cfg.stage_dir("sample") / sample.SAMPLES_FILE).write_bytes(buffer.getvalue())
-    metrics = json.loads((evaluate.run(cfg) / evaluate.METRICS_FILE).read_text())
+    directory = cfg.stage_dir("sample")
+    (directory / artifacts.Samples.SAMPLES_FILE).write_bytes(buffer.getvalue())
+    recorded = manifest.read(directory)  # recorded as the sample stage's output (evaluate verifies the sha256)
+    recorded["outputs"] = [manifest.describe_file(directory / o["path"], directory, count=len(images))
+                           if o["path"] == artifacts.Samples.SAMPLES_FILE else o for o in recorded["outputs"]]
+    manifest.write(directory, recorded)
+    metrics = json.loads((evaluate.run(cfg) / artifacts.Evaluation.METRICS_FILE).read_text())
     assert abs(metrics["fid"]) < 1e-3
     assert metrics["precision"] == metrics["recall"] == 1.0
     assert metrics["kid"] <= 0  # the unbiased MMD^2 of a set against itself: the diagonal is left out

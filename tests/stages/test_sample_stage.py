@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import manifest
+from pipeline import artifacts, manifest
 from pipeline.data.stream import sequential_batches
+from pipeline.labels import labels_for
 from stages import diffusion, sample
 
 from tests.stages.test_diffusion_stage import ARGS, _cfg, _encoded
@@ -35,7 +36,7 @@ def _copy(source, root):
 
 
 def _samples(root):
-    with np.load(root / "tiny" / "sample" / sample.SAMPLES_FILE) as data:
+    with np.load(root / "tiny" / "sample" / artifacts.Samples.SAMPLES_FILE) as data:
         return data["images"], data["labels"]
 
 
@@ -46,7 +47,7 @@ def test_one_rank_equals_two_ranks_equals_another_batch_size(trained, tmp_path):
     images, labels = _samples(one)
     assert images.shape == (11, 16, 16, 1) and images.dtype == np.uint8
     assert labels.tolist() == [i % 10 for i in range(11)]
-    assert (one / "tiny" / "sample" / sample.GRID_FILE).is_file()
+    assert (one / "tiny" / "sample" / artifacts.Samples.GRID_FILE).is_file()
     found = manifest.read(one / "tiny" / "sample")
     assert found["status"] == "complete" and found["samples"]["count"] == 11 and found["samples"]["nfe"] > 0
 
@@ -100,7 +101,7 @@ def test_chunks_of_another_config_are_not_reused(trained, tmp_path):
 def test_snapping_decodes_codebook_vectors_and_changes_the_images(trained, tmp_path):
     root = _copy(trained, tmp_path)
     cfg = _cfg(root, *SAMPLE_ARGS)
-    model = diffusion.load_trained(cfg, "cpu")
+    model = artifacts.load_trained(cfg, "cpu")
     x = torch.randn(2, *model.shape)
     snapped = model.space.to_decoder(x, snap=True)
     table = model.space.codebook
@@ -115,7 +116,7 @@ def test_inpainting_grid_and_sample_shards(trained, tmp_path):
     root = _copy(trained, tmp_path)
     sample.run(_cfg(root, *SAMPLE_ARGS, "sample.inpaint=true", "sample.inpaint_count=4", "sample.write_shards=true"))
     out = root / "tiny" / "sample"
-    assert (out / sample.INPAINT_FILE).is_file()
+    assert (out / artifacts.Samples.INPAINT_FILE).is_file()
     shards = sorted((out / "shards").glob("samples-*.tar"))
     decoded = [b for s in shards for b in sequential_batches(str(s), 100)]
     images, labels = _samples(root)
@@ -127,10 +128,10 @@ def test_inpainting_grid_and_sample_shards(trained, tmp_path):
 
 def test_labels_modes():
     cfg = _cfg("/nonexistent").sample
-    assert sample.labels_for(cfg, range(12), 10, seed=0).tolist() == [i % 10 for i in range(12)]
-    assert sample.labels_for(cfg, range(5), 0, seed=0) is None
+    assert labels_for(cfg, range(12), 10, seed=0).tolist() == [i % 10 for i in range(12)]
+    assert labels_for(cfg, range(5), 0, seed=0) is None
     given = _cfg("/x", "sample.labels=given", "sample.given_labels=[3,7]").sample
-    assert sample.labels_for(given, range(4), 10, seed=0).tolist() == [3, 7, 3, 7]
+    assert labels_for(given, range(4), 10, seed=0).tolist() == [3, 7, 3, 7]
     random = _cfg("/x", "sample.labels=random").sample
-    first, again = sample.labels_for(random, range(20), 10, 0), sample.labels_for(random, range(10, 20), 10, 0)
+    first, again = labels_for(random, range(20), 10, 0), labels_for(random, range(10, 20), 10, 0)
     assert torch.equal(first[10:], again) and len(set(first.tolist())) > 3

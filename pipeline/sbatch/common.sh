@@ -34,7 +34,9 @@ latentpipe_stage() {
   if [ $# -gt 0 ] && [[ "$1" != *=* ]] && [[ "$1" != -* ]]; then args=(--config "$1"); shift; fi
   args+=("$@")
   PY=$(lp_python)
-  lp_log "stage $stage: restart count ${SLURM_RESTART_COUNT:-0}, nodes ${SLURM_JOB_NODELIST:-local}, python $PY, args ${args[*]}"
+  # whether the stage checkpoints on USR1 (then it is requeued) comes from pipeline/stage_registry.py
+  LP_CHECKPOINTS=$("$PY" -m pipeline.stage_registry checkpoints "$stage" 2>/dev/null || echo unknown)
+  lp_log "stage $stage: restart count ${SLURM_RESTART_COUNT:-0}, nodes ${SLURM_JOB_NODELIST:-local}, python $PY, checkpoints $LP_CHECKPOINTS, args ${args[*]}"
 
   # stray variables from a login shell or an outer launcher break the rendezvous
   unset NODE_RANK RANK LOCAL_RANK WORLD_SIZE LOCAL_WORLD_SIZE GROUP_RANK ROLE_RANK MASTER_ADDR MASTER_PORT \
@@ -95,7 +97,7 @@ latentpipe_stage() {
 }
 
 lp_forward() {
-  if [ "$1" = USR1 ] && [[ " autoencoder diffusion " != *" $LP_STAGE "* ]]; then
+  if [ "$1" = USR1 ] && [ "$LP_CHECKPOINTS" != yes ]; then
     lp_log "received SIGUSR1: stage $LP_STAGE does not checkpoint, ignored"; return 0
   fi
   LP_SIGNAL=$1
