@@ -150,7 +150,7 @@ def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one(prepared, 
     caplog.set_level("INFO")
     args = ("autoencoder.max_steps=8", "autoencoder.checkpoint_every=2", "autoencoder.lpips=none")
     reference = _cfg(_fresh_copy(prepared, tmp_path / "a"), *args)
-    expected = load_file(autoencoder.run(reference) / autoencoder.WEIGHTS_FILE)
+    expected = load_file(autoencoder.run(reference) / artifacts.TrainedAutoencoder.WEIGHTS_FILE)
 
     cfg = _cfg(_fresh_copy(prepared, tmp_path / "b"), *args)
     signal_before_step(monkeypatch, 5)
@@ -164,6 +164,6 @@ def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one(prepared, 
     found = manifest.read(autoencoder.run(cfg))
     assert found["status"] == "complete" and found["metrics"]["steps"] == 8
     assert "unreadable" in caplog.text and "resumed from" in caplog.text and "step-00000004" in caplog.text
-    resumed = load_file(cfg.stage_dir("autoencoder") / autoencoder.WEIGHTS_FILE)
+    resumed = load_file(cfg.stage_dir("autoencoder") / artifacts.TrainedAutoencoder.WEIGHTS_FILE)
     for name in expected:  # steps 4..8 again from the older checkpoint: the same weights
         assert torch.equal(resumed[name], expected[name]), name
