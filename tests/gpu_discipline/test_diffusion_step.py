@@ -62,15 +62,15 @@ def test_training_step_on_meta(meta, backbone, process, prediction):
     assert all(v.device == meta.device for v in ema.shadow.values())
 
 
-@pytest.mark.parametrize("prediction", sorted(LOSSES))
 @pytest.mark.parametrize("process", sorted(PROCESSES))
 @pytest.mark.parametrize("backbone", sorted(BACKBONES))
-def test_loss_forward_under_bf16_autocast_on_fake_cuda(fake_cuda, backbone, process, prediction):
+def test_loss_forward_under_bf16_autocast_on_fake_cuda(fake_cuda, backbone, process):
+    """v-prediction: the prediction changes only the regression target, which the meta step covers."""
     net = fake_cuda.module(_network(backbone))
     x0, labels = (fake_cuda.tensor(t) for t in _batch())
     with fake_cuda.running(), fake_cuda.bf16_autocast():
         out = net(x0, fake_cuda.tensor(torch.full((4,), 3.0)), labels)
-        loss = LOSSES[prediction](net, PROCESSES[process](), x0, seeding.generator(0, "step"), y=labels)
+        loss = LOSSES["v"](net, PROCESSES[process](), x0, seeding.generator(0, "step"), y=labels)
     assert out.dtype == torch.bfloat16 and out.device == fake_cuda.device
     assert loss.device == fake_cuda.device and loss.dtype == torch.float32
 
