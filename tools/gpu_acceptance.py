@@ -39,22 +39,20 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
+from pipeline import config, seeding
+from pipeline.diffusion.build import LOSSES
+from pipeline.diffusion.schedules import DDPM
+from pipeline.networks import available_backends, build_denoiser, training_flops
+from pipeline.networks.layers import SelfAttention
+from pipeline.runtime.ema import EMA
+from pipeline.runtime.optim import build_optimizer
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from pipeline import config, seeding  # noqa: E402
-from pipeline.diffusion.build import LOSSES  # noqa: E402
-from pipeline.diffusion.schedules import DDPM  # noqa: E402
-from pipeline.networks import available_backends, build_denoiser, training_flops  # noqa: E402
-from pipeline.networks.layers import SelfAttention  # noqa: E402
-from pipeline.runtime.ema import EMA  # noqa: E402
-from pipeline.runtime.optim import build_optimizer  # noqa: E402
-
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 """Dense bf16 tensor-core peaks (NVIDIA data sheets, without sparsity)."""
 VQ_F8 = ROOT / "configs" / "imagenet256-vq-f8.yaml"
@@ -73,8 +71,9 @@ PIPELINE_SMOKE = ("data.source=digits", "data.limit=120", "data.resolution=16", 
                   "diffusion.shuffle_buffer=50", "sample.num_samples=20", "sample.chunk_size=20", "sample.steps=3",
                   "evaluate.classifier=false", "evaluate.reconstruction=false", "evaluate.likelihood_count=0",
                   "evaluate.kid_subsets=2")
-SMOKE_DIT = dict(depth=1, width=64, num_heads=2)  # S/2 shrunk: the code path, not the figure
-SMOKE_UNET = dict(model_channels=32, channel_mult=(1, 2), attention_resolutions=(4,), num_head_channels=32)
+SMOKE_DIT = {"depth": 1, "width": 64, "num_heads": 2}  # S/2 shrunk: the code path, not the figure
+SMOKE_AE = ", 32 channels (smoke)"
+SMOKE_UNET = {"model_channels": 32, "channel_mult": (1, 2), "attention_resolutions": (4,), "num_head_channels": 32}
 
 
 class Bench:
@@ -205,7 +204,7 @@ def _throughput_rows(kind: str, preset: str, options: dict, backends: list[str],
                 rows.append({"config": label, "batch": batch, "images_per_s": images, "step_ms": 1000 * seconds,
                              "model_tflops": flops * images / 1e12, "peak_gib": bench.peak_gib(),
                              "mfu": flops * images / (bench.peak_tflops * 1e12) if bench.peak_tflops else None})
-            except Exception as err:  # one configuration failing is a figure, not the end of the run
+            except Exception as err:  # noqa: BLE001 (one configuration failing is a figure, not the end of the run)
                 rows.append({"config": label, "error": f"{type(err).__name__}: {err}"[:500]})
             finally:
                 net.zero_grad(set_to_none=True)
@@ -274,7 +273,7 @@ def section_distributed(bench: Bench) -> list[dict]:
         env["CUDA_VISIBLE_DEVICES"] = ""
     start = time.perf_counter()
     done = subprocess.run([sys.executable, __file__, "--distributed-worker"], capture_output=True, text=True,
-                          env=env, timeout=300)
+                          env=env, timeout=300, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"worker exited with {done.returncode}: {done.stderr[-1500:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -326,7 +325,8 @@ def section_autoencoder(bench: Bench) -> list[dict]:
     bench.reset_memory()
     seconds = bench.timed(step)
     return [{"config": f"imagenet256-vq-f8 autoencoder step (LPIPS-{cfg.lpips} + PatchGAN), "
-                       f"{cfg.mixed_precision}, {bench.image}px{', 32 channels (smoke)' if bench.smoke else ''}", "batch": batch, "step_ms": 1000 * seconds,
+                       f"{cfg.mixed_precision}, {bench.image}px{SMOKE_AE if bench.smoke else ''}",
+             "batch": batch, "step_ms": 1000 * seconds,
              "images_per_s": batch / seconds, "peak_gib": bench.peak_gib()}]
 
 
@@ -343,7 +343,7 @@ def section_encode(bench: Bench) -> list[dict]:
 
     bench.reset_memory()
     seconds = bench.timed(encode)
-    return [{"config": f"imagenet256-vq-f8 encode, bf16, {bench.image}px{', 32 channels (smoke)' if bench.smoke else ''}",
+    return [{"config": f"imagenet256-vq-f8 encode, bf16, {bench.image}px{SMOKE_AE if bench.smoke else ''}",
              "batch": batch,
              "images_per_s": batch / seconds, "step_ms": 1000 * seconds, "peak_gib": bench.peak_gib()}]
 
@@ -364,8 +364,9 @@ def _cell(value, digits: int = 1) -> str:
 
 def markdown(report: dict) -> str:
     env = report["environment"]
-    lines = [f"GPU acceptance on {env['device']}: torch {env['torch']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}, "
-             f"{env['date']}, peak {_cell(env['peak_tflops'], 0)} TFLOP/s{' (smoke: not a measurement)' if env['smoke'] else ''}.",
+    smoke = " (smoke: not a measurement)" if env["smoke"] else ""
+    lines = [(f"GPU acceptance on {env['device']}: torch {env['torch']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}, "
+              f"{env['date']}, peak {_cell(env['peak_tflops'], 0)} TFLOP/s{smoke}."),
              f"Command: `{env['command']}`", "",
              "| section | configuration | batch | images/s | step ms | MFU | peak GiB | notes |",
              "|---|---|---|---|---|---|---|---|"]
@@ -390,10 +391,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda", help="cuda (the current CUDA device) or cpu")
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes and single steps: checks the code, not the GPU")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny sizes and single steps: checks the code, not the GPU")
     parser.add_argument("--sections", default="abcdef", help="which sections to run (letters a-f)")
-    parser.add_argument("--out", type=Path, default=Path("gpu_acceptance"), help="directory for the JSON and Markdown")
-    parser.add_argument("--peak-tflops", type=float, default=None, help="peak dense bf16 TFLOP/s (default: from the GPU name)")
+    parser.add_argument("--out", type=Path, default=Path("gpu_acceptance"),
+                        help="directory for the JSON and Markdown")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="peak dense bf16 TFLOP/s (default: from the GPU name)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per throughput figure")
     parser.add_argument("--max-batch", type=int, default=1024, help="upper end of the batch-size search")
     parser.add_argument("--distributed-worker", action="store_true", help=argparse.SUPPRESS)
@@ -413,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         try:
             rows, error = run(bench), None
-        except Exception as err:  # sections are isolated: record and go on
+        except Exception as err:  # noqa: BLE001 (sections are isolated: record and go on)
             rows, error = [], f"{type(err).__name__}: {err}"
             traceback.print_exc()
         finally:

@@ -27,7 +27,8 @@ def _stored(kind: str) -> dict:
     """A latent batch as the encode stage stores it: int16 codes or fp16 moments, and the twins."""
     g = torch.Generator().manual_seed(1)
     if kind == "vq":
-        return {name: torch.randint(16, (3, 8, 8), generator=g).to(torch.int16) for name in ("codes", "codes_flip")}
+        return {name: torch.randint(16, (3, 8, 8), generator=g).to(torch.int16)
+                for name in ("codes", "codes_flip")}
     return {name: torch.randn(3, 4, 8, 8, generator=g).half() for name in ("mean", "mean_flip", "logvar", "logvar_flip")}
 
 
