@@ -26,8 +26,9 @@ Several ranks: every statistic that depends on the batch goes through two collec
 in by the runtime: ``all_reduce`` (elementwise sum over ranks) for counts and EMA sums, and
 ``all_gather`` (concatenation along dim 0 in rank order; ranks may contribute different numbers
 of rows) for the vectors that k-means and restarts sample from (only on the steps that need
-them). Random choices use a CPU generator seeded from (seed, step), identical on every rank, that draws on the CPU and moves the few indices to the codes' device
-(:mod:`pipeline.seeding`), so the choices are also the same on every device.
+them). Random choices use a CPU generator seeded from (seed, step), identical on every rank,
+that draws on the CPU and moves the few indices to the codes' device (:mod:`pipeline.seeding`),
+so the choices are also the same on every device.
 Hence one rank with batch 2B and two ranks with B each hold the same codebook.
 The defaults (identity) are the single-process case; nothing is detected at construction.
 

@@ -29,7 +29,8 @@ def _stored(kind: str) -> dict:
     if kind == "vq":
         return {name: torch.randint(16, (3, 8, 8), generator=g).to(torch.int16)
                 for name in ("codes", "codes_flip")}
-    return {name: torch.randn(3, 4, 8, 8, generator=g).half() for name in ("mean", "mean_flip", "logvar", "logvar_flip")}
+    return {name: torch.randn(3, 4, 8, 8, generator=g).half()
+            for name in ("mean", "mean_flip", "logvar", "logvar_flip")}
 
 
 @pytest.mark.parametrize("kind", ["vq", "kl"])
