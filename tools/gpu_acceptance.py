@@ -193,11 +193,13 @@ def _throughput_rows(kind: str, preset: str, options: dict, backends: list[str],
     flops = training_flops(net.config)
     rows = []
     for backend in backends:
+        batch = 0
         for compiled in ([False, True] if backend in compile_backends else [False]):
             label = f"{kind} {preset} {backend}{' compiled' if compiled else ''} bf16"
             try:
                 _set_attention(net, backend)
-                batch = _largest_batch(net, bench, compiled, start=2 if bench.smoke else 32)
+                # compiled: the eager batch (a search would recompile for every batch size)
+                batch = batch or _largest_batch(net, bench, compiled, start=2 if bench.smoke else 32)
                 bench.reset_memory()
                 seconds = bench.timed(_training_step(net, batch, bench, compiled))
                 images = batch / seconds
