@@ -51,9 +51,10 @@ def test_training_step_on_meta(meta, backbone, process, prediction):
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
     x0, labels = (meta.tensor(t) for t in _batch())
     step_generator = seeding.generator(0, "diffusion-step", 0, 0, 0)  # the stage's: on the CPU
+    forward_process = PROCESSES[process]()  # built at set-up, on the CPU, as the stage does
     with meta.running():
         y = drop_labels(labels, 0.5, net.null_class, step_generator)
-        loss = LOSSES[prediction](net, PROCESSES[process](), x0, step_generator, y=y)
+        loss = LOSSES[prediction](net, forward_process, x0, step_generator, y=y)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -69,9 +70,10 @@ def test_loss_forward_under_bf16_autocast_on_fake_cuda(fake_cuda, backbone, proc
     """v-prediction: the prediction changes only the regression target, which the meta step covers."""
     net = fake_cuda.module(_network(backbone))
     x0, labels = (fake_cuda.tensor(t) for t in _batch())
+    forward_process = PROCESSES[process]()  # built at set-up, on the CPU, as the stage does
     with fake_cuda.running(), fake_cuda.bf16_autocast():
         out = net(x0, fake_cuda.tensor(torch.full((4,), 3.0)), labels)
-        loss = LOSSES["v"](net, PROCESSES[process](), x0, seeding.generator(0, "step"), y=labels)
+        loss = LOSSES["v"](net, forward_process, x0, seeding.generator(0, "step"), y=labels)
     assert out.dtype == torch.bfloat16 and out.device == fake_cuda.device
     assert loss.device == fake_cuda.device and loss.dtype == torch.float32
 
@@ -79,8 +81,8 @@ def test_loss_forward_under_bf16_autocast_on_fake_cuda(fake_cuda, backbone, proc
 def test_vlb_step_on_meta(meta):
     """The DDPM variational bound as a training term (one-term estimate), backward included."""
     net = meta.module(_network("unet"))
-    x0, labels = (meta.tensor(t) for t in _batch())
+    x0, labels, process = *(meta.tensor(t) for t in _batch()), DDPM.linear(50)
     with meta.running():
-        bpd = losses.vlb(net, DDPM.linear(50), x0.clamp(-1, 1), seeding.generator(0, "vlb"), y=labels)
+        bpd = losses.vlb(net, process, x0.clamp(-1, 1), seeding.generator(0, "vlb"), y=labels)
         bpd.mean().backward()
     assert bpd.shape == (4,) and bpd.device == meta.device
