@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from pipeline import seeding
+
 LOGVAR_RANGE = (-30.0, 20.0)
 """Clamp of the encoder's log-variance (as LDM's DiagonalGaussianDistribution): keeps exp finite."""
 
@@ -41,8 +43,8 @@ class DiagonalGaussian:
 
     def sample(self, generator: torch.Generator) -> Tensor:
         """z = mu + sigma * eps with eps ~ N(0, I) drawn from ``generator`` (reparameterisation)."""
-        eps = torch.randn(self.mean.shape, generator=generator, device=generator.device)
-        return self.mean + self.std * eps.to(self.mean.device, self.mean.dtype)
+        eps = seeding.randn(self.mean.shape, generator, device=self.mean.device, dtype=self.mean.dtype)
+        return self.mean + self.std * eps
 
     def kl(self) -> Tensor:
         """KL(q || N(0, I)) per sample, in nats: 1/2 sum (mu^2 + sigma^2 - 1 - log sigma^2)."""
