@@ -24,8 +24,10 @@ from pipeline.sampling.ancestral import ddim, ddpm, euler
 from pipeline.sampling.dpm_solver import dpmpp_2m, dpmpp_3m_sde
 from pipeline.sampling.edm import heun
 from pipeline.sampling.grids import ddpm_sigmas, ddpm_timesteps, karras_sigmas, logsnr_sigmas
+from pipeline.sampling.ipndm import ipndm
 from pipeline.sampling.sde import euler_maruyama, langevin, pc
 from pipeline.sampling.steps import check_grid
+from pipeline.sampling.unipc import unipc
 
 __all__ = ["METHODS", "sample", "ddpm_sigmas", "ddpm_timesteps", "karras_sigmas", "logsnr_sigmas"]
 
@@ -40,6 +42,8 @@ METHODS: dict[str, Callable[..., Tensor]] = {
     "langevin": langevin,
     "dpmpp_2m": dpmpp_2m,
     "dpmpp_3m_sde": dpmpp_3m_sde,
+    "unipc": unipc,
+    "ipndm": ipndm,
 }
 
 
