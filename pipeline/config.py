@@ -308,6 +308,9 @@ class SampleConfig:
         "karras", "Noise levels: Karras et al.'s rho-spaced grid, or the process's own (DDPM timesteps / SDE times).")
     eta: float = option(0.0, "ddim/ancestral samplers: stochasticity (0 = deterministic).")
     guidance_scale: float = option(2.0, "Classifier-free guidance weight w (1 = none): D_u + w (D_c - D_u).")
+    guidance_interval: tuple[float, ...] = option(
+        (), "[sigma_lo, sigma_hi]: guide only for VE noise levels in (sigma_lo, sigma_hi], the conditional model "
+        "elsewhere (Kynkaanniemi et al. 2024); [] = at every level.")
     labels: Literal["all", "random", "given"] = option(
         "all", "Class of sample i: i mod the number of classes, uniformly random, or cycling through given_labels.")
     given_labels: tuple[int, ...] = option((), "labels=given: the classes to cycle through.")
@@ -336,6 +339,10 @@ class SampleConfig:
             _fail(f"{key}.given_labels", "labels=given needs a list, e.g. sample.given_labels=[3,7]")
         if self.guidance_scale < 0:
             _fail(f"{key}.guidance_scale", f"must be >= 0, got {self.guidance_scale}")
+        if self.guidance_interval and not (len(self.guidance_interval) == 2
+                                           and 0 <= self.guidance_interval[0] < self.guidance_interval[1]):
+            _fail(f"{key}.guidance_interval", f"must be [] or [sigma_lo, sigma_hi] with 0 <= sigma_lo < sigma_hi, "
+                  f"got {list(self.guidance_interval)}")
         if self.eta and "eta" not in inspect.signature(METHODS[self.method]).parameters:
             _fail(f"{key}.eta", f"{self.method} takes no eta; use ddim or dpmpp_3m_sde, or eta=0")
 
