@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from pipeline.diffusion import DDPM, Denoiser, GaussianMixture
+from pipeline.diffusion.build import sampling_sigmas
 from pipeline.sampling import karras_sigmas, logsnr_sigmas, sample
 from tools.peer_samplers import diffusers_sample, diffusers_scheduler, eps_network, k_diffusion_sample
 
@@ -56,7 +57,10 @@ OURS = [
     ("ipndm", "ipndm", "logsnr", {}),
     ("ipndm", "ipndm", "karras", {}),
     ("ipndm", "ipndm", "logsnr-20", {}),
-]
+] + [(label, method, "karras-full", options) for label, method, options in (  # the sample stage's default grid
+    ("euler", "euler", {}), ("heun", "heun", {}), ("dpmpp_2m", "dpmpp_2m", {}),
+    ("dpmpp_3m eta=0", "dpmpp_3m_sde", {"eta": 0.0}), ("unipc order=2", "unipc", {"order": 2}),
+    ("unipc order=3", "unipc", {"order": 3}), ("ipndm", "ipndm", {}))]
 GRIDS = ("karras", "logsnr", "logsnr-20")
 KDIFF = [(name, grid) for name in ("euler", "heun", "dpmpp_2m", "dpmpp_3m_sde") for grid in GRIDS]
 ADAPTIVE_RTOL = (0.2, 0.1, 0.05, 0.02)  # k-diffusion's dpm_adaptive, atol = its default 0.0078
@@ -94,22 +98,29 @@ def levels(method: str, budget: int) -> int:
 
 
 def make_grid(kind: str, n: int, sigma_min: float, sigma_max: float) -> Tensor:
-    """"karras" / "logsnr" from sigma_max; "logsnr-20" from sigma 20 (a shorter range for few steps)."""
+    """"karras" / "logsnr" from sigma_max; "logsnr-20" from sigma 20 (a shorter range for few steps);
+    "karras-full" over the schedule's whole range, as the sample stage builds its default grid
+    (``pipeline.diffusion.build.sampling_sigmas(process, "karras", n)``)."""
     if kind == "logsnr-20":
         return logsnr_sigmas(sigma_min, 20.0, n)
+    if kind == "karras-full":
+        return sampling_sigmas(DDPM(BETAS), "karras", n)
     return (karras_sigmas if kind == "karras" else logsnr_sigmas)(sigma_min, sigma_max, n)
 
 
 def run_seed(gmm: GaussianMixture, n: int, seed: int, sigma_max: float, bandwidth: float,
-             extra: dict[str, tuple[str, int]]) -> dict[str, dict[int, float]]:
+             extra: dict[str, tuple[str, int]], only: str = "") -> dict[str, dict[int, float]]:
     """{sampler label: {budget: error}} for one seed, plus the reference rows of ``extra``
-    ({label: (kind, steps)})."""
+    ({label: (kind, steps)}); with ``only``, just the samplers whose label contains it."""
     process = DDPM(BETAS)
     eps_net = eps_network(gmm.denoiser, process)
     denoiser = Denoiser(eps_net, process, prediction="eps")
     sigma_min = float(process.sigma_table[0])
     latents = torch.randn(n, gmm.dim, generator=_g(1000 + seed), dtype=torch.float64)  # x_T, VP frame
     results: dict[str, dict[int, float]] = {}
+
+    def wanted(label: str) -> bool:
+        return only in label
 
     def record(label: str, budget: int, nfe: int, x: Tensor) -> None:
         if nfe <= budget:
@@ -121,21 +132,27 @@ def run_seed(gmm: GaussianMixture, n: int, seed: int, sigma_max: float, bandwidt
 
     for budget in BUDGETS:
         for label, method, grid, options in OURS:
+            if not wanted(f"ours {label} ({grid})"):
+                continue
             sigmas = make_grid(grid, levels(method, budget), sigma_min, sigma_max)
             d = Counted(denoiser)
             x = sample(d, ve_start(sigmas), sigmas, method=method, generator=_g(2000 + seed), **options)
             record(f"ours {label} ({grid})", budget, d.calls, x)
         for name, grid in KDIFF:
+            if not wanted(f"k-diffusion {name} ({grid})"):
+                continue
             sigmas = make_grid(grid, levels(name, budget), sigma_min, sigma_max)
             d = Counted(denoiser)
             x = k_diffusion_sample(name, d, ve_start(sigmas), sigmas, _g(2000 + seed))
             record(f"k-diffusion {name} ({grid})", budget, d.calls, x)
         for label, name, config in DIFFUSERS:
+            if not wanted(f"diffusers {label}"):
+                continue
             net = Counted(eps_net)
             x = diffusers_sample(diffusers_scheduler(name, BETAS, budget, **config), net, latents)
             record(f"diffusers {label}", budget, net.calls, x)
     sigmas = make_grid("karras", 2, sigma_min, sigma_max)
-    for rtol in ADAPTIVE_RTOL:
+    for rtol in ADAPTIVE_RTOL if wanted("k-diffusion dpm_adaptive") else ():
         d = Counted(denoiser)
         x = k_diffusion_sample("dpm_adaptive", d, ve_start(sigmas), sigmas, rtol=rtol)
         for budget in BUDGETS:
@@ -197,13 +214,14 @@ def main() -> None:
     parser.add_argument("--bandwidth", type=float, default=0.3)
     parser.add_argument("--sigma-max", type=float, default=40.0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--only", default="", help="run only the samplers whose label contains this, e.g. karras-full")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     extra = {"Euler@50": ("euler", 50), "DDIM@100": ("ddim", 100)}
     for dim in args.dims:
         start = time.perf_counter()
         gmm = GaussianMixture.random(dim=dim, components=args.components, generator=_g(0))
-        per_seed = [run_seed(gmm, args.samples, seed, args.sigma_max, args.bandwidth, extra)
+        per_seed = [run_seed(gmm, args.samples, seed, args.sigma_max, args.bandwidth, extra, args.only)
                     for seed in range(args.seeds)]
         floor = statistics.median(abs(gmm.mmd(gmm.sample(args.samples, _g(10 + i)), args.bandwidth))
                                   for i in range(args.seeds))
