@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from pipeline.diffusion import DDPM, Denoiser, GaussianMixture
-from pipeline.diffusion.build import sampling_sigmas
+from pipeline.diffusion.build import sampling_sigmas, sigma_range
 from pipeline.sampling import karras_sigmas, logsnr_sigmas, sample
 from tools.peer_samplers import diffusers_sample, diffusers_scheduler, eps_network, k_diffusion_sample
 
@@ -57,6 +57,11 @@ OURS = [
     ("ipndm", "ipndm", "logsnr", {}),
     ("ipndm", "ipndm", "karras", {}),
     ("ipndm", "ipndm", "logsnr-20", {}),
+    ("ipndm max_order=3", "ipndm", "logsnr-20", {"max_order": 3}),
+    ("ipndm max_order=2", "ipndm", "logsnr-20", {"max_order": 2}),
+    ("dpmpp_3m_sde", "dpmpp_3m_sde", "logsnr-20", {}),
+] + [(label, method, "logsnr-full", options) for label, method, options in (  # diffusers' exponential grid
+    ("unipc order=2", "unipc", {"order": 2}), ("unipc order=3", "unipc", {"order": 3}), ("ipndm", "ipndm", {}))
 ] + [(label, method, "karras-full", options) for label, method, options in (  # the sample stage's default grid
     ("euler", "euler", {}), ("heun", "heun", {}), ("dpmpp_2m", "dpmpp_2m", {}),
     ("dpmpp_3m eta=0", "dpmpp_3m_sde", {"eta": 0.0}), ("unipc order=2", "unipc", {"order": 2}),
@@ -100,18 +105,21 @@ def levels(method: str, budget: int) -> int:
 def make_grid(kind: str, n: int, sigma_min: float, sigma_max: float) -> Tensor:
     """"karras" / "logsnr" from sigma_max; "logsnr-20" from sigma 20 (a shorter range for few steps);
     "karras-full" over the schedule's whole range, as the sample stage builds its default grid
-    (``pipeline.diffusion.build.sampling_sigmas(process, "karras", n)``)."""
+    (``pipeline.diffusion.build.sampling_sigmas(process, "karras", n)``); "logsnr-full" uniform in
+    log sigma over that range (diffusers' ``use_exponential_sigmas``)."""
     if kind == "logsnr-20":
         return logsnr_sigmas(sigma_min, 20.0, n)
     if kind == "karras-full":
         return sampling_sigmas(DDPM(BETAS), "karras", n)
+    if kind == "logsnr-full":
+        return logsnr_sigmas(*sigma_range(DDPM(BETAS)), n)
     return (karras_sigmas if kind == "karras" else logsnr_sigmas)(sigma_min, sigma_max, n)
 
 
 def run_seed(gmm: GaussianMixture, n: int, seed: int, sigma_max: float, bandwidth: float,
-             extra: dict[str, tuple[str, int]], only: str = "") -> dict[str, dict[int, float]]:
+             extra: dict[str, tuple[str, int]], only: tuple[str, ...] = ()) -> dict[str, dict[int, float]]:
     """{sampler label: {budget: error}} for one seed, plus the reference rows of ``extra``
-    ({label: (kind, steps)}); with ``only``, just the samplers whose label contains it."""
+    ({label: (kind, steps)}); with ``only``, just the samplers whose label contains one of them."""
     process = DDPM(BETAS)
     eps_net = eps_network(gmm.denoiser, process)
     denoiser = Denoiser(eps_net, process, prediction="eps")
@@ -120,7 +128,7 @@ def run_seed(gmm: GaussianMixture, n: int, seed: int, sigma_max: float, bandwidt
     results: dict[str, dict[int, float]] = {}
 
     def wanted(label: str) -> bool:
-        return only in label
+        return not only or any(part in label for part in only)
 
     def record(label: str, budget: int, nfe: int, x: Tensor) -> None:
         if nfe <= budget:
@@ -214,14 +222,15 @@ def main() -> None:
     parser.add_argument("--bandwidth", type=float, default=0.3)
     parser.add_argument("--sigma-max", type=float, default=40.0)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--only", default="", help="run only the samplers whose label contains this, e.g. karras-full")
+    parser.add_argument("--only", nargs="*", default=(),
+                        help="run only the samplers whose label contains one of these, e.g. karras-full")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     extra = {"Euler@50": ("euler", 50), "DDIM@100": ("ddim", 100)}
     for dim in args.dims:
         start = time.perf_counter()
         gmm = GaussianMixture.random(dim=dim, components=args.components, generator=_g(0))
-        per_seed = [run_seed(gmm, args.samples, seed, args.sigma_max, args.bandwidth, extra, args.only)
+        per_seed = [run_seed(gmm, args.samples, seed, args.sigma_max, args.bandwidth, extra, tuple(args.only))
                     for seed in range(args.seeds)]
         floor = statistics.median(abs(gmm.mmd(gmm.sample(args.samples, _g(10 + i)), args.bandwidth))
                                   for i in range(args.seeds))
