@@ -302,7 +302,9 @@ class DiffusionConfig:
 class SampleConfig:
     """The sample stage: latents from the EMA denoiser, decoded to images."""
 
-    method: str = option("dpmpp_2m", "Sampler (pipeline.sampling.METHODS): ddpm, ddim, euler, heun, dpmpp_2m, pc, ...")
+    method: str = option(
+        "ipndm", "Sampler (pipeline.sampling.METHODS): ddpm, ddim, euler, heun, dpmpp_2m, unipc, ipndm, pc, ... "
+        "(ipndm: the lowest error at 20 steps on this grid in docs/benchmarks.md, 'The few-step frontier').")
     steps: int = option(20, "Number of noise levels of the grid (function evaluations for one-step solvers).")
     grid: Literal["karras", "process"] = option(
         "karras", "Noise levels: Karras et al.'s rho-spaced grid, or the process's own (DDPM timesteps / SDE times).")

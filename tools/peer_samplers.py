@@ -19,8 +19,6 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-KDIFFUSION_ODE = ("euler", "heun", "dpmpp_2m")  # fixed-grid deterministic samplers of k-diffusion
-
 
 def k_diffusion_sampling() -> types.ModuleType:
     """``k_diffusion.sampling`` without the package's ``__init__``, which imports its CLIP-based
