@@ -44,7 +44,7 @@ def k_diffusion_sample(name: str, denoiser, x: Tensor, sigmas: Tensor, generator
     the two end levels (``rtol``/``atol`` in ``options``) and finishes with the denoising jump
     from the last positive level to 0, as our ``rk45`` does."""
     k = k_diffusion_sampling()
-    model = lambda x_, sigma: denoiser(x_, sigma)  # noqa: E731  (k-diffusion passes sigma as (B,))
+    model = denoiser  # k-diffusion calls model(x, sigma) with sigma of shape (B,), as batch_sigma accepts
     if name == "dpm_adaptive":
         sigma_min, sigma_max = sigmas[-2], sigmas[0]
         x = k.sample_dpm_adaptive(model, x, float(sigma_min), float(sigma_max), disable=True, **options)

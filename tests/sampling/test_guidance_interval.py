@@ -73,7 +73,7 @@ def test_generate_passes_the_interval():
     sigmas = karras_sigmas(0.01, 20.0, 8)
     generators = [_g(10 + i) for i in range(4)]
     labels = torch.arange(1, 5)
-    options = dict(method="heun", labels=labels, null_class=NULL, guidance_scale=3.0)
+    options = {"method": "heun", "labels": labels, "null_class": NULL, "guidance_scale": 3.0}
     beyond = generate(gaussian_class, (2,), sigmas.double(), generators, guidance_interval=(100.0, 200.0), **options)
     generators = [_g(10 + i) for i in range(4)]
     conditional = generate(gaussian_class, (2,), sigmas.double(), generators, **{**options, "guidance_scale": 1.0})
