@@ -10,8 +10,8 @@ D1_k = (D_k - D) / r_k, one step of order p is
 
 (the VP frame's alpha factors cancel in x = x_t / alpha_t). rho solves the order conditions
 sum_k rho_k r_k^{j-1} = j! phi_{j+1}(-h) / B(h), j = 1..m, with h phi_1(-h) = e^{-h} - 1 and
-h phi_{j+1} = phi_j / (-h) - 1/j! recursively (Zhao et al., Theorem 3.1 with B(h) = e^{-h} - 1 in
-this sign convention). UniP (the predictor) uses the p - 1 previous points; UniC (the corrector)
+h phi_{j+1} = phi_j / (-h) - 1/j! recursively (Zhao et al., Sec. 3.1-3.2, with B(h) = e^{-h} - 1
+in this sign convention). UniP (the predictor) uses the p - 1 previous points; UniC (the corrector)
 re-solves with the new evaluation D(x_next) as an extra point at r = 1 and replaces x_next before
 the next predictor step, so the corrector costs no extra evaluation. The order is lowered for the
 first (warm-up) and last steps as in diffusers (``lower_order_final``); the step to sigma = 0 is
