@@ -63,7 +63,8 @@ def _render(trained: artifacts.TrainedDiffusion, autoencoder, cfg: config.Config
     options = {"eta": s.eta} if "eta" in SOLVERS[s.method].options else {}
     latents = generate(trained.denoiser, trained.shape, sampling_sigmas(trained.process, s.grid, s.steps), generators,
                        method=s.method, labels=None if labels is None else labels.to(device),
-                       null_class=trained.num_classes, guidance_scale=s.guidance_scale, device=device, info=info,
+                       null_class=trained.num_classes, guidance_scale=s.guidance_scale,
+                       guidance_interval=tuple(s.guidance_interval) or None, device=device, info=info,
                        **options)
     with torch.no_grad():
         images = autoencoder.decode(trained.space.to_decoder(latents, snap=s.snap))

@@ -300,7 +300,7 @@ def _vq_f8(bench: Bench):
 
 def section_autoencoder(bench: Bench) -> list[dict]:
     from pipeline.autoencoder import adaptive_weight, generator_loss, hinge_d_loss
-    from stages.autoencoder import Objective
+    from pipeline.autoencoder.objective import Objective
 
     cfg, model, lpips, disc = _vq_f8(bench)
     batch = 2 if bench.smoke else cfg.batch_size

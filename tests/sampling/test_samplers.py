@@ -58,6 +58,8 @@ BUDGETS = {
     "langevin": ((10, {"steps_per_level": 10, "step_ratio": 0.2}), (20, {"steps_per_level": 20, "step_ratio": 0.2})),
     "dpmpp_2m": ((5, {}), (25, {})),
     "dpmpp_3m_sde": ((10, {}), (50, {})),
+    "unipc": ((4, {}), (25, {})),
+    "ipndm": ((4, {}), (25, {})),
 }
 
 
