@@ -41,7 +41,7 @@ class LatentSpace:
     """(K, C) codebook vectors (VQ only)."""
 
     @classmethod
-    def from_manifest(cls, latent: dict, normalize: str, codebook: Tensor | None) -> "LatentSpace":
+    def from_manifest(cls, latent: dict, normalize: str, codebook: Tensor | None) -> LatentSpace:
         """From the encode manifest's ``latent`` entry and (VQ) its codebook table."""
         channels = latent["channels"]
         if latent["kind"] == "vq" and (codebook is None or codebook.shape[1] != channels):
@@ -54,10 +54,12 @@ class LatentSpace:
             scale = torch.full((channels,), float(latent["scale"]))
         return cls(latent["kind"], normalize, shift, scale, None if codebook is None else codebook.float())
 
-    def to(self, device: str | torch.device) -> "LatentSpace":
+    def to(self, device: str | torch.device) -> LatentSpace:
         """The same space with its tables (shift, scale, codebook) on ``device``."""
+
         def move(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.to(device)
+
         return dataclasses.replace(self, shift=move(self.shift), scale=move(self.scale), codebook=move(self.codebook))
 
     def _view(self, t: Tensor, like: Tensor) -> Tensor:
@@ -83,14 +85,20 @@ class LatentSpace:
         nearest = torch.cdist(flat, codebook).argmin(1)
         return codebook[nearest].reshape(z.shape[0], z.shape[2], z.shape[3], -1).permute(0, 3, 1, 2)
 
-    def from_batch(self, batch: dict, mirrored: Tensor | None = None, generator: torch.Generator | None = None,
-                   sample_posterior: bool = True) -> Tensor:
+    def from_batch(
+        self,
+        batch: dict,
+        mirrored: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        sample_posterior: bool = True,
+    ) -> Tensor:
         """A batch of the encode stage's latent shards, as stored, -> normalised model-space
         latents (float32) on the batch's device.
 
         ``mirrored`` (B,) bool, on any device, picks each sample's mirrored twin; ``generator``
         (on any device) draws the KL posterior samples (``sample_posterior=False``: the
         posterior means)."""
+
         def pick(name: str) -> Tensor:
             value = batch[name]
             if mirrored is not None:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -44,28 +44,45 @@ BUDGETS = (5, 8, 10, 15, 20, 50)
 BETAS = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float32).double()  # diffusers' linear schedule
 
 # (label, method, grid, options) of our solvers; dpmpp_3m_sde with eta = 0 is the 3M ODE solver.
-OURS = [
-    ("euler", "euler", "logsnr", {}),
-    ("heun", "heun", "karras", {}),
-    ("dpmpp_2m", "dpmpp_2m", "logsnr", {}),
-    ("dpmpp_2m", "dpmpp_2m", "logsnr-20", {}),
-    ("dpmpp_3m eta=0", "dpmpp_3m_sde", "logsnr", {"eta": 0.0}),
-    ("dpmpp_3m_sde", "dpmpp_3m_sde", "logsnr", {}),
-    ("unipc order=2", "unipc", "logsnr", {"order": 2}),
-    ("unipc order=2", "unipc", "logsnr-20", {"order": 2}),
-    ("unipc order=3", "unipc", "logsnr", {"order": 3}),
-    ("ipndm", "ipndm", "logsnr", {}),
-    ("ipndm", "ipndm", "karras", {}),
-    ("ipndm", "ipndm", "logsnr-20", {}),
-    ("ipndm max_order=3", "ipndm", "logsnr-20", {"max_order": 3}),
-    ("ipndm max_order=2", "ipndm", "logsnr-20", {"max_order": 2}),
-    ("dpmpp_3m_sde", "dpmpp_3m_sde", "logsnr-20", {}),
-] + [(label, method, "logsnr-full", options) for label, method, options in (  # diffusers' exponential grid
-    ("unipc order=2", "unipc", {"order": 2}), ("unipc order=3", "unipc", {"order": 3}), ("ipndm", "ipndm", {}))
-] + [(label, method, "karras-full", options) for label, method, options in (  # the sample stage's default grid
-    ("euler", "euler", {}), ("heun", "heun", {}), ("dpmpp_2m", "dpmpp_2m", {}),
-    ("dpmpp_3m eta=0", "dpmpp_3m_sde", {"eta": 0.0}), ("unipc order=2", "unipc", {"order": 2}),
-    ("unipc order=3", "unipc", {"order": 3}), ("ipndm", "ipndm", {}))]
+OURS = (
+    [
+        ("euler", "euler", "logsnr", {}),
+        ("heun", "heun", "karras", {}),
+        ("dpmpp_2m", "dpmpp_2m", "logsnr", {}),
+        ("dpmpp_2m", "dpmpp_2m", "logsnr-20", {}),
+        ("dpmpp_3m eta=0", "dpmpp_3m_sde", "logsnr", {"eta": 0.0}),
+        ("dpmpp_3m_sde", "dpmpp_3m_sde", "logsnr", {}),
+        ("unipc order=2", "unipc", "logsnr", {"order": 2}),
+        ("unipc order=2", "unipc", "logsnr-20", {"order": 2}),
+        ("unipc order=3", "unipc", "logsnr", {"order": 3}),
+        ("ipndm", "ipndm", "logsnr", {}),
+        ("ipndm", "ipndm", "karras", {}),
+        ("ipndm", "ipndm", "logsnr-20", {}),
+        ("ipndm max_order=3", "ipndm", "logsnr-20", {"max_order": 3}),
+        ("ipndm max_order=2", "ipndm", "logsnr-20", {"max_order": 2}),
+        ("dpmpp_3m_sde", "dpmpp_3m_sde", "logsnr-20", {}),
+    ]
+    + [
+        (label, method, "logsnr-full", options)
+        for label, method, options in (  # diffusers' exponential grid
+            ("unipc order=2", "unipc", {"order": 2}),
+            ("unipc order=3", "unipc", {"order": 3}),
+            ("ipndm", "ipndm", {}),
+        )
+    ]
+    + [
+        (label, method, "karras-full", options)
+        for label, method, options in (  # the sample stage's default grid
+            ("euler", "euler", {}),
+            ("heun", "heun", {}),
+            ("dpmpp_2m", "dpmpp_2m", {}),
+            ("dpmpp_3m eta=0", "dpmpp_3m_sde", {"eta": 0.0}),
+            ("unipc order=2", "unipc", {"order": 2}),
+            ("unipc order=3", "unipc", {"order": 3}),
+            ("ipndm", "ipndm", {}),
+        )
+    ]
+)
 GRIDS = ("karras", "logsnr", "logsnr-20")
 KDIFF = [(name, grid) for name in ("euler", "heun", "dpmpp_2m", "dpmpp_3m_sde") for grid in GRIDS]
 ADAPTIVE_RTOL = (0.2, 0.1, 0.05, 0.02)  # k-diffusion's dpm_adaptive, atol = its default 0.0078
@@ -103,7 +120,7 @@ def levels(method: str, budget: int) -> int:
 
 
 def make_grid(kind: str, n: int, sigma_min: float, sigma_max: float) -> Tensor:
-    """"karras" / "logsnr" from sigma_max; "logsnr-20" from sigma 20 (a shorter range for few steps);
+    """ "karras" / "logsnr" from sigma_max; "logsnr-20" from sigma 20 (a shorter range for few steps);
     "karras-full" over the schedule's whole range, as the sample stage builds its default grid
     (``pipeline.diffusion.build.sampling_sigmas(process, "karras", n)``); "logsnr-full" uniform in
     log sigma over that range (diffusers' ``use_exponential_sigmas``)."""
@@ -116,8 +133,15 @@ def make_grid(kind: str, n: int, sigma_min: float, sigma_max: float) -> Tensor:
     return (karras_sigmas if kind == "karras" else logsnr_sigmas)(sigma_min, sigma_max, n)
 
 
-def run_seed(gmm: GaussianMixture, n: int, seed: int, sigma_max: float, bandwidth: float,
-             extra: dict[str, tuple[str, int]], only: tuple[str, ...] = ()) -> dict[str, dict[int, float]]:
+def run_seed(
+    gmm: GaussianMixture,
+    n: int,
+    seed: int,
+    sigma_max: float,
+    bandwidth: float,
+    extra: dict[str, tuple[str, int]],
+    only: tuple[str, ...] = (),
+) -> dict[str, dict[int, float]]:
     """{sampler label: {budget: error}} for one seed, plus the reference rows of ``extra``
     ({label: (kind, steps)}); with ``only``, just the samplers whose label contains one of them."""
     process = DDPM(BETAS)
@@ -167,8 +191,10 @@ def run_seed(gmm: GaussianMixture, n: int, seed: int, sigma_max: float, bandwidt
             record("k-diffusion dpm_adaptive", budget, d.calls, x)
     for label, (kind, steps) in extra.items():  # Euler: the better of its grids
         if kind == "euler":
-            outs = [k_diffusion_sample("euler", denoiser, ve_start(sigmas), sigmas)
-                    for sigmas in (make_grid(grid, steps, sigma_min, sigma_max) for grid in GRIDS)]
+            outs = [
+                k_diffusion_sample("euler", denoiser, ve_start(sigmas), sigmas)
+                for sigmas in (make_grid(grid, steps, sigma_min, sigma_max) for grid in GRIDS)
+            ]
         else:
             outs = [diffusers_sample(diffusers_scheduler("DDIM", BETAS, steps), eps_net, latents)]
         results[label] = {0: min(gmm.mmd(x, bandwidth) for x in outs)}
@@ -189,23 +215,33 @@ def report(dim: int, table: dict[str, dict[int, float]], floor: float, refs: dic
         return "-" if v is None or v == float("inf") else f"{1e3 * v:.2f}"
 
     def best(prefixes: tuple[str, ...], budget: int) -> tuple[str, float]:
-        rows = [(label, errs[budget]) for label, errs in table.items()
-                if label.startswith(prefixes) and budget in errs and errs[budget] < float("inf")]
+        rows = [
+            (label, errs[budget])
+            for label, errs in table.items()
+            if label.startswith(prefixes) and budget in errs and errs[budget] < float("inf")
+        ]
         return min(rows, key=lambda r: r[1]) if rows else ("-", float("inf"))
 
     ref_text = ", ".join(f"{k} {cell(v)}" for k, v in refs.items())
-    lines = [f"#### {dim}-D mixture: MMD^2 x 1e3, median over seeds (floor {cell(floor)}; {ref_text})", "",
-             "| NFE budget | our best | error | best peer | error | ours <= peer |" + "".join(
-                 f" <= {k} |" for k in refs),
-             "|---|---|---|---|---|---|" + "---|" * len(refs)]
+    lines = [
+        f"#### {dim}-D mixture: MMD^2 x 1e3, median over seeds (floor {cell(floor)}; {ref_text})",
+        "",
+        "| NFE budget | our best | error | best peer | error | ours <= peer |" + "".join(f" <= {k} |" for k in refs),
+        "|---|---|---|---|---|---|" + "---|" * len(refs),
+    ]
     for budget in BUDGETS:
         ours, peer = best(("ours",), budget), best(("k-diffusion", "diffusers"), budget)
         marks = "".join(f" {'yes' if ours[1] <= v else 'no'} |" for v in refs.values())
         tie = 1e-9 * abs(peer[1])  # the same method on the same grid (ours == the peer's to rounding)
-        lines.append(f"| {budget} | {ours[0][5:]} | {cell(ours[1])} | {peer[0]} | {cell(peer[1])} | "
-                     f"{'yes' if ours[1] <= peer[1] + tie else 'no'} |{marks}")
-    lines += ["", "| sampler (grid) | " + " | ".join(f"NFE {b}" for b in BUDGETS) + " |",
-              "|---|" + "---|" * len(BUDGETS)]
+        lines.append(
+            f"| {budget} | {ours[0][5:]} | {cell(ours[1])} | {peer[0]} | {cell(peer[1])} | "
+            f"{'yes' if ours[1] <= peer[1] + tie else 'no'} |{marks}"
+        )
+    lines += [
+        "",
+        "| sampler (grid) | " + " | ".join(f"NFE {b}" for b in BUDGETS) + " |",
+        "|---|" + "---|" * len(BUDGETS),
+    ]
     for label, errs in table.items():
         if label in refs:
             continue
@@ -222,18 +258,25 @@ def main() -> None:
     parser.add_argument("--bandwidth", type=float, default=0.3)
     parser.add_argument("--sigma-max", type=float, default=40.0)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--only", nargs="*", default=(),
-                        help="run only the samplers whose label contains one of these, e.g. karras-full")
+    parser.add_argument(
+        "--only",
+        nargs="*",
+        default=(),
+        help="run only the samplers whose label contains one of these, e.g. karras-full",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     extra = {"Euler@50": ("euler", 50), "DDIM@100": ("ddim", 100)}
     for dim in args.dims:
         start = time.perf_counter()
         gmm = GaussianMixture.random(dim=dim, components=args.components, generator=_g(0))
-        per_seed = [run_seed(gmm, args.samples, seed, args.sigma_max, args.bandwidth, extra, tuple(args.only))
-                    for seed in range(args.seeds)]
-        floor = statistics.median(abs(gmm.mmd(gmm.sample(args.samples, _g(10 + i)), args.bandwidth))
-                                  for i in range(args.seeds))
+        per_seed = [
+            run_seed(gmm, args.samples, seed, args.sigma_max, args.bandwidth, extra, tuple(args.only))
+            for seed in range(args.seeds)
+        ]
+        floor = statistics.median(
+            abs(gmm.mmd(gmm.sample(args.samples, _g(10 + i)), args.bandwidth)) for i in range(args.seeds)
+        )
         table = median_table(per_seed)
         refs = {label: table[label][0] for label in extra}
         print(report(dim, table, floor, refs), flush=True)

@@ -57,20 +57,50 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 """Dense bf16 tensor-core peaks (NVIDIA data sheets, without sparsity)."""
 VQ_F8 = ROOT / "configs" / "imagenet256-vq-f8.yaml"
 # Reduced tiny pipeline: a few hundred steps each, FID on 1000 samples.
-PIPELINE_GPU = ("autoencoder.max_steps=300", "autoencoder.mixed_precision=bf16", "diffusion.max_steps=600",
-                "diffusion.mixed_precision=bf16", "diffusion.image_every=100000", "sample.num_samples=1000",
-                "evaluate.likelihood_count=16")
+PIPELINE_GPU = (
+    "autoencoder.max_steps=300",
+    "autoencoder.mixed_precision=bf16",
+    "diffusion.max_steps=600",
+    "diffusion.mixed_precision=bf16",
+    "diffusion.image_every=100000",
+    "sample.num_samples=1000",
+    "evaluate.likelihood_count=16",
+)
 # Smoke: the test suite's end-to-end sizes (tests/stages), fp32, FID only: checks the code path.
-PIPELINE_SMOKE = ("data.source=digits", "data.limit=120", "data.resolution=16", "data.shard_max_count=40",
-                  "data.workers=0", "autoencoder.channels=8", "autoencoder.num_codes=32", "autoencoder.batch_size=8",
-                  "autoencoder.num_workers=0", "autoencoder.max_steps=3", "autoencoder.lpips=none",
-                  "encode.batch_size=16", "diffusion.backbone=dit", "diffusion.dit.width=32", "diffusion.dit.depth=1",
-                  "diffusion.dit.num_heads=2", "diffusion.dit.patch_size=1", "diffusion.batch_size=8",
-                  "diffusion.max_steps=3", "diffusion.num_workers=0", "diffusion.warmup_steps=1",
-                  "diffusion.ema_warmup_steps=0", "diffusion.log_every=1", "diffusion.image_every=1000",
-                  "diffusion.shuffle_buffer=50", "sample.num_samples=20", "sample.chunk_size=20", "sample.steps=3",
-                  "evaluate.classifier=false", "evaluate.reconstruction=false", "evaluate.likelihood_count=0",
-                  "evaluate.kid_subsets=2")
+PIPELINE_SMOKE = (
+    "data.source=digits",
+    "data.limit=120",
+    "data.resolution=16",
+    "data.shard_max_count=40",
+    "data.workers=0",
+    "autoencoder.channels=8",
+    "autoencoder.num_codes=32",
+    "autoencoder.batch_size=8",
+    "autoencoder.num_workers=0",
+    "autoencoder.max_steps=3",
+    "autoencoder.lpips=none",
+    "encode.batch_size=16",
+    "diffusion.backbone=dit",
+    "diffusion.dit.width=32",
+    "diffusion.dit.depth=1",
+    "diffusion.dit.num_heads=2",
+    "diffusion.dit.patch_size=1",
+    "diffusion.batch_size=8",
+    "diffusion.max_steps=3",
+    "diffusion.num_workers=0",
+    "diffusion.warmup_steps=1",
+    "diffusion.ema_warmup_steps=0",
+    "diffusion.log_every=1",
+    "diffusion.image_every=1000",
+    "diffusion.shuffle_buffer=50",
+    "sample.num_samples=20",
+    "sample.chunk_size=20",
+    "sample.steps=3",
+    "evaluate.classifier=false",
+    "evaluate.reconstruction=false",
+    "evaluate.likelihood_count=0",
+    "evaluate.kid_subsets=2",
+)
 SMOKE_DIT = {"depth": 1, "width": 64, "num_heads": 2}  # S/2 shrunk: the code path, not the figure
 SMOKE_AE = ", 32 channels (smoke)"
 SMOKE_UNET = {"model_channels": 32, "channel_mult": (1, 2), "attention_resolutions": (4,), "num_head_channels": 32}
@@ -131,11 +161,18 @@ def is_out_of_memory(err: BaseException) -> bool:
 
 
 def environment(bench: Bench) -> dict:
-    return {"device": bench.device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
-            "cudnn": torch.backends.cudnn.version() if bench.cuda else None, "python": platform.python_version(),
-            "command": shlex.join([sys.executable, *sys.argv]),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "tf32": bench.cuda, "peak_tflops": bench.peak_tflops, "smoke": bench.smoke}
+    return {
+        "device": bench.device_name(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if bench.cuda else None,
+        "python": platform.python_version(),
+        "command": shlex.join([sys.executable, *sys.argv]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "tf32": bench.cuda,
+        "peak_tflops": bench.peak_tflops,
+        "smoke": bench.smoke,
+    }
 
 
 # -- b, c: denoiser training throughput ---------------------------------------------------------
@@ -163,6 +200,7 @@ def _training_step(net, batch: int, bench: Bench, compiled: bool) -> Callable[[]
         optimizer.zero_grad(set_to_none=True)
         counter[0] += 1
         ema.update(net, counter[0])
+
     return step
 
 
@@ -186,15 +224,16 @@ def _largest_batch(net, bench: Bench, compiled: bool, start: int) -> int:
     return best
 
 
-def _throughput_rows(kind: str, preset: str, options: dict, backends: list[str], bench: Bench,
-                     compile_backends: list[str]) -> list[dict]:
+def _throughput_rows(
+    kind: str, preset: str, options: dict, backends: list[str], bench: Bench, compile_backends: list[str]
+) -> list[dict]:
     with torch.device(bench.device):
         net = build_denoiser(kind, preset, input_size=bench.latent, in_channels=4, num_classes=1000, **options)
     flops = training_flops(net.config)
     rows = []
     for backend in backends:
         batch = 0
-        for compiled in ([False, True] if backend in compile_backends else [False]):
+        for compiled in [False, True] if backend in compile_backends else [False]:
             label = f"{kind} {preset} {backend}{' compiled' if compiled else ''} bf16"
             try:
                 _set_attention(net, backend)
@@ -203,10 +242,18 @@ def _throughput_rows(kind: str, preset: str, options: dict, backends: list[str],
                 bench.reset_memory()
                 seconds = bench.timed(_training_step(net, batch, bench, compiled))
                 images = batch / seconds
-                rows.append({"config": label, "batch": batch, "images_per_s": images, "step_ms": 1000 * seconds,
-                             "model_tflops": flops * images / 1e12, "peak_gib": bench.peak_gib(),
-                             "mfu": flops * images / (bench.peak_tflops * 1e12) if bench.peak_tflops else None})
-            except Exception as err:  # noqa: BLE001 (one configuration failing is a figure, not the end of the run)
+                rows.append(
+                    {
+                        "config": label,
+                        "batch": batch,
+                        "images_per_s": images,
+                        "step_ms": 1000 * seconds,
+                        "model_tflops": flops * images / 1e12,
+                        "peak_gib": bench.peak_gib(),
+                        "mfu": flops * images / (bench.peak_tflops * 1e12) if bench.peak_tflops else None,
+                    }
+                )
+            except Exception as err:
                 rows.append({"config": label, "error": f"{type(err).__name__}: {err}"[:500]})
             finally:
                 net.zero_grad(set_to_none=True)
@@ -239,9 +286,15 @@ def section_pipeline(bench: Bench) -> list[dict]:
         evaluated = manifest.read(config.load(overrides=overrides).stage_dir("evaluate"))
     metrics = evaluated.get("metrics", {})
     fid = next((v for k, v in metrics.items() if k.startswith("fid")), None)
-    return [{"config": "tiny pipeline, " + ("fp32 smoke sizes" if bench.smoke else "bf16, reduced steps"),
-             "seconds": seconds, "fid": fid, "overrides": overrides[1:],
-             "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}}]
+    return [
+        {
+            "config": "tiny pipeline, " + ("fp32 smoke sizes" if bench.smoke else "bf16, reduced steps"),
+            "seconds": seconds,
+            "fid": fid,
+            "overrides": overrides[1:],
+            "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+        }
+    ]
 
 
 # -- d: DeepSpeed ZeRO-2 and the process group, in a child process -----------------------------
@@ -249,8 +302,9 @@ def distributed_worker() -> dict:
     """Runs in the child: one ZeRO-2 step and one all-reduce, through pipeline/runtime."""
     from pipeline.runtime.dist import Runtime
 
-    runtime = Runtime(precision="bf16", deepspeed=ROOT / "configs" / "deepspeed" / "zero2.json", grad_clip=1.0,
-                      batch_size=4)
+    runtime = Runtime(
+        precision="bf16", deepspeed=ROOT / "configs" / "deepspeed" / "zero2.json", grad_clip=1.0, batch_size=4
+    )
     torch.manual_seed(0)
     net = build_denoiser("dit", input_size=8, in_channels=4, width=64, depth=2, num_heads=2, num_classes=10)
     optimizer = build_optimizer(net.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0)
@@ -264,9 +318,14 @@ def distributed_worker() -> dict:
     runtime.step(optimizer)
     moved = any(not torch.equal(b, p.detach().float()) for b, p in zip(before, runtime.unwrap(model).parameters()))
     summed = runtime.all_reduce_sum(torch.full((3,), 2.0, device=runtime.device))
-    return {"zero_stage": runtime.zero_stage, "world_size": runtime.world_size,
-            "backend": runtime.accelerator.state.backend, "loss": float(loss), "parameters_moved": moved,
-            "all_reduce_ok": bool(torch.equal(summed.cpu(), torch.full((3,), 2.0 * runtime.world_size)))}
+    return {
+        "zero_stage": runtime.zero_stage,
+        "world_size": runtime.world_size,
+        "backend": runtime.accelerator.state.backend,
+        "loss": float(loss),
+        "parameters_moved": moved,
+        "all_reduce_ok": bool(torch.equal(summed.cpu(), torch.full((3,), 2.0 * runtime.world_size))),
+    }
 
 
 def section_distributed(bench: Bench) -> list[dict]:
@@ -274,15 +333,27 @@ def section_distributed(bench: Bench) -> list[dict]:
     if not bench.cuda:
         env["CUDA_VISIBLE_DEVICES"] = ""
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, __file__, "--distributed-worker"], capture_output=True, text=True,
-                          env=env, timeout=300, check=False)
+    done = subprocess.run(
+        [sys.executable, __file__, "--distributed-worker"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
     if done.returncode != 0:
         raise RuntimeError(f"worker exited with {done.returncode}: {done.stderr[-1500:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
     if not (result["parameters_moved"] and result["all_reduce_ok"]):
         raise RuntimeError(f"ZeRO-2 step or all-reduce wrong: {result}")
-    return [{"config": f"DeepSpeed ZeRO-{result['zero_stage']} step + all-reduce ({result['backend']}, "
-                       f"{result['world_size']} rank)", "seconds": time.perf_counter() - start, **result}]
+    return [
+        {
+            "config": f"DeepSpeed ZeRO-{result['zero_stage']} step + all-reduce ({result['backend']}, "
+            f"{result['world_size']} rank)",
+            "seconds": time.perf_counter() - start,
+            **result,
+        }
+    ]
 
 
 # -- e, f: the ImageNet VQ-f8 autoencoder ---------------------------------------------------------
@@ -326,10 +397,16 @@ def section_autoencoder(bench: Bench) -> list[dict]:
     model.train()
     bench.reset_memory()
     seconds = bench.timed(step)
-    return [{"config": f"imagenet256-vq-f8 autoencoder step (LPIPS-{cfg.lpips} + PatchGAN), "
-                       f"{cfg.mixed_precision}, {bench.image}px{SMOKE_AE if bench.smoke else ''}",
-             "batch": batch, "step_ms": 1000 * seconds,
-             "images_per_s": batch / seconds, "peak_gib": bench.peak_gib()}]
+    return [
+        {
+            "config": f"imagenet256-vq-f8 autoencoder step (LPIPS-{cfg.lpips} + PatchGAN), "
+            f"{cfg.mixed_precision}, {bench.image}px{SMOKE_AE if bench.smoke else ''}",
+            "batch": batch,
+            "step_ms": 1000 * seconds,
+            "images_per_s": batch / seconds,
+            "peak_gib": bench.peak_gib(),
+        }
+    ]
 
 
 def section_encode(bench: Bench) -> list[dict]:
@@ -345,14 +422,25 @@ def section_encode(bench: Bench) -> list[dict]:
 
     bench.reset_memory()
     seconds = bench.timed(encode)
-    return [{"config": f"imagenet256-vq-f8 encode, bf16, {bench.image}px{SMOKE_AE if bench.smoke else ''}",
-             "batch": batch,
-             "images_per_s": batch / seconds, "step_ms": 1000 * seconds, "peak_gib": bench.peak_gib()}]
+    return [
+        {
+            "config": f"imagenet256-vq-f8 encode, bf16, {bench.image}px{SMOKE_AE if bench.smoke else ''}",
+            "batch": batch,
+            "images_per_s": batch / seconds,
+            "step_ms": 1000 * seconds,
+            "peak_gib": bench.peak_gib(),
+        }
+    ]
 
 
-SECTIONS = {"a": ("pipeline", section_pipeline), "b": ("dit", section_dit), "c": ("unet", section_unet),
-            "d": ("distributed", section_distributed), "e": ("autoencoder", section_autoencoder),
-            "f": ("encode", section_encode)}
+SECTIONS = {
+    "a": ("pipeline", section_pipeline),
+    "b": ("dit", section_dit),
+    "c": ("unet", section_unet),
+    "d": ("distributed", section_distributed),
+    "e": ("autoencoder", section_autoencoder),
+    "f": ("encode", section_encode),
+}
 
 
 # -- report --------------------------------------------------------------------------------------
@@ -367,11 +455,16 @@ def _cell(value, digits: int = 1) -> str:
 def markdown(report: dict) -> str:
     env = report["environment"]
     smoke = " (smoke: not a measurement)" if env["smoke"] else ""
-    lines = [(f"GPU acceptance on {env['device']}: torch {env['torch']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}, "
-              f"{env['date']}, peak {_cell(env['peak_tflops'], 0)} TFLOP/s{smoke}."),
-             f"Command: `{env['command']}`", "",
-             "| section | configuration | batch | images/s | step ms | MFU | peak GiB | notes |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        (
+            f"GPU acceptance on {env['device']}: torch {env['torch']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}, "
+            f"{env['date']}, peak {_cell(env['peak_tflops'], 0)} TFLOP/s{smoke}."
+        ),
+        f"Command: `{env['command']}`",
+        "",
+        "| section | configuration | batch | images/s | step ms | MFU | peak GiB | notes |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for key, section in report["sections"].items():
         if section.get("error"):
             lines.append(f"| {key} | - | - | - | - | - | - | error: {section['error'][:200]} |")
@@ -383,23 +476,27 @@ def markdown(report: dict) -> str:
             if notes is None and "backend" in row:
                 notes = f"ok in {row['seconds']:.0f} s"
             mfu = row.get("mfu")
-            lines.append(f"| {key} | {row['config']} | {_cell(row.get('batch'))} | {_cell(row.get('images_per_s'))} | "
-                         f"{_cell(row.get('step_ms'))} | {'-' if mfu is None else f'{100 * mfu:.1f}%'} | "
-                         f"{_cell(row.get('peak_gib'), 2)} | {notes or ''} |")
+            lines.append(
+                f"| {key} | {row['config']} | {_cell(row.get('batch'))} | {_cell(row.get('images_per_s'))} | "
+                f"{_cell(row.get('step_ms'))} | {'-' if mfu is None else f'{100 * mfu:.1f}%'} | "
+                f"{_cell(row.get('peak_gib'), 2)} | {notes or ''} |"
+            )
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cuda", help="cuda (the current CUDA device) or cpu")
-    parser.add_argument("--smoke", action="store_true",
-                        help="tiny sizes and single steps: checks the code, not the GPU")
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny sizes and single steps: checks the code, not the GPU"
+    )
     parser.add_argument("--sections", default="abcdef", help="which sections to run (letters a-f)")
-    parser.add_argument("--out", type=Path, default=Path("gpu_acceptance"),
-                        help="directory for the JSON and Markdown")
-    parser.add_argument("--peak-tflops", type=float, default=None,
-                        help="peak dense bf16 TFLOP/s (default: from the GPU name)")
+    parser.add_argument("--out", type=Path, default=Path("gpu_acceptance"), help="directory for the JSON and Markdown")
+    parser.add_argument(
+        "--peak-tflops", type=float, default=None, help="peak dense bf16 TFLOP/s (default: from the GPU name)"
+    )
     parser.add_argument("--steps", type=int, default=10, help="timed steps per throughput figure")
     parser.add_argument("--max-batch", type=int, default=1024, help="upper end of the batch-size search")
     parser.add_argument("--distributed-worker", action="store_true", help=argparse.SUPPRESS)
@@ -419,15 +516,22 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         try:
             rows, error = run(bench), None
-        except Exception as err:  # noqa: BLE001 (sections are isolated: record and go on)
+        except Exception as err:
             rows, error = [], f"{type(err).__name__}: {err}"
             traceback.print_exc()
         finally:
             bench.reset_memory()
-        report["sections"][f"{letter} {name}"] = {"rows": [{**row, "environment": "see top"} for row in rows],
-                                                  "error": error, "seconds": time.perf_counter() - start}
-        print(f"gpu_acceptance: {letter} {name}: {'error: ' + error if error else 'ok'} "
-              f"({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+        report["sections"][f"{letter} {name}"] = {
+            "rows": [{**row, "environment": "see top"} for row in rows],
+            "error": error,
+            "seconds": time.perf_counter() - start,
+        }
+        print(
+            f"gpu_acceptance: {letter} {name}: {'error: ' + error if error else 'ok'} "
+            f"({time.perf_counter() - start:.0f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu_acceptance.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     (args.out / "gpu_acceptance.md").write_text(markdown(report))

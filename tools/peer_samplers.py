@@ -14,7 +14,7 @@ import importlib
 import importlib.util
 import sys
 import types
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -36,8 +36,9 @@ def k_diffusion_sampling() -> types.ModuleType:
     return importlib.import_module("k_diffusion.sampling")
 
 
-def k_diffusion_sample(name: str, denoiser, x: Tensor, sigmas: Tensor, generator: torch.Generator | None = None,
-                       **options) -> Tensor:
+def k_diffusion_sample(
+    name: str, denoiser, x: Tensor, sigmas: Tensor, generator: torch.Generator | None = None, **options
+) -> Tensor:
     """k-diffusion's ``sample_<name>`` from x (at sigmas[0]) along ``sigmas``. Stochastic samplers
     draw their noise as ``torch.randn(x.shape, generator=generator)``, one draw per step, the order
     our solvers use, instead of k-diffusion's default Brownian tree. ``dpm_adaptive`` uses only
@@ -50,8 +51,10 @@ def k_diffusion_sample(name: str, denoiser, x: Tensor, sigmas: Tensor, generator
         x = k.sample_dpm_adaptive(model, x, float(sigma_min), float(sigma_max), disable=True, **options)
         return denoiser(x, sigma_min.expand(x.shape[0]))
     if name == "dpmpp_3m_sde":
-        options.setdefault("noise_sampler", lambda sigma, sigma_next: torch.randn(
-            x.shape, generator=generator, dtype=x.dtype, device=x.device))
+        options.setdefault(
+            "noise_sampler",
+            lambda sigma, sigma_next: torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device),
+        )
     return getattr(k, f"sample_{name}")(model, x, sigmas, disable=True, **options)
 
 
@@ -74,8 +77,9 @@ def diffusers_scheduler(name: str, betas: Tensor, steps: int, **config):
 
     if name == "DDIM":
         config = {"clip_sample": False, "set_alpha_to_one": True, "steps_offset": 0, **config}
-    scheduler = getattr(diffusers, f"{name}Scheduler")(num_train_timesteps=len(betas),
-                                                        trained_betas=betas.tolist(), **config)
+    scheduler = getattr(diffusers, f"{name}Scheduler")(
+        num_train_timesteps=len(betas), trained_betas=betas.tolist(), **config
+    )
     _float64_tables(scheduler)
     scheduler.set_timesteps(steps)
     if hasattr(scheduler, "sigmas"):  # the multistep schedulers round their grid to float32: the
@@ -83,8 +87,13 @@ def diffusers_scheduler(name: str, betas: Tensor, steps: int, **config):
     return scheduler
 
 
-def diffusers_sample(scheduler, eps_net: Callable[[Tensor, Tensor], Tensor], latents: Tensor,
-                     generator: torch.Generator | None = None, **step_options) -> Tensor:
+def diffusers_sample(
+    scheduler,
+    eps_net: Callable[[Tensor, Tensor], Tensor],
+    latents: Tensor,
+    generator: torch.Generator | None = None,
+    **step_options,
+) -> Tensor:
     """The scheduler's loop from x_T = ``latents`` on eps_net(x_t, t); one evaluation per timestep."""
     x = latents * scheduler.init_noise_sigma
     for t in scheduler.timesteps:

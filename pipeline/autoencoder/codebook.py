@@ -42,8 +42,8 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -279,7 +279,9 @@ class Codebook(nn.Module):
                 f"codebook has {self.num_codes} codes but a training step yields only {vectors} "
                 f"encoder vectors (batch x latent height x width, all ranks): at most {vectors} "
                 f"codes can be used per step and k-means starts from repeated vectors; lower "
-                f"num_codes or raise the batch size", stacklevel=3)
+                f"num_codes or raise the batch size",
+                stacklevel=3,
+            )
 
     @torch.no_grad()
     def _update(self, flat: Tensor, idx: Tensor, counts: Tensor) -> None:

@@ -63,9 +63,7 @@ class LPIPS(nn.Module):
         self.net = net
         self.features, self.taps = _backbone(net)
         widths = [m.out_channels for m in self.features if isinstance(m, nn.Conv2d)]
-        self.lins = nn.ModuleList(
-            nn.Conv2d(widths[c], 1, 1, bias=False) for c in _TAPS[net]
-        )
+        self.lins = nn.ModuleList(nn.Conv2d(widths[c], 1, 1, bias=False) for c in _TAPS[net])
         self.register_buffer("shift", torch.tensor(SHIFT).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("scale", torch.tensor(SCALE).view(1, 3, 1, 1), persistent=False)
         self.load_state_dict(self.state_from_flax(weights.load_tensors(f"lpips-{net}", cache)))
@@ -100,8 +98,10 @@ class LPIPS(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Distances of shape (N,)."""
         if x.shape != y.shape or x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"LPIPS expects two (N, 3, H, W) batches, got {tuple(x.shape)} and "
-                             f"{tuple(y.shape)}; repeat a 1-channel image to 3 channels first")
+            raise ValueError(
+                f"LPIPS expects two (N, 3, H, W) batches, got {tuple(x.shape)} and "
+                f"{tuple(y.shape)}; repeat a 1-channel image to 3 channels first"
+            )
         dist = x.new_zeros(x.shape[0])
         for lin, fx, fy in zip(self.lins, self.layer_features(x), self.layer_features(y)):
             diff = (_unit_channels(fx) - _unit_channels(fy)) ** 2

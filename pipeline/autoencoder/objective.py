@@ -27,8 +27,11 @@ class Objective:
             pixel = F.mse_loss(x_hat, x) if cfg.reconstruction_loss == "l2" else F.l1_loss(x_hat, x)
             loss = pixel + quantized.loss
             counts = quantized.counts
-            terms.update(commitment=quantized.commitment.detach(), codebook_loss=quantized.codebook_loss.detach(),
-                         perplexity=perplexity(quantized.counts))
+            terms.update(
+                commitment=quantized.commitment.detach(),
+                codebook_loss=quantized.codebook_loss.detach(),
+                perplexity=perplexity(quantized.counts),
+            )
         else:
             x_hat, posterior = model(x, generator=step_generator)
             unwrapped = getattr(model, "module", model)

@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -125,7 +126,7 @@ def train(images: Tensor, labels: Tensor, num_classes: int, settings: Settings) 
     for step in range(settings.steps):
         if position + settings.batch_size > len(order):
             order, position = randperm(len(images), gen, device=images.device), 0
-        index = order[position:position + settings.batch_size]
+        index = order[position : position + settings.batch_size]
         position += settings.batch_size
         torch.manual_seed(derive_seed(settings.seed, "classifier-dropout", step))
         loss = F.cross_entropy(model(_shifted(images[index], settings.max_shift, gen)), labels[index])
@@ -142,8 +143,9 @@ def predict(model: Classifier, images: Tensor | Any, batch_size: int = 500) -> T
     model.eval()
     device = next(model.parameters()).device
     images = as_network_input(images)
-    return torch.cat([model(images[i:i + batch_size].to(device)).argmax(1).cpu()
-                      for i in range(0, len(images), batch_size)])
+    return torch.cat(
+        [model(images[i : i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(images), batch_size)]
+    )
 
 
 def accuracy(model: Classifier, images: Tensor | Any, labels: Tensor | Any, batch_size: int = 500) -> dict:
@@ -157,12 +159,21 @@ def accuracy(model: Classifier, images: Tensor | Any, labels: Tensor | Any, batc
 
 
 def _key_inputs(source: Mapping[str, Any], settings: Settings, num_classes: int) -> str:
-    return json.dumps({"source": source, "settings": asdict(settings), "architecture": ARCHITECTURE,
-                       "num_classes": num_classes}, sort_keys=True, separators=(",", ":"))
+    return json.dumps(
+        {"source": source, "settings": asdict(settings), "architecture": ARCHITECTURE, "num_classes": num_classes},
+        sort_keys=True,
+        separators=(",", ":"),
+    )
 
 
-def load_or_train(directory: str | Path, source: Mapping[str, Any], train_pattern: str, val_pattern: str,
-                  num_classes: int, settings: Settings = Settings()) -> Trained:
+def load_or_train(
+    directory: str | Path,
+    source: Mapping[str, Any],
+    train_pattern: str,
+    val_pattern: str,
+    num_classes: int,
+    settings: Settings = Settings(),
+) -> Trained:
     """The cached classifier of ``(source, settings)``, or on a miss: one trained on the
     shards ``train_pattern``, tested on ``val_pattern``, and stored.
 

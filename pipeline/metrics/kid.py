@@ -49,11 +49,13 @@ def kernel_inception_distance(
     size = min(subset_size, x.shape[0], y.shape[0])
     if size < 2:
         raise ValueError(f"KID needs at least 2 features per set, got {x.shape[0]} and {y.shape[0]}")
-    values = torch.stack([
-        mmd2_unbiased(
-            x[seeding.randperm(x.shape[0], generator, device=x.device)[:size]],
-            y[seeding.randperm(y.shape[0], generator, device=y.device)[:size]],
-        )
-        for _ in range(subsets)
-    ])
+    values = torch.stack(
+        [
+            mmd2_unbiased(
+                x[seeding.randperm(x.shape[0], generator, device=x.device)[:size]],
+                y[seeding.randperm(y.shape[0], generator, device=y.device)[:size]],
+            )
+            for _ in range(subsets)
+        ]
+    )
     return float(values.mean()), float(values.std(correction=0))

@@ -122,8 +122,9 @@ class DiTBlock(nn.Module):
     identity at initialisation.
     """
 
-    def __init__(self, width: int, num_heads: int, mlp_ratio: float, drop_path: float, backend: str,
-                 mlp_norm_eps: float = 1e-6):
+    def __init__(
+        self, width: int, num_heads: int, mlp_ratio: float, drop_path: float, backend: str, mlp_norm_eps: float = 1e-6
+    ):
         super().__init__()
         self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.attn = SelfAttention(width, num_heads, backend=backend)

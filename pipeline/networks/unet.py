@@ -78,9 +78,7 @@ UNET_PRESETS = {
     "8x8": dict(input_size=8, model_channels=128, channel_mult=(1, 2), attention_resolutions=(8, 4)),
     "16x16": dict(input_size=16, model_channels=128, channel_mult=(1, 2, 2), attention_resolutions=(8, 4)),
     "32x32": dict(input_size=32, model_channels=192, channel_mult=(1, 2, 4), attention_resolutions=(16, 8)),
-    "64x64": dict(
-        input_size=64, model_channels=192, channel_mult=(1, 2, 3, 4), attention_resolutions=(32, 16, 8)
-    ),
+    "64x64": dict(input_size=64, model_channels=192, channel_mult=(1, 2, 3, 4), attention_resolutions=(32, 16, 8)),
 }
 
 

@@ -33,8 +33,9 @@ def dpmpp_2m(denoiser, x: Tensor, sigmas: Tensor, generator: torch.Generator | N
     return x
 
 
-def dpmpp_3m_sde(denoiser, x: Tensor, sigmas: Tensor, generator: torch.Generator | None = None,
-                 eta: float = 1.0) -> Tensor:
+def dpmpp_3m_sde(
+    denoiser, x: Tensor, sigmas: Tensor, generator: torch.Generator | None = None, eta: float = 1.0
+) -> Tensor:
     """Third-order multistep DPM-Solver++ with the SDE variant's noise (Lu et al. 2022, Sec. 4's
     multistep construction taken to order 3, as in Crowson's k-diffusion ``sample_dpmpp_3m_sde``):
     noise fraction ``eta`` (eta = 0: the deterministic 3M ODE solver). With

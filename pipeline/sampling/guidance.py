@@ -21,8 +21,13 @@ from pipeline.sampling.frame import batch_sigma
 __all__ = ["classifier_free"]
 
 
-def classifier_free(denoiser, scale: float, cond: dict[str, Tensor], uncond: dict[str, Tensor],
-                    interval: tuple[float, ...] | None = None):
+def classifier_free(
+    denoiser,
+    scale: float,
+    cond: dict[str, Tensor],
+    uncond: dict[str, Tensor],
+    interval: tuple[float, ...] | None = None,
+):
     """D~(x, sigma) = D(x, sigma, **uncond) + scale (D(x, sigma, **cond) - D(x, sigma, **uncond)),
     only for sigma in (interval[0], interval[1]] when ``interval`` is given (VE sigma).
 

@@ -28,7 +28,7 @@ def ipndm(denoiser, x: Tensor, sigmas: Tensor, generator: torch.Generator | None
         denoised = denoise(denoiser, x, sigma)
         if sigma_next == 0:
             return denoised
-        derivatives = [ode_derivative(x, denoised, sigma)] + derivatives[: max_order - 1]
+        derivatives = [ode_derivative(x, denoised, sigma), *derivatives[: max_order - 1]]
         slope = sum(w * d for w, d in zip(ADAMS_BASHFORTH[len(derivatives) - 1], derivatives))
         x = x + (sigma_next - sigma) * slope
     return x

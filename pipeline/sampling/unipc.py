@@ -45,8 +45,14 @@ def _rhos(h: Tensor, rks: list[Tensor]) -> Tensor:
     return torch.linalg.solve(vandermonde, torch.stack(b))
 
 
-def _bh2_step(x: Tensor, sigma: Tensor, sigma_next: Tensor, denoised: Tensor,
-              previous: list[tuple[Tensor, Tensor]], new: Tensor | None) -> Tensor:
+def _bh2_step(
+    x: Tensor,
+    sigma: Tensor,
+    sigma_next: Tensor,
+    denoised: Tensor,
+    previous: list[tuple[Tensor, Tensor]],
+    new: Tensor | None,
+) -> Tensor:
     """One UniP (``new`` None) or UniC (``new`` = D at sigma_next) step from (x, sigma) to
     sigma_next; ``previous`` holds (sigma_k, D_k) of earlier points, most recent first."""
     h = sigma.log() - sigma_next.log()
@@ -59,8 +65,14 @@ def _bh2_step(x: Tensor, sigma: Tensor, sigma_next: Tensor, denoised: Tensor,
     return (sigma_next / sigma) * x - torch.expm1(-h) * (denoised + correction)
 
 
-def unipc(denoiser, x: Tensor, sigmas: Tensor, generator: torch.Generator | None = None,
-          order: int = 2, corrector: bool = True) -> Tensor:
+def unipc(
+    denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    generator: torch.Generator | None = None,
+    order: int = 2,
+    corrector: bool = True,
+) -> Tensor:
     """UniPC-``order`` (bh2, data prediction); ``corrector=False`` runs UniP alone."""
     if order < 1:
         raise ValueError(f"order must be at least 1, got {order}")
@@ -72,7 +84,7 @@ def unipc(denoiser, x: Tensor, sigmas: Tensor, generator: torch.Generator | None
         if corrector and x_last is not None:  # UniC-p re-solves the step that produced x
             sigma_last, d_last = history[0]
             x = _bh2_step(x_last, sigma_last, sigma, d_last, history[1:last_order], denoised)
-        history = [(sigma, denoised)] + history[: order - 1]
+        history = [(sigma, denoised), *history[: order - 1]]
         if sigma_next == 0:
             return denoised
         last_order = min(order, n - i, len(history))

@@ -32,11 +32,30 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-RANDOM_FUNCTIONS = ("randn", "rand", "randint", "randperm", "randn_like", "rand_like", "randint_like",
-                    "multinomial", "normal", "bernoulli", "poisson")
+RANDOM_FUNCTIONS = (
+    "randn",
+    "rand",
+    "randint",
+    "randperm",
+    "randn_like",
+    "rand_like",
+    "randint_like",
+    "multinomial",
+    "normal",
+    "bernoulli",
+    "poisson",
+)
 """torch.* constructors that take ``generator=``."""
-RANDOM_METHODS = ("normal_", "uniform_", "random_", "bernoulli_", "exponential_", "geometric_",
-                  "log_normal_", "cauchy_")
+RANDOM_METHODS = (
+    "normal_",
+    "uniform_",
+    "random_",
+    "bernoulli_",
+    "exponential_",
+    "geometric_",
+    "log_normal_",
+    "cauchy_",
+)
 """In-place samplers on tensors that take ``generator=``."""
 
 
@@ -54,8 +73,7 @@ def _draw_device(args: tuple, kwargs: dict) -> torch.device:
 def _refuse_foreign_generator(generator: torch.Generator | None, device: torch.device) -> None:
     if generator is not None and generator.device.type != device.type:
         # CUDA's own message (aten/src/ATen/core/Generator.h, check_generator)
-        raise RuntimeError(f"Expected a '{device.type}' device type for generator but found "
-                           f"'{generator.device.type}'")
+        raise RuntimeError(f"Expected a '{device.type}' device type for generator but found '{generator.device.type}'")
 
 
 def _checked_function(draw: Callable) -> Callable:
@@ -63,6 +81,7 @@ def _checked_function(draw: Callable) -> Callable:
     def checked(*args, **kwargs):
         _refuse_foreign_generator(kwargs.get("generator"), _draw_device(args, kwargs))
         return draw(*args, **kwargs)
+
     return checked
 
 
@@ -71,6 +90,7 @@ def _checked_method(draw: Callable) -> Callable:
     def checked(self, *args, **kwargs):
         _refuse_foreign_generator(kwargs.get("generator"), self.device)
         return draw(self, *args, **kwargs)
+
     return checked
 
 
@@ -151,8 +171,10 @@ class FakeCuda(StandIn):
     def bf16_autocast(self) -> Iterator[None]:
         """torch.autocast("cuda", bfloat16) switches itself off when no CUDA driver answers;
         the stand-in answers for it (the autocast dispatch itself is torch's own)."""
-        with mock.patch("torch.cuda.amp.common.amp_definitely_not_available", return_value=False), \
-                mock.patch("torch.cuda.is_bf16_supported", return_value=True):
+        with (
+            mock.patch("torch.cuda.amp.common.amp_definitely_not_available", return_value=False),
+            mock.patch("torch.cuda.is_bf16_supported", return_value=True),
+        ):
             autocast = torch.autocast("cuda", dtype=torch.bfloat16)
         with autocast:
             yield

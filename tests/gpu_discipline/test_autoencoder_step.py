@@ -20,8 +20,14 @@ from pipeline.autoencoder.codebook import Codebook
 from pipeline.autoencoder.kl import negative_elbo
 from pipeline.config import AutoencoderConfig
 
-TINY = {"channels": 8, "channel_mult": (1, 2), "num_res_blocks": 1, "norm_groups": 4, "latent_channels": 4,
-        "num_codes": 16}
+TINY = {
+    "channels": 8,
+    "channel_mult": (1, 2),
+    "num_res_blocks": 1,
+    "norm_groups": 4,
+    "latent_channels": 4,
+    "num_codes": 16,
+}
 
 
 def _autoencoder(kind: str) -> torch.nn.Module:

@@ -25,10 +25,17 @@ PROCESSES = {
     "ncsn": lambda: NCSN(levels=10),
 }
 BACKBONES = {
-    "dit": {"kind": "dit", "input_size": 8, "in_channels": 4, "patch_size": 2, "width": 32, "depth": 2,
-            "num_heads": 2},
-    "unet": {"kind": "unet", "input_size": 8, "in_channels": 4, "model_channels": 16, "channel_mult": (1, 2),
-             "attention_resolutions": (4,), "num_head_channels": 16, "norm_groups": 8},
+    "dit": {"kind": "dit", "input_size": 8, "in_channels": 4, "patch_size": 2, "width": 32, "depth": 2, "num_heads": 2},
+    "unet": {
+        "kind": "unet",
+        "input_size": 8,
+        "in_channels": 4,
+        "model_channels": 16,
+        "channel_mult": (1, 2),
+        "attention_resolutions": (4,),
+        "num_head_channels": 16,
+        "norm_groups": 8,
+    },
 }
 
 

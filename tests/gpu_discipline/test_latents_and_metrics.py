@@ -14,8 +14,13 @@ from pipeline.latents import LatentSpace
 from pipeline.metrics.classifier import Settings, train
 from pipeline.metrics.features import SIZE, to_inception_input
 
-LATENT = {"channels": 4, "resolution": 8, "channel_mean": [0.1, 0.2, 0.3, 0.4],
-          "channel_std": [1.0, 2.0, 0.5, 1.5], "scale": 0.2}
+LATENT = {
+    "channels": 4,
+    "resolution": 8,
+    "channel_mean": [0.1, 0.2, 0.3, 0.4],
+    "channel_std": [1.0, 2.0, 0.5, 1.5],
+    "scale": 0.2,
+}
 
 
 def _space(kind: str) -> LatentSpace:
@@ -27,10 +32,10 @@ def _stored(kind: str) -> dict:
     """A latent batch as the encode stage stores it: int16 codes or fp16 moments, and the twins."""
     g = torch.Generator().manual_seed(1)
     if kind == "vq":
-        return {name: torch.randint(16, (3, 8, 8), generator=g).to(torch.int16)
-                for name in ("codes", "codes_flip")}
-    return {name: torch.randn(3, 4, 8, 8, generator=g).half()
-            for name in ("mean", "mean_flip", "logvar", "logvar_flip")}
+        return {name: torch.randint(16, (3, 8, 8), generator=g).to(torch.int16) for name in ("codes", "codes_flip")}
+    return {
+        name: torch.randn(3, 4, 8, 8, generator=g).half() for name in ("mean", "mean_flip", "logvar", "logvar_flip")
+    }
 
 
 @pytest.mark.parametrize("kind", ["vq", "kl"])

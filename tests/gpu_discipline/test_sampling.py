@@ -29,8 +29,9 @@ CLASSES = 3
 
 def _denoiser(device_module=lambda m: m) -> Denoiser:
     torch.manual_seed(0)
-    net = build_denoiser("dit", input_size=8, in_channels=4, patch_size=2, width=32, depth=1, num_heads=2,
-                         num_classes=CLASSES)
+    net = build_denoiser(
+        "dit", input_size=8, in_channels=4, patch_size=2, width=32, depth=1, num_heads=2, num_classes=CLASSES
+    )
     with torch.no_grad():  # past the zero initialisation, so the score is not 0 (pc/langevin divide by it)
         for p in net.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
@@ -80,8 +81,13 @@ def test_likelihood_runs_on_meta_up_to_the_solvers_first_step_decision(meta):
     denoiser = _denoiser(meta.module)
     x = meta.tensor(torch.randn(2, 4, 8, 8))
     with meta.running(), pytest.raises(RuntimeError, match=r"item\(\) cannot be called on meta tensors"):
-        log_likelihood(functools.partial(denoiser, y=meta.tensor(torch.tensor([0, 1]))), x, 0.01, 10.0,
-                       generator=seeding.generator(0, "likelihood"))
+        log_likelihood(
+            functools.partial(denoiser, y=meta.tensor(torch.tensor([0, 1]))),
+            x,
+            0.01,
+            10.0,
+            generator=seeding.generator(0, "likelihood"),
+        )
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -93,6 +99,11 @@ def test_every_sampler_guided_and_inpainting_on_the_cpu(method):
     known, mask = torch.zeros(2, 4, 8, 8), (torch.arange(8) < 4).float().expand(2, 4, 8, 8)
     with torch.no_grad():
         guided = sample(_guided(denoiser, labels), noise, sigmas, method=method, generator=generators)
-    inpainted = sample(inpainting(functools.partial(denoiser, y=labels), known, mask), noise, sigmas,
-                       method=method, generator=generators)
+    inpainted = sample(
+        inpainting(functools.partial(denoiser, y=labels), known, mask),
+        noise,
+        sigmas,
+        method=method,
+        generator=generators,
+    )
     assert torch.isfinite(guided).all() and torch.isfinite(inpainted).all()

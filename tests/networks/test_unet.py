@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pipeline.networks import build_denoiser
-from pipeline.networks.unet import UNET_PRESETS, Attn, AttentionBlock, Res, ResBlock, UNet, UNetConfig, unet_layout
+from pipeline.networks.unet import UNET_PRESETS, AttentionBlock, Attn, Res, ResBlock, UNet, UNetConfig, unet_layout
 
 TINY = dict(
     input_size=8,
@@ -80,5 +80,4 @@ def test_channels_last_weights_and_inputs_match_contiguous_on_cpu(randomise, net
     x, t = net_inputs()
     reference = net(x, t)
     net = net.to(memory_format=torch.channels_last)
-    torch.testing.assert_close(net(x.contiguous(memory_format=torch.channels_last), t), reference,
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(net(x.contiguous(memory_format=torch.channels_last), t), reference, atol=1e-5, rtol=1e-5)

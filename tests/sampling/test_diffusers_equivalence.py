@@ -69,7 +69,9 @@ def _ours(process, denoiser, latents, timesteps, method, generator, **options):
 def test_ddim_matches_diffusers(setup, steps, eta, spacing):
     # diffusers steps from t to t - T // steps, the next timestep of these two spacings.
     process, eps_net, denoiser = setup
-    scheduler = _float64(diffusers.DDIMScheduler(**SCHEDULE, set_alpha_to_one=True, steps_offset=0, timestep_spacing=spacing))
+    scheduler = _float64(
+        diffusers.DDIMScheduler(**SCHEDULE, set_alpha_to_one=True, steps_offset=0, timestep_spacing=spacing)
+    )
     scheduler.set_timesteps(steps)
     latents = torch.randn(256, 3, generator=_g(1), dtype=torch.float64)
     theirs = _run_diffusers(scheduler, eps_net, latents, _g(2), eta=eta)

@@ -42,9 +42,17 @@ def test_batch_independent_and_inputs_untouched(gmm):
     kept = noise.clone()
     batch = sample(gmm.denoiser, noise, sigmas, method="ipndm")
     assert torch.equal(noise, kept)
-    torch.testing.assert_close(sample(gmm.denoiser, noise[1:2], sigmas, method="ipndm"), batch[1:2], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        sample(gmm.denoiser, noise[1:2], sigmas, method="ipndm"), batch[1:2], rtol=1e-12, atol=1e-12
+    )
 
 
 def test_rejects_unknown_order(gmm):
     with pytest.raises(ValueError, match="max_order"):
-        sample(gmm.denoiser, torch.zeros(1, 2, dtype=torch.float64), karras_sigmas(0.01, 40.0, 4), method="ipndm", max_order=5)
+        sample(
+            gmm.denoiser,
+            torch.zeros(1, 2, dtype=torch.float64),
+            karras_sigmas(0.01, 40.0, 4),
+            method="ipndm",
+            max_order=5,
+        )

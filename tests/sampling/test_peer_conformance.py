@@ -67,8 +67,9 @@ def test_unipc_matches_diffusers_unipc_bh2(setup, steps, order, corrector):
     config = {"solver_order": order, "solver_type": "bh2", "predict_x0": True}
     if not corrector:
         config["disable_corrector"] = list(range(steps))
-    _, ours, theirs = _against_diffusers(setup, "UniPCMultistep", steps, "unipc", config,
-                                         {"order": order, "corrector": corrector})
+    _, ours, theirs = _against_diffusers(
+        setup, "UniPCMultistep", steps, "unipc", config, {"order": order, "corrector": corrector}
+    )
     torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10)
 
 

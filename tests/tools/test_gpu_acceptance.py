@@ -20,9 +20,23 @@ def test_smoke_run_on_cpu_fills_every_section(tmp_path, weights_cache):
         if entry.is_file():
             (cache / entry.name).symlink_to(entry)
     env = {**os.environ, "LATENTPIPE_CACHE": str(cache), "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_acceptance.py"), "--device", "cpu", "--smoke",
-                           "--out", str(tmp_path / "out")], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=1200, check=False)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "gpu_acceptance.py"),
+            "--device",
+            "cpu",
+            "--smoke",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "out" / "gpu_acceptance.json").read_text())
     assert report["environment"]["smoke"] and "--smoke" in report["environment"]["command"]
@@ -40,8 +54,13 @@ def test_smoke_run_on_cpu_fills_every_section(tmp_path, weights_cache):
 
 
 def test_a_missing_gpu_is_refused_with_the_cpu_alternative(tmp_path):
-    done = subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_acceptance.py"), "--out", str(tmp_path)],
-                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, capture_output=True, text=True,
-                          timeout=300, check=False)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "gpu_acceptance.py"), "--out", str(tmp_path)],
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert done.returncode == 2 and "--device cpu --smoke" in done.stderr
     assert not any(tmp_path.iterdir())
