@@ -70,7 +70,8 @@ class Artifact:
     def to_manifest(self) -> dict[str, Any]:
         """The manifest keys this artifact publishes: its content fields as JSON values."""
         recorded = {f.name for f in dataclasses.fields(Artifact)}
-        return {f.name: _json(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name not in recorded}
+        return {f.name: _json(getattr(self, f.name)) for f in dataclasses.fields(self)
+                if f.name not in recorded and not _absent(self, f)}
 
     @classmethod
     def _content(cls, found: Mapping[str, Any]) -> dict[str, Any]:
@@ -125,10 +126,17 @@ class Artifact:
         return path
 
 
+def _absent(instance: Any, f: dataclasses.Field) -> bool:
+    """An optional field (default None) that is None: not written, so that the manifests of runs
+    without it keep exactly the keys they always had (reading fills the default back in)."""
+    return f.default is None and getattr(instance, f.name) is None
+
+
 def _json(value: Any) -> Any:
-    """Dataclasses -> dicts, tuples -> lists, recursively: what json.dumps writes and reads back."""
+    """Dataclasses -> dicts (less absent optional fields), tuples -> lists, recursively: what
+    json.dumps writes and reads back."""
     if dataclasses.is_dataclass(value):
-        return {f.name: _json(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {f.name: _json(getattr(value, f.name)) for f in dataclasses.fields(value) if not _absent(value, f)}
     if isinstance(value, Mapping):
         return {k: _json(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
