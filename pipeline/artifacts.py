@@ -22,7 +22,7 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -249,7 +249,8 @@ class TrainedAutoencoder(Artifact):
         if self.pretrained is not None:
             from pipeline.interop import load_pretrained_autoencoder  # diffusers only when asked for
 
-            adapter = load_pretrained_autoencoder(self.pretrained["source"], scaling_factor=cfg.pretrained_scaling_factor)
+            adapter = load_pretrained_autoencoder(self.pretrained["source"],
+                                                  scaling_factor=cfg.pretrained_scaling_factor)
             if adapter.weights != self.pretrained["weights_sha256"]:
                 raise StageInputError(
                     f"the weights at {self.pretrained['source']} are not the ones stage 'autoencoder' recorded "
@@ -328,7 +329,8 @@ class EncodedLatents(Artifact):
                 "autoencoder.pretrained_scaling_factor), or diffusion.normalize=scale (the measured scale)")
         shift = torch.full((latent.channels,), float(latent.checkpoint_shift or 0.0))
         codebook = self.codebook()
-        return LatentSpace(latent.kind, "scale", shift, torch.full((latent.channels,), float(latent.checkpoint_scale)),
+        kind: Literal["vq", "kl"] = "vq" if latent.kind == "vq" else "kl"
+        return LatentSpace(kind, "scale", shift, torch.full((latent.channels,), float(latent.checkpoint_scale)),
                            None if codebook is None else codebook.float())
 
 

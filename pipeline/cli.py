@@ -71,7 +71,8 @@ def _build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="write the run's DiT (+ autoencoder) for diffusers or DiT's code",
                                  description="See docs/interop.md for what maps and what is refused.")
     export.add_argument("--format", required=True, choices=FORMATS,
-                        help="diffusers: a folder (DiTPipeline by default); dit: a facebookresearch/DiT .pt/.safetensors")
+                        help="diffusers: a folder (DiTPipeline by default); "
+                             "dit: a facebookresearch/DiT .pt/.safetensors")
     export.add_argument("--part", default="pipeline", choices=PARTS,
                         help="diffusers: the whole DiTPipeline, the DiT alone, or the KL autoencoder alone")
     export.add_argument("out", metavar="OUT", help="new folder (diffusers) or file (dit) to write")

@@ -134,6 +134,7 @@ def _use_pretrained(cfg: config.Config) -> Path:
     with manifest.stage_run(cfg, NAME, SECTIONS, INPUTS, is_main=runtime.is_main) as record:
         prepared = artifacts.PreparedShards.from_stage_dir(cfg)
         channels, resolution = prepared.image.channels, prepared.image.resolution
+        assert ae.pretrained is not None  # AutoencoderConfig.check requires it for kind=pretrained
         model = load_pretrained_autoencoder(ae.pretrained, scaling_factor=ae.pretrained_scaling_factor)
         model.check_images(channels, resolution)
         if runtime.is_main:
@@ -145,7 +146,8 @@ def _use_pretrained(cfg: config.Config) -> Path:
                 latent=artifacts.LatentShape(channels=model.latent_channels, resolution=resolution // model.factor,
                                              kind=model.kind),
                 pretrained=model.describe()))
-            log.info("autoencoder (pretrained %s): %s", ae.pretrained, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+            log.info("autoencoder (pretrained %s): %s", ae.pretrained,
+                     ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
         runtime.barrier()
     return record.directory
 

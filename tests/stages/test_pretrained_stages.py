@@ -18,14 +18,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline import artifacts, cli, config, manifest
-from pipeline.data.stream import read_shard, sequential_batches
 from pipeline.config import ConfigError
+from pipeline.data.stream import read_shard, sequential_batches
 from pipeline.errors import LatentpipeError
-from pipeline.interop import checkpoint_sha256, load_dit
+from pipeline.interop import checkpoint_sha256, export_dit_transformer
 from pipeline.manifest import sha256_file
-from pipeline.sampling import ddpm_sigmas, ddpm_timesteps, sample as run_sampler
+from pipeline.sampling import ddpm_sigmas, ddpm_timesteps
+from pipeline.sampling import sample as run_sampler
 from stages import autoencoder, diffusion, encode, prepare, sample
-
 from tests.interop.conftest import KL_CONFIG, VQ_CONFIG, randomise
 
 diffusers = pytest.importorskip("diffusers")
@@ -155,11 +155,13 @@ def test_export_gives_a_dit_pipeline_that_samples_our_ddim_latents(kl_run, tmp_p
     assert ours.std() > 0.1
 
     reference = tmp_path / "dit.pt"
-    assert cli.main(["export", "--format", "dit", str(reference), *_overrides(kl_run)]) == 2  # diffusers time convention
+    # the DiT has diffusers' time convention, which the reference format cannot hold
+    assert cli.main(["export", "--format", "dit", str(reference), *_overrides(kl_run)]) == 2
     assert not reference.exists()
     assert cli.main(["export", "--format", "diffusers", str(out), *_overrides(kl_run)]) == 2  # exists: refused
     vae_out = tmp_path / "vae"
-    assert cli.main(["export", "--format", "diffusers", "--part", "autoencoder", str(vae_out), *_overrides(kl_run)]) == 0
+    assert cli.main(["export", "--format", "diffusers", "--part", "autoencoder", str(vae_out),
+                     *_overrides(kl_run)]) == 0
     assert json.loads((vae_out / "config.json").read_text())["scaling_factor"] == KL_CONFIG["scaling_factor"]
 
 
@@ -184,8 +186,6 @@ def test_init_from_fine_tunes_and_samples_from_a_dit_checkpoint(kl_run, tmp_path
         shutil.copytree(kl_run.stage_dir(stage), root / "tiny" / stage)
     start = tmp_path / "start"
     trained = artifacts.load_trained(kl_run, "cpu")
-    from pipeline.interop import export_dit_transformer
-
     export_dit_transformer(trained.denoiser.net, start)
     cfg = config.load(overrides=[*_overrides(kl_run), f"experiment.runs_dir={root}", f"diffusion.init_from={start}",
                                  "diffusion.learning_rate=1e-12", "diffusion.max_steps=1"])
@@ -223,7 +223,8 @@ def test_a_vq_model_goes_through_encode_and_diffusion(vq_vae, prepared, tmp_path
     for stage in (autoencoder, encode, diffusion):
         stage.run(cfg)
     found = manifest.read(cfg.stage_dir("autoencoder"))
-    assert found["latent"] == {"channels": 3, "resolution": 2, "kind": "vq"} and "val_codebook_usage" in found["metrics"]
+    assert found["latent"] == {"channels": 3, "resolution": 2, "kind": "vq"}
+    assert "val_codebook_usage" in found["metrics"]
     encoded = artifacts.EncodedLatents.from_stage_dir(cfg)
     assert encoded.latent.fields == ("codes", "codes_flip")
     torch.testing.assert_close(encoded.codebook(), model.quantize.embedding.weight.detach(), rtol=0, atol=0)
