@@ -20,6 +20,7 @@ import logging
 import math
 from functools import partial
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,7 @@ from pipeline import artifacts, atomic, config, manifest, stage_registry
 from pipeline.autoencoder import LPIPS, PatchDiscriminator, lpips_input, adaptive_weight, gan_factor, generator_loss, hinge_d_loss
 from pipeline.autoencoder.build import build_autoencoder
 from pipeline.autoencoder.codebook import perplexity
+from pipeline.autoencoder.nets import VQAutoencoder
 from pipeline.autoencoder.kl import bits_per_dim, negative_elbo
 from pipeline.data.stream import ShardLoader, sequential_batches
 from pipeline.errors import LatentpipeError
@@ -216,7 +218,7 @@ def run(cfg: config.Config) -> Path:
         if runtime.is_main:
             metrics = _validate(unwrapped, ae.kind, cfg, lpips, runtime.device)
             if ae.kind == "vq":
-                metrics["codebook_kl_nats"] = unwrapped.codebook.kl_nats
+                metrics["codebook_kl_nats"] = cast(VQAutoencoder, unwrapped).codebook.kl_nats
             weights_path = record.directory / artifacts.TrainedAutoencoder.WEIGHTS_FILE
             state_dict = {k: v.detach().cpu().contiguous() for k, v in unwrapped.state_dict().items()}
             atomic.write_bytes(weights_path, safetensors_bytes(state_dict))
