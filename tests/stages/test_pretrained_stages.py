@@ -115,15 +115,11 @@ def test_the_pretrained_autoencoder_is_published_measured_and_encodes_as_diffuse
     torch.testing.assert_close(space.to_model(mean), mean * KL_CONFIG["scaling_factor"])
 
 
-def test_a_changed_weights_file_is_refused_downstream(kl_run, kl_vae, tmp_path):
+def test_a_changed_weights_file_is_refused_downstream(kl_vae, prepared, tmp_path):
     folder = shutil.copytree(kl_vae[1], tmp_path / "vae")
-    root = tmp_path / "runs"
-    for stage in ("prepare", "autoencoder"):
-        shutil.copytree(kl_run.stage_dir(stage), root / "tiny" / stage)
-    cfg = _cfg(root, kl_vae[1])
-    record = manifest.read(cfg.stage_dir("autoencoder"))
-    record["pretrained"]["source"] = str(folder)  # the run now points at a copy that is then changed
-    (cfg.stage_dir("autoencoder") / manifest.MANIFEST).write_text(json.dumps(record))
+    cfg = _cfg(_with_prepared(prepared, tmp_path / "runs"), folder)
+    autoencoder.run(cfg)
+    artifacts.load_autoencoder(cfg, "cpu")  # the recorded weights: accepted
     state = load_file(folder / "diffusion_pytorch_model.safetensors")
     state["decoder.conv_out.bias"] += 1
     save_file(state, folder / "diffusion_pytorch_model.safetensors")
