@@ -271,9 +271,18 @@ class DataConfig(Section):
 
 @dataclass(frozen=True, kw_only=True)
 class AutoencoderConfig(Section):
-    """The autoencoder stage: a VQ-VAE (EMA codebook) or KL-VAE trained on the prepare shards."""
+    """The autoencoder stage: a VQ-VAE (EMA codebook) or KL-VAE trained on the prepare shards, or a
+    published autoencoder used as it is (docs/interop.md)."""
 
-    kind: Literal["vq", "kl"] = option("vq", "VQ-VAE with a codebook, or Gaussian KL-VAE.")
+    kind: Literal["vq", "kl", "pretrained"] = option(
+        "vq", "VQ-VAE with a codebook, Gaussian KL-VAE, or a published autoencoder read from autoencoder.pretrained "
+        "(nothing is trained; the network options below do not apply).")
+    pretrained: str | None = option(
+        None, "kind=pretrained: local path of a diffusers AutoencoderKL/VQModel folder or an LDM/taming checkpoint "
+        "file (.safetensors, or .ckpt/.pt read weights-only); never downloaded.")
+    pretrained_scaling_factor: float | None = option(
+        None, "kind=pretrained, LDM checkpoint file that stores no scale_factor: its latent scale (the "
+        "latent-diffusion config's scale_factor); a diffusers folder has its own.", above=0)
     channels: int = option(16, "Base width of the encoder/decoder.", min=1)
     channel_mult: tuple[int, ...] = option(
         (1, 2, 2), "Width multiplier per level; len - 1 downsamplings give the factor f = 2**(len - 1).",
@@ -330,6 +339,12 @@ class AutoencoderConfig(Section):
             _fail("norm_groups", f"{self.norm_groups} must divide every width {widths}")
         if self.lookup_dim is not None and self.lookup_dim >= self.latent_channels:
             _fail("lookup_dim", f"must be smaller than latent_channels={self.latent_channels}, got {self.lookup_dim}")
+        if self.kind == "pretrained" and not self.pretrained:
+            _fail("pretrained", "kind=pretrained needs the local path of the weights, e.g. "
+                  "autoencoder.pretrained=/models/sd-vae-ft-ema (a diffusers folder) or an LDM .ckpt/.safetensors")
+        if self.kind != "pretrained" and (self.pretrained or self.pretrained_scaling_factor is not None):
+            key = "pretrained" if self.pretrained else "pretrained_scaling_factor"
+            _fail(key, f"only applies to kind=pretrained (kind is {self.kind})")
 
     @property
     def factor(self) -> int:
@@ -446,9 +461,14 @@ class DiffusionConfig(Section):
     class_conditional: bool = option(True, "Condition on the class labels (needs labelled data).")
     label_dropout: float = option(
         0.1, "Probability of replacing a label by the null class (for classifier-free guidance).", min=0, below=1)
-    normalize: Literal["channel", "scale"] = option(
-        "channel", "Latent normalisation from the encode stage's statistics: per-channel standardisation, "
-        "or the single scale factor (LDM's convention).")
+    normalize: Literal["channel", "scale", "checkpoint"] = option(
+        "channel", "Latent normalisation: per-channel standardisation or the single scale factor (LDM's convention), "
+        "both from the encode stage's statistics, or the pretrained autoencoder's own scaling_factor (z * scale; "
+        "e.g. 0.18215 for the SD-VAE, as DiT trains).")
+    init_from: str | None = option(
+        None, "backbone=dit: start from this DiT checkpoint (a facebookresearch/DiT .pt/.safetensors or a diffusers "
+        "DiTTransformer2DModel/DiTPipeline folder; local path) instead of random weights. Its sha256 is part of "
+        "the stage's identity; a shape that differs from the configured DiT is refused naming the key.")
     flip: bool = option(False, "Use the mirrored twin of each latent half of the time (off for digits).")
     batch_size: int = option(128, "Latents per rank per micro-batch.", min=1)
     gradient_accumulation_steps: int = option(
@@ -497,6 +517,8 @@ class DiffusionConfig(Section):
             _fail("sigma_min", f"need sigma_min < sigma_max, got {self.sigma_min}, {self.sigma_max}")
         if self.beta_min >= self.beta_max:
             _fail("beta_min", f"need beta_min < beta_max, got {self.beta_min}, {self.beta_max}")
+        if self.init_from and self.backbone != "dit":
+            _fail("init_from", "loads DiT checkpoints only; set diffusion.backbone=dit")
 
     def network_config(self, *, channels: int, resolution: int, num_classes: int) -> DiTConfig | UNetConfig:
         """The network library's config of the chosen backbone: its options here plus what the
