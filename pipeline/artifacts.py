@@ -22,7 +22,7 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -271,7 +271,7 @@ class EncodedLatents(Artifact):
             return None
         return load_file(self.verified(self.CODEBOOK_FILE))["embeddings"]
 
-    def latent_space(self, normalize: str) -> LatentSpace:
+    def latent_space(self, normalize: Literal["channel", "scale"]) -> LatentSpace:
         return LatentSpace.from_manifest(_json(self.latent), normalize, self.codebook())
 
 
