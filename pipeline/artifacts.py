@@ -316,7 +316,7 @@ class EncodedLatents(Artifact):
             return None
         return load_file(self.verified(self.CODEBOOK_FILE))["embeddings"]
 
-    def latent_space(self, normalize: str) -> LatentSpace:
+    def latent_space(self, normalize: Literal["channel", "scale", "checkpoint"]) -> LatentSpace:
         """The normalised space the denoiser works in: the measured statistics (``channel``,
         ``scale``), or the published autoencoder's own z -> (z - shift) * scaling_factor (``checkpoint``)."""
         if normalize != "checkpoint":

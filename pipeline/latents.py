@@ -41,7 +41,9 @@ class LatentSpace:
     """(K, C) codebook vectors (VQ only)."""
 
     @classmethod
-    def from_manifest(cls, latent: dict, normalize: str, codebook: Tensor | None) -> LatentSpace:
+    def from_manifest(
+        cls, latent: dict, normalize: Literal["channel", "scale"], codebook: Tensor | None
+    ) -> LatentSpace:
         """From the encode manifest's ``latent`` entry and (VQ) its codebook table."""
         channels = latent["channels"]
         if latent["kind"] == "vq" and (codebook is None or codebook.shape[1] != channels):
@@ -56,11 +58,8 @@ class LatentSpace:
 
     def to(self, device: str | torch.device) -> LatentSpace:
         """The same space with its tables (shift, scale, codebook) on ``device``."""
-
-        def move(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t.to(device)
-
-        return dataclasses.replace(self, shift=move(self.shift), scale=move(self.scale), codebook=move(self.codebook))
+        codebook = None if self.codebook is None else self.codebook.to(device)
+        return dataclasses.replace(self, shift=self.shift.to(device), scale=self.scale.to(device), codebook=codebook)
 
     def _view(self, t: Tensor, like: Tensor) -> Tensor:
         return t.to(like.device, like.dtype).view(1, -1, 1, 1)
@@ -73,15 +72,20 @@ class LatentSpace:
         """The inverse of :meth:`to_model`."""
         return x / self._view(self.scale, x) + self._view(self.shift, x)
 
+    def _vq_codebook(self) -> Tensor:
+        if self.codebook is None:
+            raise ValueError("a KL latent space has no codebook to embed codes or snap to")
+        return self.codebook
+
     def embed(self, codes: Tensor) -> Tensor:
         """VQ code indices (B, h, w), any integer dtype -> codebook vectors (B, C, h, w) on the codes'
         device."""
-        return self.codebook.to(codes.device)[codes.long()].permute(0, 3, 1, 2)
+        return self._vq_codebook().to(codes.device)[codes.long()].permute(0, 3, 1, 2)
 
     def snap(self, z: Tensor) -> Tensor:
         """Each position of z (B, C, h, w) replaced by its nearest codebook vector (l2)."""
         flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
-        codebook = self.codebook.to(z.device, z.dtype)
+        codebook = self._vq_codebook().to(z.device, z.dtype)
         nearest = torch.cdist(flat, codebook).argmin(1)
         return codebook[nearest].reshape(z.shape[0], z.shape[2], z.shape[3], -1).permute(0, 3, 1, 2)
 

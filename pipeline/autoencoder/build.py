@@ -3,9 +3,22 @@ every later stage that loads the trained weights."""
 
 from __future__ import annotations
 
+from typing import TypedDict
+
 from pipeline.autoencoder.codebook import Codebook, Collective, single_process
 from pipeline.autoencoder.nets import Decoder, Encoder, KLAutoencoder, VQAutoencoder
 from pipeline.config import AutoencoderConfig
+
+
+class _Trunk(TypedDict):
+    """The keyword arguments Encoder and Decoder share."""
+
+    channels: int
+    channel_mult: tuple[int, ...]
+    num_res_blocks: int
+    attention: bool
+    norm_groups: int
+    dropout: float
 
 
 def build_autoencoder(
@@ -16,7 +29,7 @@ def build_autoencoder(
     all_reduce: Collective = single_process,
     all_gather: Collective = single_process,
 ) -> VQAutoencoder | KLAutoencoder:
-    trunk = dict(
+    trunk = _Trunk(
         channels=cfg.channels,
         channel_mult=cfg.channel_mult,
         num_res_blocks=cfg.num_res_blocks,

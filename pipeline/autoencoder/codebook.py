@@ -150,6 +150,16 @@ class Codebook(nn.Module):
     all_reduce / all_gather: the cross-rank collectives described in the module docstring.
     """
 
+    # registered buffers (``codes`` is a Parameter when the codebook is learned by its loss);
+    # declared so the type checker sees Tensors, not nn.Module.__getattr__'s ``Tensor | Module``
+    codes: Tensor
+    cluster_size: Tensor
+    code_sum: Tensor
+    step: Tensor
+    last_used: Tensor
+    restarts: Tensor
+    initialised: Tensor
+
     def __init__(
         self,
         num_codes: int,

@@ -111,7 +111,8 @@ class Encoder(nn.Module):
         self.in_channels, self.factor = in_channels, _check_levels(channel_mult)
         widths = [channels * m for m in channel_mult]
         self.conv_in = nn.Conv2d(in_channels, channels, 3, padding=1)
-        layers, c = [], channels
+        layers: list[nn.Module] = []
+        c = channels
         for level, width in enumerate(widths):
             for _ in range(num_res_blocks):
                 layers.append(ResnetBlock(c, width, norm_groups, dropout))
@@ -155,7 +156,7 @@ class Decoder(nn.Module):
         c = widths[-1]
         self.conv_in = nn.Conv2d(in_channels, c, 3, padding=1)
         self.mid = _middle(c, norm_groups, dropout, attention)
-        layers = []
+        layers: list[nn.Module] = []
         for level, width in reversed(list(enumerate(widths))):
             for _ in range(num_res_blocks + 1):
                 layers.append(ResnetBlock(c, width, norm_groups, dropout))

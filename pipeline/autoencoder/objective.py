@@ -21,7 +21,8 @@ class Objective:
         self.cfg, self.lpips = cfg, lpips
 
     def __call__(self, model, x: torch.Tensor, step_generator: torch.Generator):
-        cfg, terms, counts = self.cfg, {}, None
+        cfg, counts = self.cfg, None
+        terms: dict[str, torch.Tensor] = {}
         if cfg.kind == "vq":
             x_hat, quantized = model(x)
             pixel = F.mse_loss(x_hat, x) if cfg.reconstruction_loss == "l2" else F.l1_loss(x_hat, x)

@@ -18,6 +18,8 @@ bottom, in :mod:`~pipeline.sampling.frame`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -33,7 +35,7 @@ def sample(
     noise: Tensor,
     sigmas: Tensor,
     method: str = "heun",
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     info: dict | None = None,
     **options,
 ) -> Tensor:
