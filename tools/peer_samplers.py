@@ -58,7 +58,7 @@ def k_diffusion_sample(
     return getattr(k, f"sample_{name}")(model, x, sigmas, disable=True, **options)
 
 
-def _float64_tables(scheduler):
+def float64_tables(scheduler):
     """diffusers keeps its tables in float32; recompute them in float64 from the same betas
     (before ``set_timesteps``, which derives the sigmas from them)."""
     scheduler.betas = scheduler.betas.double()
@@ -80,7 +80,7 @@ def diffusers_scheduler(name: str, betas: Tensor, steps: int, **config):
     scheduler = getattr(diffusers, f"{name}Scheduler")(
         num_train_timesteps=len(betas), trained_betas=betas.tolist(), **config
     )
-    _float64_tables(scheduler)
+    float64_tables(scheduler)
     scheduler.set_timesteps(steps)
     if hasattr(scheduler, "sigmas"):  # the multistep schedulers round their grid to float32: the
         scheduler.sigmas = scheduler.sigmas.double()  # grid, then float64 arithmetic on it
