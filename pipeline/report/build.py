@@ -119,11 +119,11 @@ def _metric_table(metrics: dict, out: Path) -> list[Block]:
     blocks = [Block("heading", "Metrics"), Block("table", rows=(("metric", "value"), *scalars))]
     bars = {}
     if "fid" in metrics:
-        bars["FID (vs real val)"] = (metrics["fid"], metrics.get("fid_train_vs_val"))
+        bars["FID (vs real val)"] = ("samples", metrics["fid"], metrics.get("fid_train_vs_val"))
     if "kid" in metrics:
-        bars["KID (vs real val)"] = (metrics["kid"], None)
+        bars["KID (vs real val)"] = ("samples", metrics["kid"], None)
     if "rfid" in metrics:
-        bars["rFID (reconstructions)"] = (metrics["rfid"], None)
+        bars["rFID (vs real val)"] = ("reconstructions", metrics["rfid"], None)
     if bars:
         blocks.append(Block("image", "FID and KID of the samples; green: the floor, the FID of as many real train "
                                      "images as samples against the same val images",

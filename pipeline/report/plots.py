@@ -89,26 +89,27 @@ def per_class_accuracy(per_class: Mapping[str, float], names: Sequence[str], ref
                        path: Path) -> Path:
     """Bars of the classifier's accuracy on the samples of each class; a dashed line at its
     accuracy on real val images (what a perfect generator would score) and at chance."""
-    figure, axis = plt.subplots(figsize=(max(4.0, 0.45 * len(per_class) + 1.5), 3.2))
+    figure, axis = plt.subplots(figsize=(max(5.5, 0.45 * len(per_class) + 1.5), 3.4))
     axis.bar(range(len(per_class)), list(per_class.values()), color="tab:blue")
-    axis.set_xticks(range(len(per_class)), names, rotation=45 if max(map(len, names), default=0) > 3 else 0,
-                    ha="right" if max(map(len, names), default=0) > 3 else "center", fontsize=8)
+    slanted = max(map(len, names), default=0) * len(names) > 40  # long names would overlap
+    axis.set_xticks(range(len(per_class)), names, rotation=45 if slanted else 0, ha="right" if slanted else "center",
+                    fontsize=8)
     if reference is not None:
         axis.axhline(reference, color="tab:green", linestyle="--", label=f"on real val images ({reference:.1%})")
     axis.axhline(1 / len(per_class), color="gray", linestyle=":", label="chance")
     axis.set_ylim(0, 1)
     axis.set_ylabel("accuracy")
-    axis.set_title("classifier accuracy on the samples, per class")
+    axis.set_title("classifier accuracy on the samples, per class", fontsize=10)
     axis.legend(fontsize=8, loc="lower right")
     return _save(figure, path)
 
 
-def against_floor(bars: Mapping[str, tuple[float, float | None]], path: Path) -> Path:
-    """Grouped bars ``{metric: (samples, floor)}``: e.g. FID of the samples next to the FID of as
-    many real train images (the floor); a floor of None is left out."""
+def against_floor(bars: Mapping[str, tuple[str, float, float | None]], path: Path) -> Path:
+    """One panel per ``{metric: (what, value, floor)}``: e.g. FID of the samples next to the FID
+    of as many real train images (the floor); a floor of None is left out."""
     figure, axes = plt.subplots(1, len(bars), figsize=(3.2 * len(bars), 3.2), squeeze=False)
-    for axis, (name, (value, floor)) in zip(axes.flat, bars.items()):
-        labels, values, colours = ["samples"], [value], ["tab:blue"]
+    for axis, (name, (what, value, floor)) in zip(axes.flat, bars.items()):
+        labels, values, colours = [what], [value], ["tab:blue"]
         if floor is not None:
             labels, values, colours = [*labels, "real (floor)"], [*values, floor], [*colours, "tab:green"]
         axis.bar(labels, values, color=colours)
