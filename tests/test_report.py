@@ -30,13 +30,31 @@ def _run_dir(root, labelled=True):
         (run / stage).mkdir(parents=True)
         (run / stage / "config.yaml").write_text(config.to_yaml(cfg))
     (run / "prepare" / "manifest.json").write_text(json.dumps({"classes": CLASSES if labelled else []}))
-    _jsonl(run / "autoencoder" / "metrics.jsonl",
-           [{"step": s, "time": 1000.0 + s, "loss": 1 / s, "lr": 1e-3, "grad_norm": 2.0 / s, "images_per_s": 50.0,
-             "psnr": 10 + s / 10, "lpips": 0.5 - s / 1000, "usage": 0.5, "perplexity": 20.0}
-            for s in range(10, 110, 10)])
-    _jsonl(run / "diffusion" / "metrics.jsonl",
-           [{"step": s, "time": 2000.0 + s, "loss": 0.5, "lr": 1e-4 * s, "grad_norm": 1.0, "images_per_s": 80.0}
-            for s in range(5, 55, 5)])
+    _jsonl(
+        run / "autoencoder" / "metrics.jsonl",
+        [
+            {
+                "step": s,
+                "time": 1000.0 + s,
+                "loss": 1 / s,
+                "lr": 1e-3,
+                "grad_norm": 2.0 / s,
+                "images_per_s": 50.0,
+                "psnr": 10 + s / 10,
+                "lpips": 0.5 - s / 1000,
+                "usage": 0.5,
+                "perplexity": 20.0,
+            }
+            for s in range(10, 110, 10)
+        ],
+    )
+    _jsonl(
+        run / "diffusion" / "metrics.jsonl",
+        [
+            {"step": s, "time": 2000.0 + s, "loss": 0.5, "lr": 1e-4 * s, "grad_norm": 1.0, "images_per_s": 80.0}
+            for s in range(5, 55, 5)
+        ],
+    )
     rng = np.random.default_rng(0)
     grid = rng.integers(0, 256, (2 * 18 + 2, 8 * 18 + 2, 3), dtype=np.uint8)
     (run / "autoencoder" / "images").mkdir()
@@ -46,12 +64,24 @@ def _run_dir(root, labelled=True):
     labels = np.arange(12) % 3 if labelled else np.full(12, -1)
     np.savez(run / "sample" / "samples.npz", images=images, labels=labels)
     Image.fromarray(images[0]).save(run / "sample" / "grid.png")
-    metrics = {"samples": 12, "fid": 80.5, "kid": 0.05, "kid_std": 0.01, "precision": 0.6, "recall": 0.3,
-               "fid_train_vs_val": 30.2, "rfid": 12.0, "autoencoder_val_psnr": 24.5,
-               "sampler": {"method": "ddim", "steps": 20, "guidance_scale": 2.0, "snap": False, "nfe": 20}}
+    metrics = {
+        "samples": 12,
+        "fid": 80.5,
+        "kid": 0.05,
+        "kid_std": 0.01,
+        "precision": 0.6,
+        "recall": 0.3,
+        "fid_train_vs_val": 30.2,
+        "rfid": 12.0,
+        "autoencoder_val_psnr": 24.5,
+        "sampler": {"method": "ddim", "steps": 20, "guidance_scale": 2.0, "snap": False, "nfe": 20},
+    }
     if labelled:
-        metrics |= {"classifier_accuracy": 0.7, "classifier_real_val_accuracy": 0.9,
-                    "classifier_accuracy_per_class": {"0": 0.5, "1": 0.75, "2": 0.85}}
+        metrics |= {
+            "classifier_accuracy": 0.7,
+            "classifier_real_val_accuracy": 0.9,
+            "classifier_accuracy_per_class": {"0": 0.5, "1": 0.75, "2": 0.85},
+        }
     (run / "evaluate" / "metrics.json").write_text(json.dumps(metrics))
     return run
 
@@ -65,8 +95,14 @@ def test_report_has_every_plot_embedded_and_rebuilds_the_same(tmp_path, capsys):
     written = report.build(run)
     out = run / "evaluate"
     plots = {p.name for p in (out / "plots").glob("*.png")}
-    assert plots == {"samples.png", "fid.png", "per_class_accuracy.png", "autoencoder_training.png",
-                     "diffusion_training.png", "reconstructions.png"}
+    assert plots == {
+        "samples.png",
+        "fid.png",
+        "per_class_accuracy.png",
+        "autoencoder_training.png",
+        "diffusion_training.png",
+        "reconstructions.png",
+    }
     for name in plots:
         with Image.open(out / "plots" / name) as image:
             assert image.format == "PNG" and image.width > 100 and image.height > 100

@@ -27,8 +27,9 @@ def _save(figure, path: Path) -> Path:
     return path
 
 
-def training_curves(records: Sequence[Mapping[str, float]], keys: Sequence[tuple[str, str]], title: str,
-                    path: Path) -> Path | None:
+def training_curves(
+    records: Sequence[Mapping[str, float]], keys: Sequence[tuple[str, str]], title: str, path: Path
+) -> Path | None:
     """One panel per ``(key, label)`` present in the records (metrics.jsonl lines: ``step`` plus
     values), against the step; None when no key is present. Loss-like panels use a log axis
     when their values span more than a factor 20 and are positive."""
@@ -47,7 +48,7 @@ def training_curves(records: Sequence[Mapping[str, float]], keys: Sequence[tuple
         axis.set_title(label, fontsize=10)
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)
-    for axis in list(axes.flat)[len(present):]:
+    for axis in list(axes.flat)[len(present) :]:
         axis.set_visible(False)
     figure.suptitle(title)
     return _save(figure, path)
@@ -64,8 +65,13 @@ def image_grid(images: np.ndarray, captions: Sequence[str] | None, columns: int,
         if i >= count:
             continue
         image = images[i]
-        axis.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray" if image.shape[-1] == 1 else None,
-                    vmin=0, vmax=255, interpolation="nearest")
+        axis.imshow(
+            image[..., 0] if image.shape[-1] == 1 else image,
+            cmap="gray" if image.shape[-1] == 1 else None,
+            vmin=0,
+            vmax=255,
+            interpolation="nearest",
+        )
         if captions is not None:
             axis.set_title(captions[i], fontsize=7, pad=2)
     figure.suptitle(title)
@@ -75,25 +81,31 @@ def image_grid(images: np.ndarray, captions: Sequence[str] | None, columns: int,
 def labelled_rows(grid: np.ndarray, labels: Sequence[str], title: str, path: Path) -> Path:
     """A saved grid image (H, W, C uint8) whose rows are ``labels`` (e.g. input, reconstruction)."""
     height = grid.shape[0]
-    figure, axis = plt.subplots(figsize=(min(12.0, 1.2 * grid.shape[1] / height * len(labels) + 1.5),
-                                         0.9 * len(labels) + 0.6))
-    axis.imshow(grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray" if grid.shape[-1] == 1 else None,
-                interpolation="nearest")
+    figure, axis = plt.subplots(
+        figsize=(min(12.0, 1.2 * grid.shape[1] / height * len(labels) + 1.5), 0.9 * len(labels) + 0.6)
+    )
+    axis.imshow(
+        grid[..., 0] if grid.shape[-1] == 1 else grid,
+        cmap="gray" if grid.shape[-1] == 1 else None,
+        interpolation="nearest",
+    )
     axis.set_yticks([(i + 0.5) * height / len(labels) for i in range(len(labels))], labels)
     axis.set_xticks([])
     axis.set_title(title)
     return _save(figure, path)
 
 
-def per_class_accuracy(per_class: Mapping[str, float], names: Sequence[str], reference: float | None,
-                       path: Path) -> Path:
+def per_class_accuracy(
+    per_class: Mapping[str, float], names: Sequence[str], reference: float | None, path: Path
+) -> Path:
     """Bars of the classifier's accuracy on the samples of each class; a dashed line at its
     accuracy on real val images (what a perfect generator would score) and at chance."""
     figure, axis = plt.subplots(figsize=(max(5.5, 0.45 * len(per_class) + 1.5), 3.4))
     axis.bar(range(len(per_class)), list(per_class.values()), color="tab:blue")
     slanted = max(map(len, names), default=0) * len(names) > 40  # long names would overlap
-    axis.set_xticks(range(len(per_class)), names, rotation=45 if slanted else 0, ha="right" if slanted else "center",
-                    fontsize=8)
+    axis.set_xticks(
+        range(len(per_class)), names, rotation=45 if slanted else 0, ha="right" if slanted else "center", fontsize=8
+    )
     if reference is not None:
         axis.axhline(reference, color="tab:green", linestyle="--", label=f"on real val images ({reference:.1%})")
     axis.axhline(1 / len(per_class), color="gray", linestyle=":", label="chance")

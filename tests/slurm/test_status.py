@@ -13,7 +13,8 @@ def _stage(cfg, stage, status, steps_and_times):
     directory.mkdir(parents=True)
     manifest.write(directory, {"stage": stage, "status": status})
     (directory / "metrics.jsonl").write_text(
-        "".join(json.dumps({"step": s, "time": t, "loss": 0.1}) + "\n" for s, t in steps_and_times))
+        "".join(json.dumps({"step": s, "time": t, "loss": 0.1}) + "\n" for s, t in steps_and_times)
+    )
 
 
 def test_eta_extrapolates_the_pace_of_the_last_log_lines(tmp_path):

@@ -19,9 +19,18 @@ def _folder(root, counts: dict[str, int]):
 
 
 def _prepare(tmp_path, folder, caplog):
-    cfg = config.load(None, [f"experiment.runs_dir={tmp_path / 'runs'}", "data.source=folder", f"data.path={folder}",
-                             "data.labels_from_subfolders=true", "data.resolution=8", "data.workers=0",
-                             "data.val_fraction=0.3"])
+    cfg = config.load(
+        None,
+        [
+            f"experiment.runs_dir={tmp_path / 'runs'}",
+            "data.source=folder",
+            f"data.path={folder}",
+            "data.labels_from_subfolders=true",
+            "data.resolution=8",
+            "data.workers=0",
+            "data.val_fraction=0.3",
+        ],
+    )
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="stages.prepare"):
         out = prepare.run(cfg)
