@@ -113,6 +113,7 @@ def test_report_has_every_plot_embedded_and_rebuilds_the_same(tmp_path, capsys):
     assert "evaluate:" in markdown and "diffusion:" in markdown  # the saved config sections
     # self-contained: every image is inline, and inline are exactly the PNGs on disk
     assert "src='plots/" not in html and "<img src='http" not in html
+    assert "](../sample/grid.png)" in markdown and "<a href='../sample/grid.png'>" in html  # the full grid: linked
     assert sorted(_embedded(html)) == sorted((out / "plots" / name).read_bytes() for name in plots)
 
     before = {p: p.read_bytes() for p in [*out.rglob("*"), *(run / "sample").glob("*")] if p.is_file()}

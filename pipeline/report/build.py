@@ -59,11 +59,13 @@ class ReportError(LatentpipeError):
 @dataclass(frozen=True)
 class Block:
     """One piece of the document: kind is heading, text, image (text: caption, path: the PNG),
-    table (rows, the first one the header) or code."""
+    link (text, href: a file of the run directory, relative to the report), table (rows, the
+    first one the header) or code."""
 
     kind: str
     text: str = ""
     path: Path | None = None
+    href: str = ""
     rows: tuple[tuple[str, ...], ...] = ()
 
 
@@ -130,7 +132,7 @@ def _samples(run_dir: Path, out: Path, metrics: dict) -> list[Block]:
             Block("image", f"The first {len(images)} of {metrics.get('samples', len(images))} samples", path=path)
         )
     if (run_dir / "sample" / "grid.png").is_file():
-        blocks.append(Block("text", "All samples: [../sample/grid.png](../sample/grid.png)."))
+        blocks.append(Block("link", "All samples (sample/grid.png)", href="../sample/grid.png"))
     return blocks
 
 
@@ -221,6 +223,8 @@ def _markdown(blocks: list[Block], out: Path) -> str:
             lines += ["#" * (1 if number == 0 else 2) + " " + block.text, ""]
         elif block.kind == "text":
             lines += [block.text, ""]
+        elif block.kind == "link":
+            lines += [f"[{block.text}]({block.href})", ""]
         elif block.kind == "image":
             assert block.path is not None
             lines += [f"![{block.text}]({block.path.relative_to(out).as_posix()})", "", f"*{block.text}.*", ""]
@@ -250,6 +254,8 @@ def _html(blocks: list[Block], title: str) -> str:
             parts.append(f"<{tag}>{html.escape(block.text)}</{tag}>")
         elif block.kind == "text":
             parts.append(f"<p>{html.escape(block.text)}</p>")
+        elif block.kind == "link":  # a file beside the report: works where the run directory is
+            parts.append(f"<p><a href='{html.escape(block.href)}'>{html.escape(block.text)}</a></p>")
         elif block.kind == "image":
             assert block.path is not None
             data = base64.b64encode(block.path.read_bytes()).decode()
