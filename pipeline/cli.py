@@ -9,6 +9,7 @@
                                                                   the trained DiT (+ autoencoder) for diffusers
                                                                   or facebookresearch/DiT (docs/interop.md)
     latentpipe submit|status [--config X] [...]                   the stages as SLURM jobs (pipeline/slurm.py)
+    latentpipe report RUN_DIR                                     rebuild evaluate's report.md/.html and plots
 
 Without ``--config`` the embedded default experiment is used (spelled out in configs/tiny.yaml).
 """
@@ -82,6 +83,11 @@ def _build_parser() -> argparse.ArgumentParser:
 
     slurm.add_parsers(commands)
 
+    report = commands.add_parser("report", help="rebuild the evaluation report (plots, report.md, report.html)",
+                                 description="Rebuild RUN_DIR/evaluate/report.md, report.html and plots/ from the "
+                                 "metrics the stages recorded (nothing is recomputed).")
+    report.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, e.g. runs/tiny")
+
     weights = commands.add_parser("weights", add_help=False, help="fetch/list pretrained weights (LPIPS, FID)")
     weights.add_argument("arguments", nargs=argparse.REMAINDER, help="see `latentpipe weights --help`")
     return parser
@@ -132,9 +138,9 @@ def summary(cfg: config.Config, times: dict[str, float | None]) -> str:
     grid = cfg.stage_dir("sample") / "grid.png"
     if grid.is_file():
         lines.append(f"  sample grid: {grid}")
-    report = cfg.stage_dir("evaluate") / "report.md"
+    report = cfg.stage_dir("evaluate") / "report.html"
     if report.is_file():
-        lines.append(f"  report:      {report}")
+        lines.append(f"  report:      {report} (and report.md)")
     for stage, key, label, form in SUMMARY_METRICS:
         found = manifest.read(cfg.stage_dir(stage))
         value = (found or {}).get("metrics", {}).get(key)
@@ -152,6 +158,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         from pipeline.data.inspect import inspect
 
         print(json.dumps(inspect(args.spec, sheet=args.sheet, timeout=args.timeout), indent=2))
+        return 0
+    if args.command == "report":
+        from pipeline import report
+
+        written = report.build(args.run_dir)
+        print(f"{written}\n{written.with_name(report.REPORT_HTML)}")
         return 0
     if args.command in ("submit", "status"):
         from pipeline import slurm

@@ -13,7 +13,8 @@ missing and assembles the samples. Job logs go to ``runs/<name>/slurm/``, the jo
 ``runs/<name>/slurm/jobs.json``. ``--dry-run`` prints the sbatch command lines (a runnable
 shell script) and needs no SLURM.
 
-``status`` prints each stage's manifest state and the state of its jobs (``scontrol show job``).
+``status`` prints each stage's manifest state and the state of its jobs (``scontrol show job``);
+for a running training stage also its step/total and ETA, from the stage's metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -32,11 +33,14 @@ from typing import Sequence
 
 from pipeline import config, manifest, stage_registry
 from pipeline.errors import LatentpipeError
+from pipeline.runtime.progress import clock
 
 SLURM_DIR = Path(__file__).resolve().parent / "sbatch"
 """common.sh and one sbatch script per stage: package data, so a wheel install can submit too
 (the checkout's top-level ``slurm/`` is a link to it)."""
 JOBS_FILE = "jobs.json"
+RATE_RECORDS = 10
+"""The ETA of a running stage extrapolates the pace of its last this-many log lines."""
 
 
 @dataclass
@@ -148,6 +152,22 @@ def job_states(job_id: str) -> list[dict]:
     return found
 
 
+def training_progress(stage_dir: Path, total: int, now: float | None = None) -> str | None:
+    """``step s/total (p%), ETA h:mm:ss, last log m s ago`` of a training stage, from the log
+    lines of its metrics.jsonl (``step`` and wall-clock ``time``); None before the first one."""
+    path = stage_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    records = [json.loads(line) for line in lines[-RATE_RECORDS:] if line.strip()]
+    if not records:
+        return None
+    first, last = records[0], records[-1]
+    text = f"step {last['step']}/{total} ({last['step'] / total:.0%})"
+    elapsed, steps = last["time"] - first["time"], last["step"] - first["step"]
+    if elapsed > 0 and steps > 0:
+        text += f", ETA {clock((total - last['step']) * elapsed / steps)}"
+    return text + f", last log {clock((time.time() if now is None else now) - last['time'])} ago"
+
+
 def status(cfg: config.Config) -> str:
     path = cfg.run_dir / "slurm" / JOBS_FILE
     recorded = json.loads(path.read_text()) if path.is_file() else {"jobs": []}
@@ -157,6 +177,10 @@ def status(cfg: config.Config) -> str:
         fresh, why = manifest.up_to_date(cfg, spec.name, spec.sections, spec.inputs)
         state = (found or {}).get("status", "-")
         lines.append(f"  {spec.name:<12} manifest {state:<12} {'up to date' if fresh else why}")
+        total = getattr(getattr(cfg, spec.name, None), "max_steps", None)
+        progress = training_progress(cfg.stage_dir(spec.name), total) if state == manifest.RUNNING and total else None
+        if progress:
+            lines.append(f"  {'':<12} {progress}")
         for job in recorded["jobs"]:
             if job["stage"] != spec.name or not job["job_id"]:
                 continue

@@ -24,7 +24,10 @@ under ``<cache>/classifier``, where ``<cache>`` is the weights cache (``$LATENTP
 ``~/.cache/latentpipe``). Their keys hash the shards' content (sha256s from the prepare
 manifest) and the settings, not a path, so every experiment and runs directory on the same data
 shares them, and deleting a run directory does not throw away a reference another run uses.
-Results: the manifest's metrics (scalars), ``metrics.json`` (everything) and ``report.md``.
+Results: the manifest's metrics (scalars) and ``metrics.json`` (everything, the recorded output);
+then the report (pipeline.report: ``report.md``, a self-contained ``report.html`` and the plots
+under ``plots/``), a view of recorded files that ``latentpipe report`` rebuilds. Each phase
+logs its start, its progress with an ETA and its end, also when the output is a file.
 """
 
 from __future__ import annotations
@@ -36,27 +39,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
-from pipeline import artifacts, atomic, config, manifest, stage_registry, weights
+from pipeline import artifacts, atomic, config, manifest, report, stage_registry, weights
 from pipeline.data.stream import sequential_batches
 from pipeline.diffusion.likelihood import log_likelihood
 from pipeline.metrics import classifier
-from pipeline.metrics.features import PREPROCESS, InceptionFeatures
+from pipeline.metrics.features import InceptionFeatures
 from pipeline.metrics.fid import FeatureStats, frechet_distance
 from pipeline.metrics.images import as_network_input, to_uint8
 from pipeline.metrics.kid import kernel_inception_distance
 from pipeline.metrics.precision_recall import precision_recall
 from pipeline.metrics.reference import Reference, reference_features
 from pipeline.runtime.dist import Runtime
+from pipeline.runtime.progress import Countdown
 from pipeline.seeding import generator
 
 SPEC = stage_registry.get("evaluate")
 NAME, SECTIONS, INPUTS = SPEC.name, SPEC.sections, SPEC.inputs
-REPORTED_SECTIONS = {"prepare": "data", "autoencoder": "autoencoder", "encode": "encode", "diffusion": "diffusion",
-                     "sample": "sample"}
-"""The config section of each upstream stage that the report shows, read from that stage's own
-saved config.yaml (what actually produced the artifact, whatever the current config says)."""
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +65,14 @@ def _shards(prepared: artifacts.PreparedShards, split: str) -> dict:
     return {"split": split, "shards": prepared.shard_hashes(split)}
 
 
-def _features(inception, images: np.ndarray | torch.Tensor, batch_size: int) -> torch.Tensor:
+def _features(inception, images: np.ndarray | torch.Tensor, batch_size: int, what: str) -> torch.Tensor:
     """Inception features of uint8 (N, H, W, C) or float (N, C, H, W) images, in batches."""
-    return torch.cat([inception(as_network_input(images[i:i + batch_size])).cpu()
-                      for i in range(0, len(images), batch_size)])
+    progress, features = Countdown(f"evaluate: Inception features of the {what}", len(images), "images"), []
+    for i in range(0, len(images), batch_size):
+        features.append(inception(as_network_input(images[i:i + batch_size])).cpu())
+        progress.update(i + len(features[-1]))
+    progress.finish()
+    return torch.cat(features)
 
 
 def _real_reference(cfg: config.Config, inception, prepared: artifacts.PreparedShards, split: str, cache: Path,
@@ -83,13 +86,15 @@ def _real_reference(cfg: config.Config, inception, prepared: artifacts.PreparedS
     wanted = {i * total // count for i in range(count)}
     source = {**_shards(prepared, split), "count": count, "selection": "evenly spread"}
 
-    def batches():
-        seen = 0
+    def batches():  # called only when the features are not cached
+        seen, progress = 0, Countdown(f"evaluate: Inception features of {count} real {split} images", total, "read")
         for batch in sequential_batches(shards, cfg.evaluate.batch_size):
             keep = [j for j in range(len(batch["image"])) if seen + j in wanted]
             seen += len(batch["image"])
+            progress.update(seen)
             if keep:
                 yield batch["image"][keep]
+        progress.finish("cached for later runs")
 
     return reference_features(cache, source, inception, batches)
 
@@ -97,7 +102,7 @@ def _real_reference(cfg: config.Config, inception, prepared: artifacts.PreparedS
 def _sample_quality(cfg: config.Config, inception, images: np.ndarray, val: Reference, prepared: artifacts.PreparedShards,
                     cache: Path) -> dict:
     e = cfg.evaluate
-    real, generated = torch.from_numpy(val.features), _features(inception, images, e.batch_size)
+    real, generated = torch.from_numpy(val.features), _features(inception, images, e.batch_size, "samples")
     kid, kid_std = kernel_inception_distance(generated, real, generator=generator(cfg.experiment.seed, "kid"),
                                              subsets=e.kid_subsets, subset_size=e.kid_subset_size)
     precision, recall = precision_recall(real, generated, k=e.nearest_k)
@@ -112,9 +117,12 @@ def _classifier_accuracy(cfg: config.Config, images: np.ndarray, labels: np.ndar
                          prepared: artifacts.PreparedShards, cache: Path) -> dict:
     source = {"train": _shards(prepared, "train"), "val": _shards(prepared, "val")}
     train, val = ([str(path) for path in prepared.files(split)] for split in ("train", "val"))
+    progress = Countdown("evaluate: classifier (trained on the real train images once, then cached)",
+                         cfg.evaluate.classifier_steps, "steps at most")
     trained = classifier.load_or_train(cache, source, train, val, len(prepared.classes),
                                        classifier.Settings(steps=cfg.evaluate.classifier_steps))
     scores = classifier.accuracy(trained.model, images, torch.from_numpy(labels))
+    progress.finish(f"accuracy {scores['accuracy']:.3f} on the samples, {trained.val_accuracy:.3f} on real val")
     return {"classifier_accuracy": scores["accuracy"], "classifier_real_val_accuracy": trained.val_accuracy,
             "classifier_accuracy_per_class": {str(c): a for c, a in sorted(scores["per_class"].items())}}
 
@@ -124,12 +132,15 @@ def _reconstruction(cfg: config.Config, inception, val: Reference, prepared: art
                     device) -> dict:
     trained = artifacts.TrainedAutoencoder.from_stage_dir(cfg)
     autoencoder = trained.load_model(cfg.autoencoder, device)
-    reconstructions = []
+    reconstructions, progress = [], Countdown("evaluate: autoencoder reconstructions", prepared.count("val"),
+                                              "val images")
     for batch in sequential_batches([str(path) for path in prepared.files("val")], cfg.evaluate.batch_size):
         encoded = autoencoder.encode(batch["image"].to(device))
         x_hat = autoencoder.decode(encoded.z_q if trained.latent.kind == "vq" else encoded.mean)
         reconstructions.append(to_uint8(x_hat))  # as a PNG would store them, like the samples
-    features = _features(inception, np.concatenate(reconstructions), cfg.evaluate.batch_size)
+        progress.update(sum(map(len, reconstructions)))
+    progress.finish()
+    features = _features(inception, np.concatenate(reconstructions), cfg.evaluate.batch_size, "reconstructions")
     from_manifest = {f"autoencoder_{k}": v for k, v in trained.metrics.items()
                      if k.startswith("val_") and isinstance(v, (int, float))}
     return {"rfid": frechet_distance(FeatureStats.of(features), val.stats), **from_manifest}
@@ -148,37 +159,23 @@ def _bits_per_dim(cfg: config.Config, device) -> dict:
             break
     x = torch.cat(latents)[:wanted].float().to(device)
     info: dict = {}
-    logp = log_likelihood(trained.denoiser, x, trained.sigma_min, trained.sigma_max,
+    # The N latents travel through one adaptive ODE solve together, so progress is its position
+    # in log sigma (from sigma_min to sigma_max), read off the noise levels the solver asks for.
+    span = math.log(trained.sigma_max / trained.sigma_min)
+    progress = Countdown(f"evaluate: likelihood of {len(x)} val latents (PF-ODE from sigma_min to sigma_max)", 1.0,
+                         "of the log-sigma range")
+
+    def denoiser(x_t, sigma, **cond):
+        progress.update(math.log(float(sigma.reshape(-1)[0]) / trained.sigma_min) / span)
+        return trained.denoiser(x_t, sigma, **cond)
+
+    logp = log_likelihood(denoiser, x, trained.sigma_min, trained.sigma_max,
                           generator=generator(cfg.experiment.seed, "likelihood", device=device),
                           rtol=cfg.evaluate.likelihood_rtol, atol=cfg.evaluate.likelihood_rtol, info=info)
+    progress.finish(f"{info.get('nfe', 0)} network evaluations")
     bits = -logp.double().cpu() / (x[0].numel() * math.log(2))
     return {"latent_bits_per_dim": float(bits.mean()), "latent_bits_per_dim_sem": float(bits.std() / math.sqrt(len(bits))),
             "likelihood_latents": len(bits), "likelihood_nfe": int(info.get("nfe", 0))}
-
-
-def _report(cfg: config.Config, metrics: dict) -> str:
-    def value(v):
-        return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-    rows = [f"| {k} | {value(v)} |" for k, v in metrics.items() if not isinstance(v, dict)]
-    per_class = metrics.get("classifier_accuracy_per_class", {})
-    sections = {section: yaml.safe_load((cfg.stage_dir(stage) / "config.yaml").read_text())[section]
-                for stage, section in REPORTED_SECTIONS.items()}
-    sections["evaluate"] = config.to_dict(cfg.evaluate)
-    lines = [f"# {cfg.experiment.name}: evaluation", "", "![samples](../sample/grid.png)", "",
-             "| metric | value |", "|---|---|", *rows, ""]
-    if per_class:
-        lines += ["Classifier accuracy per class (of the samples generated for that class):", "",
-                  "| class | " + " | ".join(per_class) + " |", "|---" * (len(per_class) + 1) + "|",
-                  "| accuracy | " + " | ".join(f"{a:.3f}" for a in per_class.values()) + " |", ""]
-    lines += [f"Sampler: {json.dumps(metrics['sampler'])}.", "",
-              f"FID/KID/precision-recall: samples against the real validation images; Inception input: {PREPROCESS}. "
-              "fid_train_vs_val is the floor: as many real train images as samples, against the same val images. "
-              "latent_bits_per_dim: in the diffusion model's normalised latent space (a continuous density; "
-              "not comparable to pixel-space bits/dim).", "",
-              "## Configuration (each section as saved by the stage that used it)", "",
-              "```yaml", yaml.safe_dump(sections, sort_keys=False).rstrip(), "```", ""]
-    return "\n".join(lines)
 
 
 def run(cfg: config.Config) -> Path:
@@ -205,9 +202,9 @@ def run(cfg: config.Config) -> Path:
                 metrics.update(_bits_per_dim(cfg, device))
             metrics["sampler"] = {k: getattr(sampled.samples, k) for k in ("method", "steps", "guidance_scale", "snap", "nfe")}
             atomic.write_text(record.directory / artifacts.Evaluation.METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
-            atomic.write_text(record.directory / artifacts.Evaluation.REPORT_FILE, _report(cfg, metrics))
             record.add_output(record.directory / artifacts.Evaluation.METRICS_FILE)
-            record.add_output(record.directory / artifacts.Evaluation.REPORT_FILE)
+            # a view of recorded files, not an output: `latentpipe report` may rewrite it
+            log.info("evaluate: report in %s", report.build(cfg.run_dir))
             record.metrics.update({k: v for k, v in metrics.items() if not isinstance(v, dict)})
             log.info("evaluate: %s", ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
         runtime.barrier()

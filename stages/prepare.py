@@ -112,6 +112,18 @@ def _write_split(split: str, items: list, data: config.DataConfig, directory: Pa
         atomic.write_text(directory / PROGRESS, json.dumps(progress))
 
 
+def _warn_empty_classes(classes: list[str], summary: dict[str, artifacts.SplitSummary],
+                        data: config.DataConfig) -> None:
+    """A class with no image in a split is still a class the model is conditioned on (and that
+    sample draws), so say so: it happens with a small data.limit or data.val_fraction."""
+    for split, found in summary.items():
+        empty = [name for name in classes if not found.class_counts.get(name)]
+        if empty and found.count:
+            log.warning("prepare: %d of %d classes have no %s images (data.limit=%s, data.val_fraction=%s): %s",
+                        len(empty), len(classes), split, data.limit, data.val_fraction,
+                        ", ".join(empty[:10]) + (", ..." if len(empty) > 10 else ""))
+
+
 def run(cfg: config.Config) -> Path:
     data = cfg.data
     with manifest.stage_run(cfg, NAME, SECTIONS, INPUTS) as record:
@@ -141,6 +153,7 @@ def run(cfg: config.Config) -> Path:
                 shards=tuple(s["name"] for s in state["shards"]),
                 class_counts={source.classes[k]: labels[k] for k in sorted(labels)},
             )
+        _warn_empty_classes(source.classes, summary, data)
         skipped = [s for split in SPLITS for s in progress["splits"][split]["skipped"]]
         if skipped:
             log.warning("prepare: skipped %d unreadable image(s); they are listed in the manifest", len(skipped))

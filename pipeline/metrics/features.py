@@ -26,6 +26,7 @@ always rounded, so a 299 x 299 float image scores as its PNG would.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -79,7 +80,11 @@ class InceptionFeatures(torch.nn.Module):
 
     def __init__(self, cache: Path | None = None):
         super().__init__()
-        self.net = torch.jit.load(str(weights.path(WEIGHTS, cache)), map_location="cpu").eval()
+        with warnings.catch_warnings():
+            # The published weights exist only as a TorchScript archive, which only torch.jit.load
+            # reads; its deprecation notice (torch >= 2.9) says nothing the user can act on.
+            warnings.filterwarnings("ignore", message=r"`torch\.jit\.load` is deprecated", category=FutureWarning)
+            self.net = torch.jit.load(str(weights.path(WEIGHTS, cache)), map_location="cpu").eval()
         self.requires_grad_(False)
 
     @property

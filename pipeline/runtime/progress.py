@@ -69,17 +69,47 @@ class ProgressDisplay:
         eta = elapsed / max(step - self.initial, 1) * (self.total - step)
         log.info("%s: step %d/%d, loss %.4g, %.1f images/s, data wait %.0f%%, elapsed %s, ETA %s", self.name, step,
                  self.total, values["loss"], values["images_per_s"], 100 * values["data_wait_fraction"],
-                 _clock(elapsed), _clock(eta))
+                 clock(elapsed), clock(eta))
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
 
 
+class Countdown:
+    """Progress of one phase of a job that is not a training loop (evaluate's feature passes,
+    its likelihood ODE), as log lines wherever the output goes: one when the phase starts, then
+    ``done/total`` with elapsed time and ETA at most every ``LATENTPIPE_PROGRESS_SECONDS``, and
+    one when it ends. ``total`` is in ``unit``s; progress may be fractional (an ODE's time)."""
+
+    def __init__(self, name: str, total: float, unit: str):
+        self.name, self.total, self.unit, self.done = name, total, unit, 0.0
+        self.start = self.last_line = time.monotonic()
+        self.interval = float(os.environ.get(PROGRESS_SECONDS_ENV, "60"))
+        log.info("%s: %s %s ...", name, _amount(total), unit)
+
+    def update(self, done: float) -> None:
+        self.done, now = done, time.monotonic()
+        if now - self.last_line < self.interval or done >= self.total:
+            return
+        self.last_line, elapsed = now, now - self.start
+        eta = elapsed / done * (self.total - done) if done > 0 else math.inf
+        log.info("%s: %s/%s %s, elapsed %s, ETA %s", self.name, _amount(done), _amount(self.total), self.unit,
+                 clock(elapsed), clock(eta) if math.isfinite(eta) else "?")
+
+    def finish(self, note: str = "") -> None:
+        log.info("%s: done in %s%s", self.name, clock(time.monotonic() - self.start), f" ({note})" if note else "")
+
+
+def _amount(value: float) -> str:
+    return f"{value:d}" if isinstance(value, int) else f"{value:.2f}"
+
+
 def _terminal() -> bool:
     return sys.stderr.isatty()
 
 
-def _clock(seconds: float) -> str:
+def clock(seconds: float) -> str:
+    """Seconds as h:mm:ss."""
     seconds = round(seconds) if math.isfinite(seconds) else 0
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

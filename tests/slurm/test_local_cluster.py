@@ -187,6 +187,16 @@ def test_chain_completes_with_array_sampling(chain, cluster):
     assert again.returncode == 0 and again.stdout.strip() == "", again.stdout + again.stderr
 
 
+def test_job_logs_show_progress_and_no_deprecation_warnings(chain):
+    """A job's output is a file, not a terminal: the training stages log progress lines (the last
+    step always), evaluate logs where its report is, and no third-party deprecation notice shows."""
+    run, _, _ = chain
+    log = _job_logs(run.parent)
+    assert "autoencoder: step 5/5, loss" in log and "diffusion: step 8/8, loss" in log, log
+    assert "ETA" in log and "evaluate: report in" in log, log
+    assert "FutureWarning" not in log and "DeprecationWarning" not in log, log
+
+
 def test_failing_stage_cancels_its_dependents(cluster, tmp_path):
     # a path that does not exist passes the config check but fails when prepare reads it
     ids = _submit(cluster, tmp_path, tmp_path / "runs", ["--stages", "prepare,autoencoder,encode"],

@@ -1,16 +1,19 @@
-"""`latentpipe evaluate` on a tiny real run: every metric present and finite, the report written,
-a rerun skipped when up to date; with the real val images as "samples": FID ~0, precision and
+"""`latentpipe evaluate` on a tiny real run: every metric present and finite, each phase logged
+with its progress, the report (markdown, self-contained HTML, plots) written, a rerun skipped
+when up to date; with the real val images as "samples": FID ~0, precision and
 recall 1, classifier accuracy equal to its own real-val accuracy."""
 
 import io
 import json
+import logging
 import math
+import re
 import shutil
 
 import numpy as np
 import pytest
 
-from pipeline import artifacts, cli, manifest
+from pipeline import artifacts, cli, manifest, report
 from pipeline.data.stream import sequential_batches
 from pipeline.metrics.images import to_uint8
 from stages import evaluate, sample
@@ -38,9 +41,18 @@ def _copy_sampled(sampled, root):
     return root
 
 
-def test_metrics_are_finite_reported_and_a_rerun_is_skipped(sampled, tmp_path, weights_cache):
+def test_metrics_are_finite_reported_and_a_rerun_is_skipped(sampled, tmp_path, weights_cache, caplog, monkeypatch):
     cfg = _cfg_eval(_copy_sampled(sampled, tmp_path))
-    out = evaluate.run(cfg)
+    monkeypatch.setenv("LATENTPIPE_PROGRESS_SECONDS", "0")  # every progress update is a line
+    with caplog.at_level(logging.INFO):
+        out = evaluate.run(cfg)
+    logged = caplog.text
+    for phase in ("Inception features of the samples", "classifier", "autoencoder reconstructions",
+                  "Inception features of the reconstructions", "likelihood of 3 val latents"):
+        assert re.search(rf"evaluate: {phase}[^\n]*: done in \d:\d\d:\d\d", logged), phase  # start, end
+    # progress within a phase: i of N with an ETA (val images in batches of 16; the ODE's position)
+    assert re.search(r"autoencoder reconstructions: 16/\d+ val images, elapsed \S+, ETA \d", logged), logged
+    assert re.search(r"likelihood of 3 val latents[^\n]*: 0\.\d\d/1\.00 of the log-sigma range, elapsed", logged)
     found = manifest.read(out)
     assert found["status"] == "complete"
     metrics = json.loads((out / artifacts.Evaluation.METRICS_FILE).read_text())
@@ -54,8 +66,12 @@ def test_metrics_are_finite_reported_and_a_rerun_is_skipped(sampled, tmp_path, w
     assert set(metrics["classifier_accuracy_per_class"]) == {str(c) for c in range(10)}
     assert metrics["likelihood_latents"] == 3 and metrics["likelihood_nfe"] > 0
     assert metrics["sampler"]["method"] == "ddpm"
-    report = (out / artifacts.Evaluation.REPORT_FILE).read_text()
-    assert "../sample/grid.png" in report and "| fid |" in report and "diffusion:" in report and "evaluate:" in report
+    markdown = (out / artifacts.Evaluation.REPORT_FILE).read_text()
+    assert "../sample/grid.png" in markdown and "| fid |" in markdown and "diffusion:" in markdown
+    assert "evaluate:" in markdown
+    for name in ("samples", "fid", "per_class_accuracy", "autoencoder_training", "diffusion_training"):
+        assert f"](plots/{name}.png)" in markdown and (out / "plots" / f"{name}.png").is_file(), name
+    assert (out / report.REPORT_HTML).read_text().count("data:image/png;base64,") >= 5
     assert manifest.up_to_date(cfg, evaluate.NAME, evaluate.SECTIONS, evaluate.INPUTS)[0]
     run_id = found["run_id"]
     cli.run_pipeline(cfg)  # every stage up to date: nothing reruns
