@@ -170,7 +170,7 @@ def _bits_per_dim(cfg: config.Config, device) -> dict:
         return trained.denoiser(x_t, sigma, **cond)
 
     logp = log_likelihood(denoiser, x, trained.sigma_min, trained.sigma_max,
-                          generator=generator(cfg.experiment.seed, "likelihood", device=device),
+                          generator=generator(cfg.experiment.seed, "likelihood"),
                           rtol=cfg.evaluate.likelihood_rtol, atol=cfg.evaluate.likelihood_rtol, info=info)
     progress.finish(f"{info.get('nfe', 0)} network evaluations")
     bits = -logp.double().cpu() / (x[0].numel() * math.log(2))
