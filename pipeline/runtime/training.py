@@ -10,7 +10,7 @@ what it does with a non-finite step, and the progress it reports.
   step it packs ``[stop wanted, loss non-finite, gradient non-finite]`` into one tensor, reduces
   it across ranks with ONE collective and reads it with ONE host sync (``.tolist()``); everything
   else it logs (loss, grad norm, the stage's terms) is fetched from the device only on log steps.
-  A stop (SIGUSR1/SIGTERM or the time budget) seen at the end of step n saves at step n + 1 and
+  A stop (SIGUSR1/SIGTERM/SIGINT or the time budget) seen at the end of step n saves at step n + 1 and
   raises :class:`~pipeline.errors.StageInterrupted`; the first step boundary of a job is checked
   on its own. A non-finite step is skipped; ``max_nonfinite_steps`` of them in a row either stop
   the stage (:class:`NonFiniteLossError`) or roll back to the newest checkpoint with the learning
@@ -40,6 +40,7 @@ from pipeline.runtime import checkpoint
 from pipeline.runtime.dist import Runtime
 from pipeline.runtime.ema import EMA
 from pipeline.runtime.optim import scale_learning_rate
+from pipeline.runtime import preemption
 from pipeline.runtime.preemption import StopSignal
 from pipeline.runtime.progress import ProgressDisplay, Window
 
@@ -247,7 +248,7 @@ class TrainingLoop:
             if self._stop is not None:
                 self.state.save()
                 raise StageInterrupted(f"{self.name} stopped at step {self.state.progress.step} ({self._stop}); "
-                                       f"rerun the same command to resume")
+                                       f"rerun the same command to resume", preemption.exit_code(self._stop))
             self._losses, self._flags, self._reason_read = [], None, False
             yield self.state.progress.step
 
