@@ -40,7 +40,7 @@ class StopSignal:
             raise KeyboardInterrupt  # the second Ctrl-C: the user does not want to wait
         self.received = name
 
-    def __enter__(self) -> "StopSignal":
+    def __enter__(self) -> StopSignal:
         for sig in self.SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self

@@ -36,11 +36,10 @@ import torch
 
 from pipeline.data.stream import ShardLoader, endless
 from pipeline.errors import LatentpipeError, StageInterrupted
-from pipeline.runtime import checkpoint
+from pipeline.runtime import checkpoint, preemption
 from pipeline.runtime.dist import Runtime
 from pipeline.runtime.ema import EMA
 from pipeline.runtime.optim import scale_learning_rate
-from pipeline.runtime import preemption
 from pipeline.runtime.preemption import StopSignal
 from pipeline.runtime.progress import ProgressDisplay, Window
 

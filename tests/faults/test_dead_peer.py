@@ -16,7 +16,6 @@ import pytest
 from pipeline import config, manifest
 from pipeline.runtime.dist import COLLECTIVE_TIMEOUT_ENV
 from stages import prepare
-
 from tests.support import free_port
 
 pytestmark = pytest.mark.slow

@@ -31,7 +31,8 @@ ARGS = ["data.source=digits", "data.limit=200", "data.resolution=16", "data.shar
         "diffusion.warmup_steps=2", "diffusion.checkpoint_every=2", "diffusion.image_every=1000",
         "diffusion.shuffle_buffer=50"]
 UPSTREAM = {"autoencoder": ("prepare",), "diffusion": ("prepare", "autoencoder", "encode")}
-WEIGHTS = {"autoencoder": artifacts.TrainedAutoencoder.WEIGHTS_FILE, "diffusion": artifacts.TrainedDenoiser.WEIGHTS_FILE}
+WEIGHTS = {"autoencoder": artifacts.TrainedAutoencoder.WEIGHTS_FILE,
+           "diffusion": artifacts.TrainedDenoiser.WEIGHTS_FILE}
 
 
 def _cfg(root: Path) -> config.Config:
