@@ -186,12 +186,18 @@ class Runtime:
         return {"model": weights}, {"zero": zero.optimizer_state(model)}
 
     def load_training_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, shared: dict,
-                            own: dict) -> None:
-        """Restore what :meth:`training_state` returned (from ``checkpoint.load``)."""
+                            own: dict | None) -> None:
+        """Restore what :meth:`training_state` returned (from ``checkpoint.load``; ``own`` is None
+        when the checkpoint was written by another number of ranks). DDP keeps the full optimiser
+        state in ``shared``, so it resumes on any number of ranks."""
         if not self.zero_stage:
             self.unwrap(model).load_state_dict(shared["model"])
             optimizer.load_state_dict(shared["optimizer"])
             return
+        if own is None:
+            raise LatentpipeError("this checkpoint was written by another number of ranks and holds DeepSpeed ZeRO "
+                                  "optimizer partitions, which resume on the same number of ranks only: rerun "
+                                  "with the original number of processes (or without DeepSpeed from a DDP checkpoint)")
         if "zero" not in own:
             raise ValueError("this checkpoint holds no DeepSpeed optimizer partitions (it was written without "
                              "DeepSpeed): resume it without the deepspeed config, or start afresh")
@@ -233,6 +239,14 @@ class Runtime:
         parts = [torch.zeros_like(padded) for _ in range(self.world_size)]
         torch_dist.all_gather(parts, padded.contiguous())
         return torch.cat([p[: int(c.item())] for p, c in zip(parts, counts)])
+
+    def gather_objects(self, value: Any) -> list[Any]:
+        """Every rank's ``value`` (plain picklable data), in rank order, on every rank."""
+        if self.world_size == 1:
+            return [value]
+        out: list[Any] = [None] * self.world_size
+        torch_dist.all_gather_object(out, value)
+        return out
 
     def reduce_max_(self, tensor: torch.Tensor) -> torch.Tensor:
         """Element-wise maximum over the ranks, in place and without a host sync (for flags that

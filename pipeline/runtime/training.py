@@ -123,8 +123,10 @@ class TrainState:
 
     ``pairs``: name -> (prepared model, its optimiser); the first pair is the primary one (the
     EMA follows it, the scheduler drives its optimiser). Shared state (weights, optimisers,
-    scheduler, EMA, gradient scaler, progress) goes to ``state.pt``; each rank's own (loader
-    position, ZeRO partitions) to its rank file.
+    scheduler, EMA, gradient scaler, progress, every rank's loader position) goes to
+    ``state.pt``; each rank's own (ZeRO partitions) to its rank file. Under DDP a checkpoint
+    resumes on any number of ranks (the loader continues the epoch, see
+    ``ShardLoader.resume``); under ZeRO on the same number only.
     """
 
     def __init__(self, runtime: Runtime, directory: Path, *, resume_key: str, keep: int, loader: ShardLoader,
@@ -145,8 +147,10 @@ class TrainState:
 
     def save(self) -> Path:
         """Checkpoint at the current step (collective: every rank calls it)."""
-        shared: dict[str, Any] = {"progress": asdict(self.progress), "runtime": self.runtime.state_dict()}
-        own: dict[str, Any] = {"loader": self.loader.state_dict()}
+        # every rank's loader position in the shared state: a job on another number of ranks continues the epoch
+        shared: dict[str, Any] = {"progress": asdict(self.progress), "runtime": self.runtime.state_dict(),
+                                  "loaders": self.runtime.gather_objects(self.loader.state_dict())}
+        own: dict[str, Any] = {}
         for name, (model, optimizer) in self.pairs.items():
             shared[name], own[name] = self.runtime.training_state(model, optimizer)
         if self.scheduler is not None:
@@ -170,12 +174,15 @@ class TrainState:
             return None
         path, shared, own = found
         for name, (model, optimizer) in self.pairs.items():
-            self.runtime.load_training_state(model, optimizer, shared[name], own[name])
+            self.runtime.load_training_state(model, optimizer, shared[name], None if own is None else own[name])
         if self.scheduler is not None:
             self.scheduler.load_state_dict(shared["scheduler"])
         if self.ema is not None:
             self.ema.load_state_dict(shared["ema"])
-        self.loader.load_state_dict(own["loader"])
+        if "loaders" in shared:
+            self.loader.resume(shared["loaders"])
+        else:  # written before the positions were shared: by this number of ranks
+            self.loader.load_state_dict(own["loader"])
         self.runtime.load_state_dict(shared["runtime"])
         self.progress = Progress(**shared["progress"])
         return path

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from pipeline.data.stream import ShardLoader, StreamError
-
 from tests.data.test_stream import _write_shards
 
 BATCH = 4
