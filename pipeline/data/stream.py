@@ -17,6 +17,12 @@ was consumed, so its next batches are exactly those an uninterrupted loader woul
 yielded (same keys, same augmentations: each sample's randomness comes from
 ``(seed, epoch, slot, index)``). Skipping reads bytes but decodes only when needed.
 
+Elastic resume. :meth:`ShardLoader.resume` takes every rank's state of a checkpoint. Under
+another number of ranks or workers the rest of the epoch is every sample not yet consumed, each
+once (:class:`_Rest`); the consumed ones are replayed from the saved positions, which stay a
+few numbers per rank whatever the world size. Each pass of a slot over its shards is shuffled
+on its own, so with balanced shards an epoch sees every sample exactly once.
+
 Sources: local paths, directories, brace patterns (``shards/train-{000000..000009}.tar``),
 ``http(s)://`` URLs and ``pipe:`` commands (e.g. ``pipe:aws s3 cp s3://bucket/x.tar -``), read by
 pipeline.data.reader (samples of a shard), pipeline.data.tar (the tar format) and
