@@ -291,7 +291,8 @@ class _EpochSlice(torch.utils.data.IterableDataset):
         would repeat some samples of the epoch and skip others)."""
         lay, opts = self.layout, self.options
         for wrap in itertools.count():
-            rng = python_rng(lay.seed, "shuffle", self.epoch, global_slot, wrap)
+            # pass 0 keeps the seed of the single buffer this replaced: the same order until its end
+            rng = python_rng(lay.seed, "shuffle", self.epoch, global_slot, *([wrap] if wrap else []))
             yield from shuffled(self._pass(global_slot, wrap), opts["shuffle_buffer"], rng)
 
     def _pass(self, global_slot: int, wrap: int) -> Iterator[dict]:
