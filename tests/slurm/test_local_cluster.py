@@ -374,3 +374,38 @@ def test_scancel_is_not_undone_by_a_requeue(chain, cluster, tmp_path):
     assert state["JobState"] == "CANCELLED" and state["Restarts"] == "0", f"{state}\n{log}"
     assert "not requeued" in log, log
     assert json.loads((runs / "tiny" / "diffusion" / "manifest.json").read_text())["status"] == "interrupted"
+
+
+def test_a_requeued_job_continues_on_another_number_of_nodes(chain, cluster, tmp_path):
+    """Preempted on two nodes (world 2), requeued, given one node while it waits: the rerun
+    resumes the two-rank checkpoint on one rank and finishes (elastic resume)."""
+    runs = _copy_upstream(chain[0], tmp_path)
+    (tmp_path / "slurm").mkdir()
+    steps = ["diffusion.max_steps=30", "diffusion.checkpoint_every=10", "diffusion.log_every=10"]
+    env = dict(_env(cluster), LATENTPIPE_REQUEUE_START_NOW="0")  # keep SLURM's requeue hold: time to resize
+    out = subprocess.run(["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--time=10",
+                          f"--output={tmp_path}/slurm/%x-%j.out", str(REPO / "slurm" / "diffusion.sbatch"),
+                          f"experiment.runs_dir={runs}", *ARGS, *steps],
+                         capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path, check=True).stdout
+    job = out.strip().split(";")[0]
+    checkpoints = runs / "tiny" / "diffusion" / "checkpoints"
+    end = time.monotonic() + 180
+    while not (checkpoints.is_dir() and any(checkpoints.glob("step-*/complete.json"))):
+        assert time.monotonic() < end, f"no checkpoint after 180 s\n{_job_logs(tmp_path)}"
+        time.sleep(0.1)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, timeout=30, env=_env(cluster))
+    end = time.monotonic() + 180
+    while (state := slurm.job_states(job)[0])["JobState"] != "PENDING" or int(state.get("Restarts", "0")) < 1:
+        assert time.monotonic() < end and state["JobState"] not in TERMINAL, f"{state}\n{_job_logs(tmp_path)}"
+        time.sleep(0.2)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "NumNodes=1", "NumTasks=1"], check=True, timeout=30,
+                   env=_env(cluster))
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now+3"], check=True, timeout=30, env=_env(cluster))
+    (state,) = _wait([job], 300, tmp_path)[job]
+    log = _job_logs(tmp_path)
+    assert state["JobState"] == "COMPLETED" and int(state["Restarts"]) == 1, f"{state}\n{log}"
+    assert "world 2, rendezvous" in log and "written by 2 rank(s); this job has 1" in log, log
+    found = json.loads((runs / "tiny" / "diffusion" / "manifest.json").read_text())
+    assert found["status"] == "complete" and found["metrics"]["steps"] == 30
+    final = json.loads((checkpoints / "step-00000030" / "complete.json").read_text())
+    assert final["world_size"] == 1
