@@ -249,19 +249,20 @@ class _EpochSlice(torch.utils.data.IterableDataset):
             torch.set_num_threads(1)
         lay = self.layout
         if self.rest is not None:
-            yield from self._rest_batches(worker)
+            yield from self._rest_batches(worker, self.rest)
             return
         slot = (self.start + worker) % lay.slots_per_rank
         skip_batches = (self.start + worker) // lay.slots_per_rank
         yield from self._slot_batches(slot, skip_batches)
 
-    def _rest_batches(self, worker: int) -> Iterator[tuple[dict, dict]]:
+    def _rest_batches(self, worker: int, rest: _Rest) -> Iterator[tuple[dict, dict]]:
         """After a layout change: this rank's batches of the rest of the epoch. Every worker reads
         the rank's whole stream (decoding it, since an undecodable sample shifts the batches) and
         yields batches ``start + worker``, ``start + worker + W``, ...; their failure count is the
         stream's (the same in every worker)."""
-        lay, opts, rest = self.layout, self.options, self.rest
-        failures, index, batch = 0, 0, []
+        lay, opts = self.layout, self.options
+        failures, index = 0, 0
+        batch: list[dict] = []
         for raw in rest.stream(lay.rank, lay.world_size, self.damage):
             if index >= rest.batches:
                 return

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import signal
 import time
+from typing import Any
 
 from pipeline.errors import REQUEUE_EXIT_CODE
 
@@ -32,7 +33,7 @@ class StopSignal:
     def __init__(self, time_budget_s: float | None = None):
         self.received: str | None = None
         self.deadline = None if time_budget_s is None else time.monotonic() + time_budget_s
-        self._previous: dict[int, object] = {}
+        self._previous: dict[int, Any] = {}
 
     def _handle(self, signum, frame) -> None:
         name = signal.Signals(signum).name

@@ -181,8 +181,11 @@ class TrainState:
             self.ema.load_state_dict(shared["ema"])
         if "loaders" in shared:
             self.loader.resume(shared["loaders"])
-        else:  # written before the positions were shared: by this number of ranks
+        elif own is not None:  # written before the positions were shared
             self.loader.load_state_dict(own["loader"])
+        else:
+            raise LatentpipeError(f"{path} predates elastic resume and was written by another number of ranks: "
+                                  f"rerun with its number of processes")
         self.runtime.load_state_dict(shared["runtime"])
         self.progress = Progress(**shared["progress"])
         return path
