@@ -205,8 +205,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"latentpipe: error: {err}", file=sys.stderr)
         return 2
     except StageInterrupted as stopped:
-        print(f"latentpipe: {stopped} (exit code {REQUEUE_EXIT_CODE}: requeue)", file=sys.stderr)
-        return REQUEUE_EXIT_CODE
+        hint = ": requeue" if stopped.exit_code == REQUEUE_EXIT_CODE else ""
+        print(f"latentpipe: {stopped} (exit code {stopped.exit_code}{hint})", file=sys.stderr)
+        return stopped.exit_code
     except KeyboardInterrupt:
         print("latentpipe: interrupted", file=sys.stderr)
         return 130

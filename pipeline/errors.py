@@ -15,4 +15,8 @@ REQUEUE_EXIT_CODE = 75
 
 class StageInterrupted(Exception):
     """A stage stopped early on purpose (signal, time budget) after saving its state; rerunning
-    the same command resumes it."""
+    the same command resumes it. ``exit_code``: what the CLI exits with (75: requeue; 130 after Ctrl-C)."""
+
+    def __init__(self, message: str, exit_code: int = REQUEUE_EXIT_CODE):
+        super().__init__(message)
+        self.exit_code = exit_code

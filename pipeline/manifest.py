@@ -239,7 +239,7 @@ def stage_run(
     try:
         yield record
     except BaseException as err:
-        status = INTERRUPTED if isinstance(err, StageInterrupted) else FAILED
+        status = INTERRUPTED if isinstance(err, (StageInterrupted, KeyboardInterrupt)) else FAILED
         manifest.update(status=status, error=f"{type(err).__name__}: {err}", finished_at=_now())
         write(directory, manifest)
         raise

@@ -17,6 +17,12 @@ was consumed, so its next batches are exactly those an uninterrupted loader woul
 yielded (same keys, same augmentations: each sample's randomness comes from
 ``(seed, epoch, slot, index)``). Skipping reads bytes but decodes only when needed.
 
+Elastic resume. :meth:`ShardLoader.resume` takes every rank's state of a checkpoint. Under
+another number of ranks or workers the rest of the epoch is every sample not yet consumed, each
+once (:class:`_Rest`); the consumed ones are replayed from the saved positions, which stay a
+few numbers per rank whatever the world size. Each pass of a slot over its shards is shuffled
+on its own, so with balanced shards an epoch sees every sample exactly once.
+
 Sources: local paths, directories, brace patterns (``shards/train-{000000..000009}.tar``),
 ``http(s)://`` URLs and ``pipe:`` commands (e.g. ``pipe:aws s3 cp s3://bucket/x.tar -``), read by
 pipeline.data.reader (samples of a shard), pipeline.data.tar (the tar format) and
@@ -164,13 +170,76 @@ def slot_shards(urls: Sequence[str], layout: Layout, epoch: int, global_slot: in
     return order if len(urls) < layout.num_slots else order[global_slot :: layout.num_slots]
 
 
+class _Rest:
+    """The rest of an epoch after the layout changed (resume on another number of ranks or
+    workers): the samples not consumed by the earlier segments of the epoch, in the epoch's
+    global order (shards permuted by (seed, epoch), samples in tar order), rank ``r`` of ``R``
+    taking every R-th one through a shuffle buffer. A segment is (layout, per-rank batches and
+    failures); segment 0 used the slot streams of :class:`_EpochSlice`, later ones these streams.
+    Which samples a segment consumed is replayed from that description (bytes read, nothing
+    decoded), so the position is independent of the world size and stays small."""
+
+    def __init__(self, urls: Sequence[str], seed: int, epoch: int, history: list[dict], options: dict):
+        self.urls, self.seed, self.epoch, self.history, self.options = list(urls), seed, epoch, history, options
+        self.consumed: set[tuple[str, str]] = set()
+        for index, segment in enumerate(history):
+            self.consumed |= self._consumed_by(index, segment)
+        lay = Layout(**{**history[-1]["layout"], "rank": 0})
+        self.remaining = lay.samples_per_epoch - len(self.consumed)
+        self.batches = 0  # per rank, set by ShardLoader for its layout
+
+    def _consumed_by(self, index: int, segment: dict) -> set[tuple[str, str]]:
+        found: set[tuple[str, str]] = set()
+        ranks = segment["ranks"]
+        for rank, done in enumerate(ranks):
+            lay = Layout(**{**segment["layout"], "rank": rank})
+            if index == 0:
+                for slot in range(lay.slots_per_rank):
+                    taken = len(range(slot, done["batches"], lay.slots_per_rank)) * lay.batch_size
+                    taken += done["failures"][slot] if taken else 0
+                    piece = _EpochSlice(self.urls, lay, self.epoch, 0, [0] * lay.slots_per_rank, self.options)
+                    global_slot = rank * lay.slots_per_rank + slot
+                    found.update(_identity(raw) for raw in itertools.islice(piece._raw(global_slot), taken))
+            else:
+                earlier = _Rest(self.urls, self.seed, self.epoch, self.history[:index], self.options)
+                taken = done["batches"] * lay.batch_size + (max(done["failures"]) if done["batches"] else 0)
+                stream = earlier.stream(rank, len(ranks), [])
+                found.update(_identity(raw) for raw in itertools.islice(stream, taken))
+        return found
+
+    def stream(self, rank: int, world_size: int, damage: list[tuple[str, str]]) -> Iterator[dict]:
+        """Rank ``rank``'s raw samples of the rest of the epoch (``damage`` collects damaged shards)."""
+        rng = python_rng(self.seed, "shuffle-rest", self.epoch, len(self.history), rank)
+        return shuffled(self._mine(rank, world_size, damage), self.options["shuffle_buffer"], rng)
+
+    def _mine(self, rank: int, world_size: int, damage: list[tuple[str, str]]) -> Iterator[dict]:
+        position = 0
+        for url in python_rng(self.seed, "shards", self.epoch, 0).sample(self.urls, len(self.urls)):
+            try:
+                for raw in read_shard(url, self.options["timeout"], self.options["deadline"]):
+                    if _identity(raw) in self.consumed:
+                        continue
+                    position += 1
+                    if (position - 1) % world_size == rank:
+                        yield raw
+            except (DamagedShardError, TransferError, OSError) as err:
+                if self.options["on_error"] == "raise":
+                    raise
+                damage.append((url, str(err)))
+
+
+def _identity(raw: dict) -> tuple[str, str]:
+    return raw["__url__"], raw["__key__"]
+
+
 class _EpochSlice(torch.utils.data.IterableDataset):
     """One rank's batches of one epoch from batch ``start`` on; DataLoader worker w serves slot
     (start + w) mod W so that the DataLoader's round-robin order is the rank's batch order."""
 
-    def __init__(self, urls, layout: Layout, epoch: int, start: int, failures: list[int], options: dict):
+    def __init__(self, urls, layout: Layout, epoch: int, start: int, failures: list[int], options: dict,
+                 rest: _Rest | None = None):
         self.urls, self.layout, self.epoch, self.start = urls, layout, epoch, start
-        self.failures, self.options = failures, options
+        self.failures, self.options, self.rest = failures, options, rest
         self.damage: list[tuple[str, str]] = []  # (url, error) found since the last batch
 
     def __iter__(self) -> Iterator[tuple[dict, dict]]:
@@ -179,42 +248,84 @@ class _EpochSlice(torch.utils.data.IterableDataset):
         if info is not None:
             torch.set_num_threads(1)
         lay = self.layout
+        if self.rest is not None:
+            yield from self._rest_batches(worker, self.rest)
+            return
         slot = (self.start + worker) % lay.slots_per_rank
         skip_batches = (self.start + worker) // lay.slots_per_rank
         yield from self._slot_batches(slot, skip_batches)
 
+    def _rest_batches(self, worker: int, rest: _Rest) -> Iterator[tuple[dict, dict]]:
+        """After a layout change: this rank's batches of the rest of the epoch. Every worker reads
+        the rank's whole stream (decoding it, since an undecodable sample shifts the batches) and
+        yields batches ``start + worker``, ``start + worker + W``, ...; their failure count is the
+        stream's (the same in every worker)."""
+        lay, opts = self.layout, self.options
+        failures, index = 0, 0
+        batch: list[dict] = []
+        for raw in rest.stream(lay.rank, lay.world_size, self.damage):
+            if index >= rest.batches:
+                return
+            try:
+                sample = decode_sample(raw, opts["with_meta"])
+            except SampleDecodeError as err:
+                if opts["on_error"] == "raise":
+                    raise
+                failures += 1
+                log.warning("skipping undecodable %s", err)
+                continue
+            mine = index >= self.start and (index - self.start) % lay.slots_per_rank == worker
+            if mine and "image" in sample and (opts["flip"] or opts["crop"]):
+                gen = generator(lay.seed, "augment-rest", self.epoch, len(rest.history), lay.rank, index, len(batch))
+                sample["image"] = transforms.augment(sample["image"], gen, opts["flip"], opts["crop"])
+            batch.append(sample)
+            if len(batch) == lay.batch_size:
+                if mine:
+                    yield collate(batch), {"slot": worker, "failures": failures, "damage": self.damage}
+                    self.damage = []
+                batch, index = [], index + 1
+
     def _raw(self, global_slot: int) -> Iterator[dict]:
-        """This slot's raw samples for the epoch, wrapping around (reshuffled) as needed."""
+        """This slot's raw samples for the epoch through the shuffle buffer, wrapping around
+        (reshuffled) as needed. Each pass over the slot's shards is shuffled on its own, so the
+        first pass yields each of its samples once before any re-read (a buffer spanning passes
+        would repeat some samples of the epoch and skip others)."""
+        lay, opts = self.layout, self.options
+        for wrap in itertools.count():
+            # pass 0 keeps the seed of the single buffer this replaced: the same order until its end
+            rng = python_rng(lay.seed, "shuffle", self.epoch, global_slot, *([wrap] if wrap else []))
+            yield from shuffled(self._pass(global_slot, wrap), opts["shuffle_buffer"], rng)
+
+    def _pass(self, global_slot: int, wrap: int) -> Iterator[dict]:
+        """One pass over the slot's shards (samples in tar order)."""
         lay, opts = self.layout, self.options
         by_sample = len(self.urls) < lay.num_slots
-        for wrap in itertools.count():
-            mine = slot_shards(self.urls, lay, self.epoch, global_slot, wrap)
-            produced = 0
-            index = 0
-            for url in mine:
-                try:
-                    for sample in read_shard(url, opts["timeout"], opts["deadline"]):
-                        index += 1
-                        if by_sample and (index - 1) % lay.num_slots != global_slot:
-                            continue
-                        produced += 1
-                        yield sample
-                except (DamagedShardError, TransferError, OSError) as err:
-                    if opts["on_error"] == "raise":
-                        raise
-                    self.damage.append((url, str(err)))
-            if produced == 0:
-                raise StreamError(
-                    f"rank {lay.rank} slot {global_slot % lay.slots_per_rank} read no samples from "
-                    f"{len(mine)} shard(s) {mine[:3]}: the shards are empty or unreadable"
-                )
+        mine = slot_shards(self.urls, lay, self.epoch, global_slot, wrap)
+        produced = 0
+        index = 0
+        for url in mine:
+            try:
+                for sample in read_shard(url, opts["timeout"], opts["deadline"]):
+                    index += 1
+                    if by_sample and (index - 1) % lay.num_slots != global_slot:
+                        continue
+                    produced += 1
+                    yield sample
+            except (DamagedShardError, TransferError, OSError) as err:
+                if opts["on_error"] == "raise":
+                    raise
+                self.damage.append((url, str(err)))
+        if produced == 0:
+            raise StreamError(
+                f"rank {lay.rank} slot {global_slot % lay.slots_per_rank} read no samples from "
+                f"{len(mine)} shard(s) {mine[:3]}: the shards are empty or unreadable"
+            )
 
     def _slot_batches(self, slot: int, skip_batches: int) -> Iterator[tuple[dict, dict]]:
         lay, opts = self.layout, self.options
         global_slot = lay.rank * lay.slots_per_rank + slot
         failures = 0
-        rng = python_rng(lay.seed, "shuffle", self.epoch, global_slot)
-        stream = shuffled(self._raw(global_slot), opts["shuffle_buffer"], rng)
+        stream = self._raw(global_slot)
         to_skip = skip_batches * lay.batch_size
         must_decode_skipped = self.failures[slot] > 0  # failures shift the stream: replay them
         index = 0  # decoded samples of this slot in this epoch: fixes each one's augmentation
@@ -304,9 +415,17 @@ class ShardLoader:
         self.damaged_shards: dict[str, dict[str, Any]] = {}
         """Per damaged shard: its first error and how many reads of it found the damage (a shard
         is re-read by every slot that reads it and in every epoch); for the stage's manifest."""
+        self.history: list[dict] = []  # earlier segments of this epoch, under other layouts (see _Rest)
+        self._rest: _Rest | None = None
 
     def __len__(self) -> int:
-        return self.layout.batches_per_epoch
+        return self.batches_in_epoch
+
+    @property
+    def batches_in_epoch(self) -> int:
+        """Batches of the current epoch on this rank (fewer in the rest of an epoch begun under
+        another layout)."""
+        return self.layout.batches_per_epoch if self._rest is None else self._rest.batches
 
     @property
     def skipped(self) -> dict[str, int]:
@@ -322,7 +441,7 @@ class ShardLoader:
     def __iter__(self) -> Iterator[dict]:
         """The rest of the current epoch; the next iteration starts the next epoch."""
         lay = self.layout
-        dataset = _EpochSlice(self.urls, lay, self.epoch, self.batches, list(self.failures), self.options)
+        dataset = _EpochSlice(self.urls, lay, self.epoch, self.batches, list(self.failures), self.options, self._rest)
         loader = torch.utils.data.DataLoader(
             dataset,
             batch_size=None,
@@ -335,18 +454,24 @@ class ShardLoader:
         for batch, meta in batches:
             slot = meta["slot"]
             self.batches += 1
-            self.undecodable_samples += meta["failures"] - self.failures[slot]
+            # a slot's count is its own stream's; in the rest of an epoch all workers share one stream
+            before = self.failures[slot] if self._rest is None else max(self.failures)
+            self.undecodable_samples += meta["failures"] - before
             self.failures[slot] = meta["failures"]
             for url, error in meta["damage"]:
                 self._record_damage(url, error)
             yield batch
-        if self.batches != lay.batches_per_epoch:  # a worker stopped short: never silently
+        if self.batches != self.batches_in_epoch:  # a worker stopped short: never silently
             raise StreamError(
-                f"rank {lay.rank} got {self.batches} of {lay.batches_per_epoch} batches in epoch {self.epoch}"
+                f"rank {lay.rank} got {self.batches} of {self.batches_in_epoch} batches in epoch {self.epoch}"
             )
+        self._next_epoch()
+
+    def _next_epoch(self) -> None:
         self.epoch += 1
         self.batches = 0
-        self.failures = [0] * lay.slots_per_rank
+        self.failures = [0] * self.layout.slots_per_rank
+        self.history, self._rest = [], None
 
     def state_dict(self) -> dict:
         lay = self.layout
@@ -356,6 +481,7 @@ class ShardLoader:
             "samples_seen": self.batches * lay.batch_size,
             "failures": list(self.failures),
             "damaged_shards": {url: dict(seen) for url, seen in self.damaged_shards.items()},
+            "history": [dict(segment) for segment in self.history],
             "layout": {
                 "num_shards": lay.num_shards,
                 "samples_per_epoch": lay.samples_per_epoch,
@@ -367,7 +493,6 @@ class ShardLoader:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        lay = self.layout
         mine = self.state_dict()["layout"]
         changed = {k: (v, mine[k]) for k, v in state["layout"].items() if mine.get(k) != v}
         if changed:
@@ -376,11 +501,55 @@ class ShardLoader:
                 f"cannot resume the data stream exactly: its layout changed ({detail}); "
                 f"restore the original settings, or start a new epoch by dropping the loader state"
             )
-        if not 0 <= state["batches"] <= lay.batches_per_epoch:
-            raise StreamError(f"loader state has {state['batches']} batches of {lay.batches_per_epoch}")
-        self.epoch, self.batches, self.failures = state["epoch"], state["batches"], list(state["failures"])
+        self.epoch, self.batches, self.failures = state["epoch"], 0, list(state["failures"])
+        self._continue(state.get("history", []))  # states saved before elastic resume lack it
+        if not 0 <= state["batches"] <= self.batches_in_epoch:
+            raise StreamError(f"loader state has {state['batches']} batches of {self.batches_in_epoch}")
+        self.batches = state["batches"]
         # states saved before damaged shards were counted lack the key
         self.damaged_shards = {url: dict(seen) for url, seen in state.get("damaged_shards", {}).items()}
+
+    def resume(self, states: list[dict]) -> None:
+        """Continue from the :meth:`state_dict` of every rank of a checkpoint (in rank order),
+        written under this layout (then exactly as :meth:`load_state_dict`: bit-identical batches)
+        or under another number of ranks or workers. Then the rest of the epoch is every sample
+        the earlier ranks did not consume, each once, split over the ranks now (see
+        :class:`_Rest`; the rest of that epoch reads every shard once per worker), and the next
+        epoch starts under the new layout."""
+        lay, old = self.layout, states[0]["layout"]
+        mine = self.state_dict()["layout"]
+        if old == mine and len(states) == lay.world_size:
+            self.load_state_dict(states[lay.rank])
+            return
+        fixed = ("num_shards", "samples_per_epoch", "batch_size", "seed")
+        changed = {k: (old[k], mine[k]) for k in fixed if old[k] != mine[k]}
+        if changed:
+            detail = ", ".join(f"{k}: {was} -> {now}" for k, (was, now) in changed.items())
+            raise StreamError(f"cannot continue the data stream: only the number of ranks and workers may change "
+                              f"between runs ({detail}); restore the original settings")
+        history = [dict(segment) for segment in states[0].get("history", [])]
+        if states[0]["batches"]:
+            history.append({"layout": old, "ranks": [{"batches": s["batches"], "failures": list(s["failures"])}
+                                                     for s in states]})
+        self.epoch, self.batches, self.failures = states[0]["epoch"], 0, [0] * lay.slots_per_rank
+        # damaged shards, counted per rank, go to rank 0: the stage sums them over ranks
+        self.damaged_shards = {}
+        for state in states if lay.rank == 0 else []:
+            for url, seen in state.get("damaged_shards", {}).items():
+                mine_seen = self.damaged_shards.setdefault(url, {"error": seen["error"], "reads": 0})
+                mine_seen["reads"] += seen["reads"]
+        self._continue(history)
+        log.info("data stream: epoch %d continues on %d rank(s) x %d worker(s) with %d batches per rank",
+                 self.epoch, lay.world_size, lay.num_workers, self.batches_in_epoch)
+
+    def _continue(self, history: list[dict]) -> None:
+        """Set the epoch's earlier segments (none: the epoch runs under this layout from its start)."""
+        self.history = history
+        self._rest = _Rest(self.urls, self.layout.seed, self.epoch, history, self.options) if history else None
+        if self._rest is not None:
+            self._rest.batches = self._rest.remaining // (self.layout.world_size * self.layout.batch_size)
+            if self._rest.batches == 0:  # the earlier ranks consumed the whole epoch
+                self._next_epoch()
 
 
 def sequential_batches(

@@ -90,7 +90,7 @@ def latest(directory: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_latest(directory: Path, runtime: Runtime) -> tuple[Path, dict[str, Any], dict[str, Any]] | None:
+def load_latest(directory: Path, runtime: Runtime) -> tuple[Path, dict[str, Any], dict[str, Any] | None] | None:
     """(path, shared, own) of the newest complete checkpoint that every rank can read; one with
     an unreadable file (truncated or corrupted after it was written) is reported and skipped in
     favour of the one before. None when there is none."""
@@ -106,14 +106,14 @@ def load_latest(directory: Path, runtime: Runtime) -> tuple[Path, dict[str, Any]
     return None
 
 
-def load(path: Path, rank: int, world_size: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(shared state, this rank's own state) of a checkpoint, on CPU."""
+def load(path: Path, rank: int, world_size: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(shared state, this rank's own state) of a checkpoint, on CPU. The own state is None when
+    the checkpoint was written by another number of ranks (elastic resume: the shared state
+    carries over, see ``TrainState.restore``)."""
     meta = json.loads((path / "complete.json").read_text())
-    if meta["world_size"] != world_size:
-        raise ValueError(
-            f"{path} was written by {meta['world_size']} rank(s) but this job has {world_size}: "
-            f"resume with the same number of processes (the data order depends on it)"
-        )
     shared = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    if meta["world_size"] != world_size:
+        log.info("%s was written by %d rank(s); this job has %d", path, meta["world_size"], world_size)
+        return shared, None
     own = torch.load(path / _rank_file(rank), map_location="cpu", weights_only=True)
     return shared, own

@@ -25,6 +25,7 @@ import contextlib
 import json
 import os
 import socket
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,12 @@ import torch.distributed as torch_dist
 from pipeline.errors import LatentpipeError
 from pipeline.runtime import zero
 
+COLLECTIVE_TIMEOUT_ENV = "LATENTPIPE_COLLECTIVE_TIMEOUT_S"
+DEFAULT_COLLECTIVE_TIMEOUT_S = 900.0
+"""How long a collective (or a barrier around a checkpoint save) may wait for a peer before the
+rank gives up with an error instead of hanging: a peer that died without closing its sockets
+(a lost node) or hangs. A peer killed on a live node closes its sockets and the others fail at
+once. Must exceed the slowest checkpoint write, which the other ranks wait for in a barrier."""
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 _ACCELERATE_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
@@ -179,12 +186,18 @@ class Runtime:
         return {"model": weights}, {"zero": zero.optimizer_state(model)}
 
     def load_training_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, shared: dict,
-                            own: dict) -> None:
-        """Restore what :meth:`training_state` returned (from ``checkpoint.load``)."""
+                            own: dict | None) -> None:
+        """Restore what :meth:`training_state` returned (from ``checkpoint.load``; ``own`` is None
+        when the checkpoint was written by another number of ranks). DDP keeps the full optimiser
+        state in ``shared``, so it resumes on any number of ranks."""
         if not self.zero_stage:
             self.unwrap(model).load_state_dict(shared["model"])
             optimizer.load_state_dict(shared["optimizer"])
             return
+        if own is None:
+            raise LatentpipeError("this checkpoint was written by another number of ranks and holds DeepSpeed ZeRO "
+                                  "optimizer partitions, which resume on the same number of ranks only: rerun "
+                                  "with the original number of processes (or without DeepSpeed from a DDP checkpoint)")
         if "zero" not in own:
             raise ValueError("this checkpoint holds no DeepSpeed optimizer partitions (it was written without "
                              "DeepSpeed): resume it without the deepspeed config, or start afresh")
@@ -227,6 +240,14 @@ class Runtime:
         torch_dist.all_gather(parts, padded.contiguous())
         return torch.cat([p[: int(c.item())] for p, c in zip(parts, counts)])
 
+    def gather_objects(self, value: Any) -> list[Any]:
+        """Every rank's ``value`` (plain picklable data), in rank order, on every rank."""
+        if self.world_size == 1:
+            return [value]
+        out: list[Any] = [None] * self.world_size
+        torch_dist.all_gather_object(out, value)
+        return out
+
     def reduce_max_(self, tensor: torch.Tensor) -> torch.Tensor:
         """Element-wise maximum over the ranks, in place and without a host sync (for flags that
         the caller reads with one ``.tolist()``)."""
@@ -243,6 +264,18 @@ class Runtime:
         return bool(value.item())
 
 
+def collective_timeout() -> timedelta:
+    """The process group's timeout: ``$LATENTPIPE_COLLECTIVE_TIMEOUT_S`` seconds (default 900)."""
+    raw = os.environ.get(COLLECTIVE_TIMEOUT_ENV, str(DEFAULT_COLLECTIVE_TIMEOUT_S))
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if seconds <= 0:
+        raise LatentpipeError(f"{COLLECTIVE_TIMEOUT_ENV}={raw!r}: give the seconds a collective may wait, e.g. 900")
+    return timedelta(seconds=seconds)
+
+
 def _fresh_accelerator(precision: str, cpu: bool | None, deepspeed: str | Path | None, grad_clip: float,
                        batch_size: int | None, gradient_accumulation_steps: int):
     """An ``Accelerator`` configured from scratch. accelerate's state is process-global and
@@ -255,15 +288,19 @@ def _fresh_accelerator(precision: str, cpu: bool | None, deepspeed: str | Path |
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)  # set by an earlier DeepSpeed Accelerator
+    # the timeout bounds every collective: a dead or hung peer ends the job instead of hanging it
+    timeout = collective_timeout()
     if deepspeed is None:
         return Accelerator(cpu=not torch.cuda.is_available() if cpu is None else cpu,
-                           gradient_accumulation_steps=gradient_accumulation_steps)
+                           gradient_accumulation_steps=gradient_accumulation_steps,
+                           kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)])
     if cpu:
         raise ValueError("DeepSpeed picks its device itself: leave cpu unset (it uses CPU + gloo without CUDA)")
     config = _deepspeed_config(deepspeed, grad_clip, batch_size, gradient_accumulation_steps)
     _single_process_environment()
-    handlers = [] if torch.cuda.is_available() else [InitProcessGroupKwargs(backend="gloo")]
-    return Accelerator(deepspeed_plugin=_deepspeed_plugin(config), kwargs_handlers=handlers,
+    group = InitProcessGroupKwargs(timeout=timeout) if torch.cuda.is_available() else \
+        InitProcessGroupKwargs(backend="gloo", timeout=timeout)
+    return Accelerator(deepspeed_plugin=_deepspeed_plugin(config), kwargs_handlers=[group],
                        mixed_precision=_ACCELERATE_PRECISION[precision],
                        gradient_accumulation_steps=gradient_accumulation_steps)
 

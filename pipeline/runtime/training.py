@@ -10,7 +10,7 @@ what it does with a non-finite step, and the progress it reports.
   step it packs ``[stop wanted, loss non-finite, gradient non-finite]`` into one tensor, reduces
   it across ranks with ONE collective and reads it with ONE host sync (``.tolist()``); everything
   else it logs (loss, grad norm, the stage's terms) is fetched from the device only on log steps.
-  A stop (SIGUSR1/SIGTERM or the time budget) seen at the end of step n saves at step n + 1 and
+  A stop (SIGUSR1/SIGTERM/SIGINT or the time budget) seen at the end of step n saves at step n + 1 and
   raises :class:`~pipeline.errors.StageInterrupted`; the first step boundary of a job is checked
   on its own. A non-finite step is skipped; ``max_nonfinite_steps`` of them in a row either stop
   the stage (:class:`NonFiniteLossError`) or roll back to the newest checkpoint with the learning
@@ -36,7 +36,7 @@ import torch
 
 from pipeline.data.stream import ShardLoader, endless
 from pipeline.errors import LatentpipeError, StageInterrupted
-from pipeline.runtime import checkpoint
+from pipeline.runtime import checkpoint, preemption
 from pipeline.runtime.dist import Runtime
 from pipeline.runtime.ema import EMA
 from pipeline.runtime.optim import scale_learning_rate
@@ -123,8 +123,10 @@ class TrainState:
 
     ``pairs``: name -> (prepared model, its optimiser); the first pair is the primary one (the
     EMA follows it, the scheduler drives its optimiser). Shared state (weights, optimisers,
-    scheduler, EMA, gradient scaler, progress) goes to ``state.pt``; each rank's own (loader
-    position, ZeRO partitions) to its rank file.
+    scheduler, EMA, gradient scaler, progress, every rank's loader position) goes to
+    ``state.pt``; each rank's own (ZeRO partitions) to its rank file. Under DDP a checkpoint
+    resumes on any number of ranks (the loader continues the epoch, see
+    ``ShardLoader.resume``); under ZeRO on the same number only.
     """
 
     def __init__(self, runtime: Runtime, directory: Path, *, resume_key: str, keep: int, loader: ShardLoader,
@@ -145,8 +147,10 @@ class TrainState:
 
     def save(self) -> Path:
         """Checkpoint at the current step (collective: every rank calls it)."""
-        shared: dict[str, Any] = {"progress": asdict(self.progress), "runtime": self.runtime.state_dict()}
-        own: dict[str, Any] = {"loader": self.loader.state_dict()}
+        # every rank's loader position in the shared state: a job on another number of ranks continues the epoch
+        shared: dict[str, Any] = {"progress": asdict(self.progress), "runtime": self.runtime.state_dict(),
+                                  "loaders": self.runtime.gather_objects(self.loader.state_dict())}
+        own: dict[str, Any] = {}
         for name, (model, optimizer) in self.pairs.items():
             shared[name], own[name] = self.runtime.training_state(model, optimizer)
         if self.scheduler is not None:
@@ -170,12 +174,18 @@ class TrainState:
             return None
         path, shared, own = found
         for name, (model, optimizer) in self.pairs.items():
-            self.runtime.load_training_state(model, optimizer, shared[name], own[name])
+            self.runtime.load_training_state(model, optimizer, shared[name], None if own is None else own[name])
         if self.scheduler is not None:
             self.scheduler.load_state_dict(shared["scheduler"])
         if self.ema is not None:
             self.ema.load_state_dict(shared["ema"])
-        self.loader.load_state_dict(own["loader"])
+        if "loaders" in shared:
+            self.loader.resume(shared["loaders"])
+        elif own is not None:  # written before the positions were shared
+            self.loader.load_state_dict(own["loader"])
+        else:
+            raise LatentpipeError(f"{path} predates elastic resume and was written by another number of ranks: "
+                                  f"rerun with its number of processes")
         self.runtime.load_state_dict(shared["runtime"])
         self.progress = Progress(**shared["progress"])
         return path
@@ -247,7 +257,7 @@ class TrainingLoop:
             if self._stop is not None:
                 self.state.save()
                 raise StageInterrupted(f"{self.name} stopped at step {self.state.progress.step} ({self._stop}); "
-                                       f"rerun the same command to resume")
+                                       f"rerun the same command to resume", preemption.exit_code(self._stop))
             self._losses, self._flags, self._reason_read = [], None, False
             yield self.state.progress.step
 

@@ -238,17 +238,91 @@ def _preempt(cluster, job, checkpoints: Path, log_dir: Path) -> dict:
         assert time.monotonic() < end, f"{state}\n{_job_logs(log_dir)}"
         time.sleep(0.5)
 
-def test_preempted_diffusion_is_requeued_and_resumes_exactly(chain, cluster, tmp_path):
-    run = chain[0]
-    steps = ["diffusion.max_steps=80", "diffusion.checkpoint_every=10", "diffusion.log_every=10"]
-    reference = _copy_upstream(run, tmp_path / "reference")
-    _run([sys.executable, "-m", "pipeline.cli", "-q", "diffusion", f"experiment.runs_dir={reference}", *ARGS, *steps],
-         cluster, tmp_path, timeout=300)
+STEPS = ["diffusion.max_steps=80", "diffusion.checkpoint_every=10", "diffusion.log_every=10"]
 
-    runs = _copy_upstream(run, tmp_path / "preempted")
+
+@pytest.fixture(scope="module")
+def reference(chain, cluster, tmp_path_factory) -> dict:
+    """The denoiser of an uninterrupted run of STEPS, outside SLURM."""
+    root = tmp_path_factory.mktemp("reference")
+    runs = _copy_upstream(chain[0], root)
+    _run([sys.executable, "-m", "pipeline.cli", "-q", "diffusion", f"experiment.runs_dir={runs}", *ARGS, *STEPS],
+         cluster, root, timeout=300)
+    return load_file(runs / "tiny" / "diffusion" / "denoiser.safetensors")
+
+
+def _assert_weights(expected: dict, runs: Path) -> None:
+    got = load_file(runs / "tiny" / "diffusion" / "denoiser.safetensors")
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+
+
+def _sbatch_diffusion(cluster, root: Path, runs: Path, *overrides: str) -> str:
+    (root / "slurm").mkdir(exist_ok=True)  # sbatch does not create the log directory
+    out = _run(["sbatch", "--parsable", "--cpus-per-task=1", "--time=10", f"--output={root}/slurm/%x-%j.out",
+                str(REPO / "slurm" / "diffusion.sbatch"), f"experiment.runs_dir={runs}", *ARGS, *overrides],
+               cluster, root)
+    return out.strip().split(";")[0]
+
+
+def test_a_time_budget_requeues_the_job_until_it_ends_with_the_uninterrupted_weights(chain, cluster, reference,
+                                                                                      tmp_path):
+    runs = _copy_upstream(chain[0], tmp_path)
+    # 3 s of training per run, DataLoader workers on: requeued (no signal) until the 80 steps are done
+    job = _sbatch_diffusion(cluster, tmp_path, runs, *STEPS, "diffusion.time_budget_minutes=0.05",
+                            "diffusion.num_workers=1")
+    end, held_since = time.monotonic() + 600, None
+    while True:
+        (state,) = slurm.job_states(job)
+        if state["JobState"] in TERMINAL:
+            break
+        if state["JobState"] == "PENDING" and state.get("Reason") == "BeginTime":
+            held_since = held_since or time.monotonic()
+            if time.monotonic() - held_since > 15:
+                subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now+3"], timeout=30, env=_env(cluster))
+                held_since = None
+        assert time.monotonic() < end, f"{state}\n{_job_logs(tmp_path)}"
+        time.sleep(0.5)
+    log = _job_logs(tmp_path)
+    assert state["JobState"] == "COMPLETED" and int(state["Restarts"]) >= 1, f"{state}\n{log}"
+    assert "stopped cleanly (time budget); requeueing job" in log, log
+    assert json.loads((runs / "tiny" / "diffusion" / "manifest.json").read_text())["status"] == "complete"
+    _assert_weights(reference, runs)
+
+
+def test_scancel_signal_term_checkpoints_is_not_requeued_and_a_resubmission_ends_like_an_uninterrupted_run(
+        chain, cluster, reference, tmp_path):
+    runs = _copy_upstream(chain[0], tmp_path)
+    job = _sbatch_diffusion(cluster, tmp_path, runs, *STEPS, "diffusion.num_workers=1")
+    checkpoints = runs / "tiny" / "diffusion" / "checkpoints"
+    end = time.monotonic() + 180
+    while not (checkpoints.is_dir() and any(checkpoints.glob("step-*/complete.json"))):
+        assert time.monotonic() < end, f"no checkpoint after 180 s\n{_job_logs(tmp_path)}"
+        assert slurm.job_states(job)[0]["JobState"] in ("PENDING", "RUNNING"), _job_logs(tmp_path)
+        time.sleep(0.1)
+    # --full: TERM to every process of the batch step (script, stage, DataLoader worker) at once
+    subprocess.run(["scancel", "--signal=TERM", "--full", job], check=True, timeout=30, env=_env(cluster))
+    (state,) = _wait([job], 120, tmp_path)[job]
+    time.sleep(3)  # a requeue would show up as PENDING with a restart by now
+    (state,) = slurm.job_states(job)
+    log = _job_logs(tmp_path)
+    assert state["Restarts"] == "0" and state["JobState"] in TERMINAL, f"{state}\n{log}"
+    assert "stopped cleanly on SIGTERM; not requeued" in log and "killed by signal" not in log, log
+    found = json.loads((runs / "tiny" / "diffusion" / "manifest.json").read_text())
+    assert found["status"] == "interrupted" and "SIGTERM" in found["error"], found
+
+    again = _sbatch_diffusion(cluster, tmp_path, runs, *STEPS, "diffusion.num_workers=1")
+    (state,) = _wait([again], 300, tmp_path)[again]
+    assert state["JobState"] == "COMPLETED", f"{state}\n{_job_logs(tmp_path)}"
+    _assert_weights(reference, runs)
+
+
+def test_preempted_diffusion_is_requeued_and_resumes_exactly(chain, cluster, reference, tmp_path):
+    runs = _copy_upstream(chain[0], tmp_path / "preempted")
     (tmp_path / "preempted" / "slurm").mkdir()  # sbatch does not create the log directory
     out = _run(["sbatch", "--parsable", "--cpus-per-task=1", "--time=10", f"--output={tmp_path}/preempted/slurm/%x-%j.out",
-                str(REPO / "slurm" / "diffusion.sbatch"), f"experiment.runs_dir={runs}", *ARGS, *steps],
+                str(REPO / "slurm" / "diffusion.sbatch"), f"experiment.runs_dir={runs}", *ARGS, *STEPS],
                cluster, tmp_path / "preempted")
     job = out.strip().split(";")[0]
     checkpoints = runs / "tiny" / "diffusion" / "checkpoints"
@@ -260,11 +334,7 @@ def test_preempted_diffusion_is_requeued_and_resumes_exactly(chain, cluster, tmp
     assert found["status"] == "complete" and found["metrics"]["steps"] == 80
     interrupted_at = [int(p.name.split("-")[1]) for p in checkpoints.glob("step-*")]
     assert interrupted_at and min(interrupted_at) < 80, interrupted_at
-    expected = load_file(reference / "tiny" / "diffusion" / "denoiser.safetensors")
-    got = load_file(runs / "tiny" / "diffusion" / "denoiser.safetensors")
-    assert expected.keys() == got.keys()
-    for name in expected:
-        assert torch.equal(expected[name], got[name]), name
+    _assert_weights(reference, runs)
 
 
 def test_two_nodes_rendezvous_train_and_survive_preemption(chain, cluster, tmp_path):
@@ -285,12 +355,11 @@ def test_two_nodes_rendezvous_train_and_survive_preemption(chain, cluster, tmp_p
     assert "manifest status 'interrupted'" in log and "requeueing job" in log and "restart count 1" in log, log
     final = runs / "tiny" / "diffusion" / "checkpoints" / "step-00000030"
     assert json.loads((final / "complete.json").read_text())["world_size"] == 2
-    # both ranks reached the same step: each saves its own loader position (epoch, batch in epoch)
-    loaders = [torch.load(final / f"rank-{rank:05d}.pt", weights_only=False)["loader"] for rank in (0, 1)]
+    # both ranks reached the same step: the shared state holds each one's loader position (epoch, batch in epoch)
+    loaders = torch.load(final / "state.pt", weights_only=True)["loaders"]
     assert [(x["epoch"], x["batches"], x["samples_seen"]) for x in loaders] == \
         [(loaders[0]["epoch"], loaders[0]["batches"], loaders[0]["samples_seen"])] * 2, loaders
     assert loaders[0]["layout"]["world_size"] == 2
-    assert (final / "state.pt").is_file()  # rank 0's model/optimizer state, written once
     assert json.loads((runs / "tiny" / "diffusion" / "manifest.json").read_text())["metrics"]["steps"] == 30
     assert (runs / "tiny" / "diffusion" / "denoiser.safetensors").is_file()
 
@@ -315,3 +384,38 @@ def test_scancel_is_not_undone_by_a_requeue(chain, cluster, tmp_path):
     assert state["JobState"] == "CANCELLED" and state["Restarts"] == "0", f"{state}\n{log}"
     assert "not requeued" in log, log
     assert json.loads((runs / "tiny" / "diffusion" / "manifest.json").read_text())["status"] == "interrupted"
+
+
+def test_a_requeued_job_continues_on_another_number_of_nodes(chain, cluster, tmp_path):
+    """Preempted on two nodes (world 2), requeued, given one node while it waits: the rerun
+    resumes the two-rank checkpoint on one rank and finishes (elastic resume)."""
+    runs = _copy_upstream(chain[0], tmp_path)
+    (tmp_path / "slurm").mkdir()
+    steps = ["diffusion.max_steps=30", "diffusion.checkpoint_every=10", "diffusion.log_every=10"]
+    env = dict(_env(cluster), LATENTPIPE_REQUEUE_START_NOW="0")  # keep SLURM's requeue hold: time to resize
+    out = subprocess.run(["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--time=10",
+                          f"--output={tmp_path}/slurm/%x-%j.out", str(REPO / "slurm" / "diffusion.sbatch"),
+                          f"experiment.runs_dir={runs}", *ARGS, *steps],
+                         capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path, check=True).stdout
+    job = out.strip().split(";")[0]
+    checkpoints = runs / "tiny" / "diffusion" / "checkpoints"
+    end = time.monotonic() + 180
+    while not (checkpoints.is_dir() and any(checkpoints.glob("step-*/complete.json"))):
+        assert time.monotonic() < end, f"no checkpoint after 180 s\n{_job_logs(tmp_path)}"
+        time.sleep(0.1)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, timeout=30, env=_env(cluster))
+    end = time.monotonic() + 180
+    while (state := slurm.job_states(job)[0])["JobState"] != "PENDING" or int(state.get("Restarts", "0")) < 1:
+        assert time.monotonic() < end and state["JobState"] not in TERMINAL, f"{state}\n{_job_logs(tmp_path)}"
+        time.sleep(0.2)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "NumNodes=1", "NumTasks=1"], check=True, timeout=30,
+                   env=_env(cluster))
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now+3"], check=True, timeout=30, env=_env(cluster))
+    (state,) = _wait([job], 300, tmp_path)[job]
+    log = _job_logs(tmp_path)
+    assert state["JobState"] == "COMPLETED" and int(state["Restarts"]) == 1, f"{state}\n{log}"
+    assert "world 2, rendezvous" in log and "written by 2 rank(s); this job has 1" in log, log
+    found = json.loads((runs / "tiny" / "diffusion" / "manifest.json").read_text())
+    assert found["status"] == "complete" and found["metrics"]["steps"] == 30
+    final = json.loads((checkpoints / "step-00000030" / "complete.json").read_text())
+    assert final["world_size"] == 1
