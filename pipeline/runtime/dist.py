@@ -159,10 +159,10 @@ class Runtime:
         ``unscale_`` (in :meth:`clip_grad_norm`) already saw the non-finite gradients, also end
         its step with ``update()``, which lowers the scale as a skipped ``scaler.step`` would."""
         optimizer.zero_grad(set_to_none=True)
-        unscaled = self.scaler is not None and self.sync_gradients and not self.zero_stage and bool(
-            self.scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"])
-        if unscaled:
-            self.scaler.update()
+        scaler = self.scaler
+        if scaler is not None and self.sync_gradients and not self.zero_stage and bool(
+                scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"]):
+            scaler.update()
 
     def state_dict(self) -> dict:
         """The runtime's own state (the fp16 gradient scaler; DeepSpeed's loss scaler is part of

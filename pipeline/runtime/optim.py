@@ -33,7 +33,7 @@ def build_optimizer(parameters: Iterable[torch.nn.Parameter], *, lr: float, beta
     if fused is None:
         supported = set(_get_fused_kernels_supported_devices())
         fused = all(p.device.type in supported and p.is_floating_point() for p in parameters)
-    return torch.optim.AdamW(parameters, lr=lr, betas=tuple(betas), weight_decay=weight_decay, fused=fused)
+    return torch.optim.AdamW(parameters, lr=lr, betas=(betas[0], betas[1]), weight_decay=weight_decay, fused=fused)
 
 
 def lr_factor(step: int, *, warmup_steps: int, total_steps: int, kind: str, min_lr_ratio: float = 0.0) -> float:

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol, Self
+from typing import Any, Literal, Protocol
 
 import torch
 
@@ -234,7 +234,7 @@ class TrainingLoop:
         self.last_loss: torch.Tensor | None = None
         self._grad_norm: torch.Tensor | None = None
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> TrainingLoop:
         budget = None if self.cfg.time_budget_minutes is None else self.cfg.time_budget_minutes * 60
         self._signal = StopSignal(budget).__enter__()
         self._display = ProgressDisplay(self.name, self.cfg.max_steps, self.state.progress.step,

@@ -40,7 +40,7 @@ def load_optimizer_state(engine, state: dict[str, Any], rank: int, world_size: i
     for name, value in restored["loss_scaler"].items():
         setattr(scaler, name, value)
     restored["loss_scaler"] = scaler
-    per_rank = [None] * world_size  # DeepSpeed reads entry [its data-parallel rank] of a per-rank list
+    per_rank: list[dict | None] = [None] * world_size  # DeepSpeed reads entry [its data-parallel rank] of a per-rank list
     per_rank[rank] = restored
     engine.optimizer.load_state_dict(per_rank, load_optimizer_states=True, load_from_fp32_weights=True)
     for name, value in state["counters"].items():
