@@ -12,7 +12,6 @@ import contextlib
 import datetime as dt
 import errno
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any, Iterator, Protocol, Sequence
 
 from pipeline import atomic, config
+from pipeline.atomic import sha256_file
 from pipeline.errors import LatentpipeError, StageInterrupted
 
 log = logging.getLogger(__name__)
@@ -43,14 +43,6 @@ class StageInputError(LatentpipeError):
 
 class StageBusyError(LatentpipeError):
     """Another process holds the stage directory's lock."""
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 _VERIFIED: dict[tuple[str, int, int, str], None] = {}
