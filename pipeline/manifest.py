@@ -20,10 +20,11 @@ import socket
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Protocol
 
 from pipeline import atomic, config
 from pipeline.atomic import sha256_file

@@ -23,8 +23,8 @@ from typing import Any
 import torch
 
 from pipeline import atomic
-from pipeline.errors import LatentpipeError
 from pipeline.atomic import sha256_file
+from pipeline.errors import LatentpipeError
 from pipeline.runtime.dist import Runtime
 
 log = logging.getLogger(__name__)
