@@ -118,6 +118,11 @@ class Artifact:
         entry = self.output(name)
         return manifest.verify_file(self.directory / name, entry.bytes, entry.sha256, self.STAGE)
 
+    def verified_sha256(self, name: str) -> str | None:
+        """The recorded sha256 of output ``name``, after :meth:`verified` found the file matching it."""
+        self.verified(name)
+        return self.output(name).sha256
+
 
 def _json(value: Any) -> Any:
     """Dataclasses -> dicts, tuples -> lists, recursively: what json.dumps writes and reads back."""

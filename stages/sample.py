@@ -117,8 +117,7 @@ def run(cfg: config.Config) -> Path:
     s = cfg.sample
     runtime = Runtime()
     task, tasks = array_task()
-    made_from = {"inputs": manifest.check_inputs(cfg, INPUTS),
-                 "config": config.section_hash(cfg, SECTIONS, ignore=RENDER_IRRELEVANT)}
+    made_from = _made_from(cfg)
     key = hashlib.sha256(json.dumps(made_from, sort_keys=True).encode()).hexdigest()[:16]
     chunk_dir = cfg.stage_dir(NAME) / "chunks" / key
     if tasks > 1:  # one task of an array job: render this task's chunks, no manifest
@@ -157,6 +156,21 @@ def run(cfg: config.Config) -> Path:
             record.metrics.update(samples=len(images), nfe=info.get("nfe"))
         runtime.barrier()
     return record.directory
+
+
+def _made_from(cfg: config.Config) -> dict:
+    """Everything a chunk's images depend on (the chunk cache key): the upstream manifests, the
+    sections of every stage that made the models (refused here when the config changed since),
+    both weight files' sha256 and the render-relevant sample options."""
+    autoencoder = artifacts.TrainedAutoencoder.from_stage_dir(cfg)
+    denoiser = artifacts.TrainedDenoiser.from_stage_dir(cfg)
+    artifacts.EncodedLatents.from_stage_dir(cfg)
+    return {"inputs": manifest.check_inputs(cfg, INPUTS),
+            "config": config.section_hash(cfg, SECTIONS, ignore=RENDER_IRRELEVANT),
+            "upstream_config": {name: config.section_hash(cfg, stage_registry.get(name).sections)
+                                for name in ("autoencoder", "encode", "diffusion")},
+            "weights": {"autoencoder": autoencoder.verified_sha256(autoencoder.WEIGHTS_FILE),
+                        "diffusion": denoiser.verified_sha256(denoiser.WEIGHTS_FILE)}}
 
 
 def _render_chunks(cfg: config.Config, chunk_dir: Path, runtime: Runtime, worker: int, workers: int) -> dict:
