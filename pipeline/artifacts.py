@@ -174,8 +174,9 @@ class PreparedShards(Artifact):
         return self.splits[split].count
 
     def shard_hashes(self, split: str) -> list[str]:
-        """What identifies a split's images: its shards' sha256s, sorted."""
-        return sorted(o.sha256 for o in self.outputs if o.split == split and o.sha256 is not None)
+        """What identifies a split's images: its shards' sha256s, sorted (path and size for a shard
+        that a manifest from before every file was hashed recorded without one)."""
+        return sorted(o.sha256 or f"{o.path}:{o.bytes}" for o in self.outputs if o.split == split)
 
 
 # ------------------------------------------------------------------------------------ autoencoder
