@@ -6,7 +6,6 @@ import pytest
 from pipeline import atomic, config, manifest
 from pipeline.data.stream import ShardLoader
 from pipeline.manifest import StageInputError
-
 from tests.data.test_stream import _write_shards
 
 
@@ -35,9 +34,8 @@ def test_complete_manifest_records_config_outputs_and_provenance(tmp_path):
 
 def test_failed_stage_is_marked_failed(tmp_path):
     cfg = _cfg(tmp_path)
-    with pytest.raises(RuntimeError):
-        with manifest.stage_run(cfg, "a", ["data"]):
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), manifest.stage_run(cfg, "a", ["data"]):
+        raise RuntimeError("boom")
     found = manifest.read(cfg.stage_dir("a"))
     assert found["status"] == "failed" and "boom" in found["error"]
 
@@ -46,9 +44,8 @@ def test_missing_and_incomplete_inputs_are_refused(tmp_path):
     cfg = _cfg(tmp_path)
     with pytest.raises(StageInputError, match="run `latentpipe a` first"):
         manifest.check_inputs(cfg, ["a"])
-    with pytest.raises(KeyboardInterrupt):
-        with manifest.stage_run(cfg, "a", ["data"]):
-            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), manifest.stage_run(cfg, "a", ["data"]):
+        raise KeyboardInterrupt
     with pytest.raises(StageInputError, match="not complete"):
         manifest.check_inputs(cfg, ["a"])
 
@@ -81,10 +78,9 @@ def test_up_to_date_tracks_config_and_inputs(tmp_path):
 def test_atomic_write_leaves_the_old_file_on_failure(tmp_path):
     target = tmp_path / "f.json"
     atomic.write_text(target, json.dumps({"v": 1}))
-    with pytest.raises(RuntimeError):
-        with atomic.atomic_open(target, "w") as handle:
-            handle.write('{"v": 2, "trunc')
-            raise RuntimeError("crash mid-write")
+    with pytest.raises(RuntimeError), atomic.atomic_open(target, "w") as handle:
+        handle.write('{"v": 2, "trunc')
+        raise RuntimeError("crash mid-write")
     assert json.loads(target.read_text()) == {"v": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["f.json"]
 
@@ -95,17 +91,15 @@ def test_a_refused_command_leaves_manifest_and_config_as_they_were(tmp_path, ref
     _complete(cfg, "a")
     directory = cfg.stage_dir("a")
     before = {name: (directory / name).read_bytes() for name in (manifest.MANIFEST, "config.yaml")}
-    with pytest.raises(type(refusal)):
-        with manifest.stage_run(_cfg(tmp_path, "data.resolution=8"), "a", ["data"]):
-            raise refusal
+    with pytest.raises(type(refusal)), manifest.stage_run(_cfg(tmp_path, "data.resolution=8"), "a", ["data"]):
+        raise refusal
     assert {name: (directory / name).read_bytes() for name in before} == before
     assert manifest.up_to_date(cfg, "a", ["data"], [])[0]
 
 
 def test_a_refusal_in_a_new_stage_directory_leaves_no_manifest(tmp_path):
-    with pytest.raises(StageInputError):
-        with manifest.stage_run(_cfg(tmp_path), "a", ["data"]):
-            raise StageInputError("refused")
+    with pytest.raises(StageInputError), manifest.stage_run(_cfg(tmp_path), "a", ["data"]):
+        raise StageInputError("refused")
     assert manifest.read(_cfg(tmp_path).stage_dir("a")) is None
 
 

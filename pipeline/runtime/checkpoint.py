@@ -18,7 +18,7 @@ import pickle
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 
 import torch
 
@@ -46,7 +46,7 @@ def _write(path: Path, state: dict[str, Any]) -> None:
     try:
         with atomic.atomic_open(path) as handle:
             writer = _WriteErrors(handle)
-            torch.save(state, writer)
+            torch.save(state, cast(IO[bytes], writer))  # torch needs only write and flush
     except (pickle.PicklingError, TypeError, AttributeError) as err:
         raise CheckpointError(f"cannot write checkpoint {path}: the state holds an object torch cannot save "
                               f"({type(err).__name__}: {err})") from err
@@ -65,7 +65,7 @@ class _WriteErrors:
     RuntimeError without the cause)."""
 
     def __init__(self, handle: Any):
-        self.handle, self.error = handle, None
+        self.handle, self.error = handle, cast(OSError | None, None)
 
     def write(self, data: Any) -> int:
         try:

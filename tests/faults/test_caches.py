@@ -4,7 +4,6 @@ CRC and the features are computed again (never a silent load of wrong statistics
 import numpy as np
 
 from pipeline.metrics.reference import cache_key, reference_features
-
 from tests.metrics.test_reference import Batches, Projection
 
 

@@ -1,7 +1,8 @@
 """Checkpoints under faults (issue 15, "Why" items 1 and 9): damaged files are detected by the
 sha256 in complete.json and skipped for the one before; a full disk and an unsaveable state are
-messages naming the file."""
+messages naming the file; so is a full disk under a shard writer."""
 
+import builtins
 import contextlib
 import json
 import logging
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from pipeline import atomic
+from pipeline.data import shards
 from pipeline.runtime import checkpoint
 from pipeline.runtime.dist import Runtime
 
@@ -35,7 +37,7 @@ def test_four_flipped_bytes_in_the_newest_checkpoint_fall_back_to_the_previous_o
     data[at:at + 4] = bytes(b ^ 0xFF for b in data[at:at + 4])
     (newest / name).write_bytes(bytes(data))
     with caplog.at_level(logging.WARNING):
-        path, shared, own = checkpoint.load_latest(tmp_path, Runtime())
+        path, shared, _ = checkpoint.load_latest(tmp_path, Runtime())
     assert path.name == "step-00000001" and shared["step"] == 1 and torch.equal(shared["w"], torch.ones(64))
     assert f"{newest} is unreadable" in caplog.text and "differs from what was written" in caplog.text
 
@@ -72,3 +74,16 @@ def test_a_full_disk_while_writing_shards_is_a_message():
     with pytest.raises(atomic.DiskFullError, match=r"no space left writing shards in /some/dir .*free space there"):
         with atomic.disk_full_as_error("shards", "/some/dir"), open("/dev/full", "wb") as handle:
             handle.write(b"x" * 100)
+
+
+def test_a_full_disk_while_writing_a_shard_is_a_message(tmp_path, monkeypatch):
+    """ShardWriter as prepare and encode use it, its shard file made a fault-injecting one (/dev/full)."""
+    real_open = builtins.open
+    monkeypatch.setattr(shards, "open", lambda path, mode="r": real_open("/dev/full" if "w" in mode else path, mode),
+                        raising=False)
+    with pytest.raises(atomic.DiskFullError, match=rf"no space left writing latent shard train-000000\.tar in "
+                                                   rf"{tmp_path}"):
+        with atomic.disk_full_as_error("latent shard train-000000.tar", tmp_path):
+            with shards.ShardWriter(tmp_path, "train", max_count=10, max_bytes=1 << 20) as writer:
+                for i in range(50):
+                    writer.write({"__key__": f"{i:04d}", "npy": b"\0" * 8192})

@@ -6,10 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import artifacts, manifest
+from pipeline import artifacts, manifest, stage_registry
 from pipeline.manifest import StageInputError
 from stages import diffusion, encode, sample
-
 from tests.stages.test_diffusion_stage import _cfg, _encoded
 
 SAMPLE_ARGS = ("sample.num_samples=4", "sample.chunk_size=4", "sample.batch_size=4", "sample.steps=3",
@@ -100,3 +99,14 @@ def test_a_verified_file_is_hashed_once_per_process_until_it_changes(run, monkey
     with pytest.raises(StageInputError):  # (against the patched hash)
         prepared.files("train")
     assert path in hashed
+
+
+def test_a_refused_encode_leaves_it_complete_and_up_to_date(run):
+    """Issue 15's case: a command refused for a wrong config marked the complete stage failed,
+    and the next `latentpipe run` re-encoded and retrained."""
+    spec = stage_registry.get("encode")
+    before = _manifest_bytes(run, "encode")
+    with pytest.raises(StageInputError, match="stage 'autoencoder' .* another config"):
+        encode.run(_cfg(run, "autoencoder.learning_rate=0.0005"))
+    assert _manifest_bytes(run, "encode") == before
+    assert manifest.up_to_date(_cfg(run), "encode", spec.sections, spec.inputs) == (True, "complete")
