@@ -22,7 +22,7 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -70,7 +70,8 @@ class Artifact:
     def to_manifest(self) -> dict[str, Any]:
         """The manifest keys this artifact publishes: its content fields as JSON values."""
         recorded = {f.name for f in dataclasses.fields(Artifact)}
-        return {f.name: _json(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name not in recorded}
+        return {f.name: _json(getattr(self, f.name)) for f in dataclasses.fields(self)
+                if f.name not in recorded and not _absent(self, f)}
 
     @classmethod
     def _content(cls, found: Mapping[str, Any]) -> dict[str, Any]:
@@ -118,16 +119,18 @@ class Artifact:
         entry = self.output(name)
         return manifest.verify_file(self.directory / name, entry.bytes, entry.sha256, self.STAGE)
 
-    def verified_sha256(self, name: str) -> str | None:
-        """The recorded sha256 of output ``name``, after :meth:`verified` found the file matching it."""
-        self.verified(name)
-        return self.output(name).sha256
+
+def _absent(instance: Any, f: dataclasses.Field) -> bool:
+    """An optional field (default None) that is None: not written, so that the manifests of runs
+    without it keep exactly the keys they always had (reading fills the default back in)."""
+    return f.default is None and getattr(instance, f.name) is None
 
 
 def _json(value: Any) -> Any:
-    """Dataclasses -> dicts, tuples -> lists, recursively: what json.dumps writes and reads back."""
+    """Dataclasses -> dicts (less absent optional fields), tuples -> lists, recursively: what
+    json.dumps writes and reads back."""
     if dataclasses.is_dataclass(value):
-        return {f.name: _json(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {f.name: _json(getattr(value, f.name)) for f in dataclasses.fields(value) if not _absent(value, f)}
     if isinstance(value, Mapping):
         return {k: _json(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -198,31 +201,64 @@ class ImageShape:
 
 @dataclass(frozen=True, kw_only=True)
 class TrainedAutoencoder(Artifact):
-    """``autoencoder``: the trained weights ``autoencoder.safetensors`` and the shapes they map between."""
+    """``autoencoder``: the trained weights ``autoencoder.safetensors`` and the shapes they map between;
+    for ``kind=pretrained`` no weights file but ``pretrained``, the published autoencoder's
+    description (source path, class, geometry, own scaling factor, sha256 of its weights)."""
 
     STAGE = "autoencoder"
     WEIGHTS_FILE: ClassVar[str] = "autoencoder.safetensors"
     latent: LatentShape
     image: ImageShape
+    pretrained: Mapping[str, Any] | None = None
+    """``PretrainedAutoencoder.describe()`` of a published autoencoder (None: trained here)."""
 
     @classmethod
     def _content(cls, found: Mapping[str, Any]) -> dict[str, Any]:
-        return {"latent": LatentShape(**found["latent"]), "image": ImageShape(**found["image"])}
+        return {"latent": LatentShape(**found["latent"]), "image": ImageShape(**found["image"]),
+                "pretrained": found.get("pretrained")}
 
     @property
     def weights(self) -> OutputFile:
         return self.output(self.WEIGHTS_FILE)
 
+    @property
+    def weights_sha256(self) -> str | None:
+        """sha256 of the weights the latents come from (None: a trained file too large to hash)."""
+        if self.pretrained is not None:
+            return next(iter(self.pretrained["weights_sha256"].values()))
+        return self.weights.sha256
+
+    @property
+    def scaling_factor(self) -> float | None:
+        """A published autoencoder's own latent scale (None: trained here, or none recorded)."""
+        return None if self.pretrained is None else self.pretrained["scaling_factor"]
+
+    @property
+    def shift_factor(self) -> float | None:
+        return None if self.pretrained is None else self.pretrained.get("shift_factor")
+
     def load_model(self, cfg: config.AutoencoderConfig, device: torch.device | str) -> nn.Module:
-        """The trained autoencoder in eval mode (``cfg``: the config it was trained with, which
-        :meth:`from_stage_dir` checked)."""
+        """The autoencoder in eval mode (``cfg``: the config it was trained with, which
+        :meth:`from_stage_dir` checked). A published one is read from its recorded path and
+        refused if its weights are no longer the ones recorded."""
+        if self.pretrained is not None:
+            from pipeline.interop import load_pretrained_autoencoder  # diffusers only when asked for
+
+            adapter = load_pretrained_autoencoder(self.pretrained["source"],
+                                                  scaling_factor=cfg.pretrained_scaling_factor)
+            if adapter.weights != self.pretrained["weights_sha256"]:
+                raise StageInputError(
+                    f"the weights at {self.pretrained['source']} are not the ones stage 'autoencoder' recorded "
+                    f"(sha256 {adapter.weights}, recorded {self.pretrained['weights_sha256']}): "
+                    f"rerun `latentpipe autoencoder`")
+            return adapter.to(device).eval()
         model = build_autoencoder(cfg, self.image.channels)
         model.load_state_dict(load_file(self.verified(self.WEIGHTS_FILE)))
         return model.to(device).eval()
 
 
 def load_autoencoder(cfg: config.Config, device: torch.device | str) -> nn.Module:
-    """The verified trained autoencoder of ``cfg``'s run, in eval mode."""
+    """The verified autoencoder of ``cfg``'s run (trained here or published), in eval mode."""
     return TrainedAutoencoder.from_stage_dir(cfg).load_model(cfg.autoencoder, device)
 
 
@@ -243,6 +279,10 @@ class LatentStats:
     scale: float
     autoencoder_sha256: str | None
     """sha256 of the autoencoder weights the latents were made with (None: file too large to hash)."""
+    checkpoint_scale: float | None = None
+    """A published autoencoder's own scaling_factor (``diffusion.normalize=checkpoint``); None: none."""
+    checkpoint_shift: float | None = None
+    """Its shift_factor, subtracted before scaling (None: none)."""
 
     @property
     def has_mirrors(self) -> bool:
@@ -271,8 +311,22 @@ class EncodedLatents(Artifact):
             return None
         return load_file(self.verified(self.CODEBOOK_FILE))["embeddings"]
 
-    def latent_space(self, normalize: str) -> LatentSpace:
-        return LatentSpace.from_manifest(_json(self.latent), normalize, self.codebook())
+    def latent_space(self, normalize: Literal["channel", "scale", "checkpoint"]) -> LatentSpace:
+        """The normalised space the denoiser works in: the measured statistics (``channel``,
+        ``scale``), or the published autoencoder's own z -> (z - shift) * scaling_factor (``checkpoint``)."""
+        if normalize != "checkpoint":
+            return LatentSpace.from_manifest(_json(self.latent), normalize, self.codebook())
+        latent = self.latent
+        if latent.checkpoint_scale is None:
+            raise StageInputError(
+                "diffusion.normalize=checkpoint needs the autoencoder's own scaling_factor, and these latents have "
+                "none: use autoencoder.kind=pretrained (an LDM checkpoint file without one takes "
+                "autoencoder.pretrained_scaling_factor), or diffusion.normalize=scale (the measured scale)")
+        shift = torch.full((latent.channels,), float(latent.checkpoint_shift or 0.0))
+        codebook = self.codebook()
+        kind: Literal["vq", "kl"] = "vq" if latent.kind == "vq" else "kl"
+        return LatentSpace(kind, "scale", shift, torch.full((latent.channels,), float(latent.checkpoint_scale)),
+                           None if codebook is None else codebook.float())
 
 
 # -------------------------------------------------------------------------------------- diffusion
@@ -289,6 +343,8 @@ class DenoiserInfo:
     prediction: str
     sigma_range: tuple[float, float]
     training_flops_per_sample: int
+    init_from: Mapping[str, Any] | None = None
+    """``diffusion.init_from``: the checkpoint's path and its weight files' sha256 (None: random init)."""
 
 
 @dataclass(frozen=True)

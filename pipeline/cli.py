@@ -5,6 +5,9 @@
     latentpipe config show [--config X] [--docs] [key=value ...]  the resolved config
     latentpipe data inspect PATH|PATTERN|URL [--sheet out.png]    what is in a shard set
     latentpipe weights fetch|list                                 pretrained LPIPS/FID weights
+    latentpipe export --format diffusers|dit [--part P] OUT [--config X] [key=value ...]
+                                                                  the trained DiT (+ autoencoder) for diffusers
+                                                                  or facebookresearch/DiT (docs/interop.md)
     latentpipe submit|status [--config X] [...]                   the stages as SLURM jobs (pipeline/slurm.py)
 
 Without ``--config`` the embedded default experiment is used (spelled out in configs/tiny.yaml).
@@ -62,6 +65,18 @@ def _build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("spec", metavar="PATH|PATTERN|URL")
     inspect.add_argument("--sheet", help="write a PNG contact sheet of the first images here")
     inspect.add_argument("--timeout", type=float, default=30.0, help="seconds per URL before giving up")
+
+    from pipeline.interop.run_export import FORMATS, PARTS
+
+    export = commands.add_parser("export", help="write the run's DiT (+ autoencoder) for diffusers or DiT's code",
+                                 description="See docs/interop.md for what maps and what is refused.")
+    export.add_argument("--format", required=True, choices=FORMATS,
+                        help="diffusers: a folder (DiTPipeline by default); "
+                             "dit: a facebookresearch/DiT .pt/.safetensors")
+    export.add_argument("--part", default="pipeline", choices=PARTS,
+                        help="diffusers: the whole DiTPipeline, the DiT alone, or the KL autoencoder alone")
+    export.add_argument("out", metavar="OUT", help="new folder (diffusers) or file (dit) to write")
+    _add_config_args(export)
 
     from pipeline import slurm  # submit, status
 
@@ -151,6 +166,10 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(config.to_yaml(cfg), end="")
     elif args.command == "run":
         print(summary(cfg, run_pipeline(cfg, args.force, args.until)))
+    elif args.command == "export":
+        from pipeline.interop.run_export import export_run
+
+        print(export_run(cfg, args.format, args.out, args.part))
     else:
         stage_registry.get(args.command).run(cfg)
     return 0

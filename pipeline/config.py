@@ -271,9 +271,18 @@ class DataConfig(Section):
 
 @dataclass(frozen=True, kw_only=True)
 class AutoencoderConfig(Section):
-    """The autoencoder stage: a VQ-VAE (EMA codebook) or KL-VAE trained on the prepare shards."""
+    """The autoencoder stage: a VQ-VAE (EMA codebook) or KL-VAE trained on the prepare shards, or a
+    published autoencoder used as it is (docs/interop.md)."""
 
-    kind: Literal["vq", "kl"] = option("vq", "VQ-VAE with a codebook, or Gaussian KL-VAE.")
+    kind: Literal["vq", "kl", "pretrained"] = option(
+        "vq", "VQ-VAE with a codebook, Gaussian KL-VAE, or a published autoencoder read from autoencoder.pretrained "
+        "(nothing is trained; the network options below do not apply).")
+    pretrained: str | None = option(
+        None, "kind=pretrained: local path of a diffusers AutoencoderKL/VQModel folder or an LDM/taming checkpoint "
+        "file (.safetensors, or .ckpt/.pt read weights-only); never downloaded.")
+    pretrained_scaling_factor: float | None = option(
+        None, "kind=pretrained, LDM checkpoint file that stores no scale_factor: its latent scale (the "
+        "latent-diffusion config's scale_factor); a diffusers folder has its own.", above=0)
     channels: int = option(16, "Base width of the encoder/decoder.", min=1)
     channel_mult: tuple[int, ...] = option(
         (1, 2, 2), "Width multiplier per level; len - 1 downsamplings give the factor f = 2**(len - 1).",
@@ -330,6 +339,12 @@ class AutoencoderConfig(Section):
             _fail("norm_groups", f"{self.norm_groups} must divide every width {widths}")
         if self.lookup_dim is not None and self.lookup_dim >= self.latent_channels:
             _fail("lookup_dim", f"must be smaller than latent_channels={self.latent_channels}, got {self.lookup_dim}")
+        if self.kind == "pretrained" and not self.pretrained:
+            _fail("pretrained", "kind=pretrained needs the local path of the weights, e.g. "
+                  "autoencoder.pretrained=/models/sd-vae-ft-ema (a diffusers folder) or an LDM .ckpt/.safetensors")
+        if self.kind != "pretrained" and (self.pretrained or self.pretrained_scaling_factor is not None):
+            key = "pretrained" if self.pretrained else "pretrained_scaling_factor"
+            _fail(key, f"only applies to kind=pretrained (kind is {self.kind})")
 
     @property
     def factor(self) -> int:
@@ -446,9 +461,14 @@ class DiffusionConfig(Section):
     class_conditional: bool = option(True, "Condition on the class labels (needs labelled data).")
     label_dropout: float = option(
         0.1, "Probability of replacing a label by the null class (for classifier-free guidance).", min=0, below=1)
-    normalize: Literal["channel", "scale"] = option(
-        "channel", "Latent normalisation from the encode stage's statistics: per-channel standardisation, "
-        "or the single scale factor (LDM's convention).")
+    normalize: Literal["channel", "scale", "checkpoint"] = option(
+        "channel", "Latent normalisation: per-channel standardisation or the single scale factor (LDM's convention), "
+        "both from the encode stage's statistics, or the pretrained autoencoder's own scaling_factor (z * scale; "
+        "e.g. 0.18215 for the SD-VAE, as DiT trains).")
+    init_from: str | None = option(
+        None, "backbone=dit: start from this DiT checkpoint (a facebookresearch/DiT .pt/.safetensors or a diffusers "
+        "DiTTransformer2DModel/DiTPipeline folder; local path) instead of random weights. Its sha256 is part of "
+        "the stage's identity; a shape that differs from the configured DiT is refused naming the key.")
     flip: bool = option(False, "Use the mirrored twin of each latent half of the time (off for digits).")
     batch_size: int = option(128, "Latents per rank per micro-batch.", min=1)
     gradient_accumulation_steps: int = option(
@@ -497,6 +517,8 @@ class DiffusionConfig(Section):
             _fail("sigma_min", f"need sigma_min < sigma_max, got {self.sigma_min}, {self.sigma_max}")
         if self.beta_min >= self.beta_max:
             _fail("beta_min", f"need beta_min < beta_max, got {self.beta_min}, {self.beta_max}")
+        if self.init_from and self.backbone != "dit":
+            _fail("init_from", "loads DiT checkpoints only; set diffusion.backbone=dit")
 
     def network_config(self, *, channels: int, resolution: int, num_classes: int) -> DiTConfig | UNetConfig:
         """The network library's config of the chosen backbone: its options here plus what the
@@ -514,12 +536,17 @@ class DiffusionConfig(Section):
 class SampleConfig(Section):
     """The sample stage: latents from the EMA denoiser, decoded to images."""
 
-    method: str = option("dpmpp_2m", "Sampler (pipeline.sampling.METHODS).", choices=tuple(METHODS))
+    method: str = option(
+        "ipndm", "Sampler (pipeline.sampling.METHODS); ipndm has the lowest error at 20 steps on this grid "
+        "(docs/benchmarks.md, 'The few-step frontier').", choices=tuple(METHODS))
     steps: int = option(20, "Number of noise levels of the grid (function evaluations for one-step solvers).", min=1)
     grid: Literal["karras", "process"] = option(
         "karras", "Noise levels: Karras et al.'s rho-spaced grid, or the process's own (DDPM timesteps / SDE times).")
     eta: float = option(0.0, "ddim/ancestral samplers: stochasticity (0 = deterministic).", min=0)
     guidance_scale: float = option(2.0, "Classifier-free guidance weight w (1 = none): D_u + w (D_c - D_u).", min=0)
+    guidance_interval: tuple[float, ...] = option(
+        (), "[sigma_lo, sigma_hi]: guide only for VE noise levels in (sigma_lo, sigma_hi], the conditional model "
+        "elsewhere (Kynkaanniemi et al. 2024); [] = at every level.", min=0)
     labels: Literal["all", "random", "given"] = option(
         "all", "Class of sample i: i mod the number of classes, uniformly random, or cycling through given_labels.")
     given_labels: tuple[int, ...] = option((), "labels=given: the classes to cycle through.", min=0)
@@ -537,6 +564,10 @@ class SampleConfig(Section):
     def check(self) -> None:
         if self.labels == "given" and not self.given_labels:
             _fail("given_labels", "labels=given needs a list, e.g. sample.given_labels=[3,7]")
+        if self.guidance_interval and not (len(self.guidance_interval) == 2
+                                           and self.guidance_interval[0] < self.guidance_interval[1]):
+            _fail("guidance_interval", "must be [] or [sigma_lo, sigma_hi] with sigma_lo < sigma_hi, "
+                  f"got {list(self.guidance_interval)}")
         if self.eta and "eta" not in SOLVERS[self.method].options:
             _fail("eta", f"{self.method} takes no eta; use ddim or dpmpp_3m_sde, or eta=0")
 

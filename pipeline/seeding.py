@@ -40,14 +40,16 @@ def _drawn_then_moved(draw, shape, generator, device, dtype, **kwargs) -> torch.
     return draw(*shape, generator=generator, device=home, dtype=dtype, **kwargs).to(device, non_blocking=True)
 
 
-def randn(shape, generator: torch.Generator | None, *, device: str | torch.device = "cpu",
-          dtype: torch.dtype | None = None) -> torch.Tensor:
+def randn(
+    shape, generator: torch.Generator | None, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """Standard normal draws of ``shape`` from ``generator``, returned on ``device``."""
     return _drawn_then_moved(torch.randn, tuple(shape), generator, device, dtype)
 
 
-def rand(shape, generator: torch.Generator | None, *, device: str | torch.device = "cpu",
-         dtype: torch.dtype | None = None) -> torch.Tensor:
+def rand(
+    shape, generator: torch.Generator | None, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """Uniform [0, 1) draws of ``shape`` from ``generator``, returned on ``device``."""
     return _drawn_then_moved(torch.rand, tuple(shape), generator, device, dtype)
 
@@ -64,8 +66,9 @@ def randperm(n: int, generator: torch.Generator | None, *, device: str | torch.d
     return torch.randperm(n, generator=generator, device=home).to(device, non_blocking=True)
 
 
-def multinomial(weights: torch.Tensor, n: int, generator: torch.Generator | None, *,
-                device: str | torch.device = "cpu") -> torch.Tensor:
+def multinomial(
+    weights: torch.Tensor, n: int, generator: torch.Generator | None, *, device: str | torch.device = "cpu"
+) -> torch.Tensor:
     """n indices drawn with replacement with probabilities proportional to ``weights``."""
     home = generator.device if generator is not None else device
     return torch.multinomial(weights.to(home), n, replacement=True, generator=generator).to(device, non_blocking=True)

@@ -6,6 +6,11 @@ checkpoints everything needed to continue exactly (model, codebook, optimisers, 
 position) and resumes from the newest complete checkpoint; stops cleanly (exit code 75) on
 SIGUSR1/SIGTERM or its time budget. At the end: validation metrics on the val shards (PSNR,
 SSIM, LPIPS, codebook usage), ``autoencoder.safetensors`` and the manifest.
+
+With ``autoencoder.kind=pretrained`` nothing is trained: the published autoencoder at
+``autoencoder.pretrained`` (pipeline.interop) is checked against the prepared images before any
+batch, measured on the val shards like a trained one, and published with its description (source,
+own scaling factor, weight sha256s) in place of a weights file.
 """
 
 from __future__ import annotations
@@ -15,18 +20,20 @@ import logging
 import math
 from functools import partial
 from pathlib import Path
+from typing import cast
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save as safetensors_bytes
 
 from pipeline import artifacts, atomic, config, manifest, stage_registry
 from pipeline.autoencoder import LPIPS, PatchDiscriminator, lpips_input, adaptive_weight, gan_factor, generator_loss, hinge_d_loss
 from pipeline.autoencoder.build import build_autoencoder
 from pipeline.autoencoder.codebook import perplexity
-from pipeline.autoencoder.kl import bits_per_dim, negative_elbo
+from pipeline.autoencoder.nets import VQAutoencoder
+from pipeline.autoencoder.objective import Objective
 from pipeline.data.stream import ShardLoader, sequential_batches
 from pipeline.errors import LatentpipeError
+from pipeline.interop import load_pretrained_autoencoder
 from pipeline.metrics.recon import psnr, ssim
 from pipeline.runtime.dist import Runtime
 from pipeline.runtime.logging import MetricsLog
@@ -55,41 +62,8 @@ def _image_spec(prepared: artifacts.PreparedShards, ae: config.AutoencoderConfig
     return channels, resolution
 
 
-class Objective:
-    """The training loss of either autoencoder kind, with its logged terms (and, for VQ, the
-    step's code counts). The terms stay on the device: the training loop reads them on log
-    steps only."""
-
-    def __init__(self, cfg: config.AutoencoderConfig, lpips: LPIPS | None):
-        self.cfg, self.lpips = cfg, lpips
-
-    def __call__(self, model, x: torch.Tensor, step_generator: torch.Generator):
-        cfg, terms, counts = self.cfg, {}, None
-        if cfg.kind == "vq":
-            x_hat, quantized = model(x)
-            pixel = F.mse_loss(x_hat, x) if cfg.reconstruction_loss == "l2" else F.l1_loss(x_hat, x)
-            loss = pixel + quantized.loss
-            counts = quantized.counts
-            terms.update(commitment=quantized.commitment.detach(), codebook_loss=quantized.codebook_loss.detach(),
-                         perplexity=perplexity(quantized.counts))
-        else:
-            x_hat, posterior = model(x, generator=step_generator)
-            unwrapped = getattr(model, "module", model)
-            elbo = negative_elbo(x, x_hat, posterior, unwrapped.log_scale, cfg.kl_weight)
-            dims = x[0].numel()
-            pixel = elbo["loss"] / dims  # per-dimension scale, like the pixel losses
-            loss = pixel
-            terms.update(kl=elbo["kl"].mean().detach(), nelbo_bpd=bits_per_dim(elbo["nelbo"].mean(), dims).detach())
-        if self.lpips is not None and cfg.lpips_weight > 0:
-            perceptual = self.lpips(lpips_input(x_hat.float()), lpips_input(x.float())).mean()
-            loss = loss + cfg.lpips_weight * perceptual
-            terms["lpips"] = perceptual.detach()
-        terms["reconstruction"] = pixel.detach()
-        return loss, x_hat, terms, counts
-
-
-def _validate(model, cfg: config.Config, lpips: LPIPS | None, device) -> dict:
-    """Reconstruction metrics on every validation image (posterior mean for the KL-VAE)."""
+def _validate(model, kind: str, cfg: config.Config, lpips: LPIPS | None, device) -> dict:
+    """Reconstruction metrics on every validation image (posterior mean for a KL autoencoder)."""
     model.eval()
     totals = {"psnr": 0.0, "ssim": 0.0, "lpips": 0.0}
     count, counts = 0, None
@@ -97,13 +71,13 @@ def _validate(model, cfg: config.Config, lpips: LPIPS | None, device) -> dict:
     with torch.no_grad():
         for batch in sequential_batches(val, cfg.autoencoder.batch_size):
             x = batch["image"].to(device)
-            if cfg.autoencoder.kind == "vq":
+            if kind == "vq":
                 quantized = model.encode(x)
                 x_hat = model.decode(quantized.z_q)
                 used = torch.bincount(quantized.indices.flatten(), minlength=model.codebook.num_codes)
                 counts = used if counts is None else counts + used
             else:
-                x_hat, _ = model(x, generator=None)
+                x_hat = model.decode(model.encode(x).mean)
             x_hat = x_hat.clamp(-1, 1)
             totals["psnr"] += float(psnr(x_hat, x).sum())
             side = min(x.shape[-2:])  # the standard 11-px window, shrunk (odd) for tiny images
@@ -116,13 +90,40 @@ def _validate(model, cfg: config.Config, lpips: LPIPS | None, device) -> dict:
     if counts is not None:
         metrics["val_codebook_usage"] = float((counts > 0).float().mean())
         metrics["val_codebook_perplexity"] = float(perplexity(counts.float()))
-        metrics["codebook_kl_nats"] = model.codebook.kl_nats
     model.train()
     return metrics
 
 
+def _use_pretrained(cfg: config.Config) -> Path:
+    """kind=pretrained: check the published autoencoder against the prepared images (before any
+    batch), measure it on the val split and publish it as the trained kinds are published."""
+    ae = cfg.autoencoder
+    runtime = Runtime()
+    with manifest.stage_run(cfg, NAME, SECTIONS, INPUTS, is_main=runtime.is_main) as record:
+        prepared = artifacts.PreparedShards.from_stage_dir(cfg)
+        channels, resolution = prepared.image.channels, prepared.image.resolution
+        assert ae.pretrained is not None  # AutoencoderConfig.check requires it for kind=pretrained
+        model = load_pretrained_autoencoder(ae.pretrained, scaling_factor=ae.pretrained_scaling_factor)
+        model.check_images(channels, resolution)
+        if runtime.is_main:
+            lpips = LPIPS(ae.lpips).to(runtime.device) if ae.lpips != "none" else None
+            metrics = _validate(model.to(runtime.device), model.kind, cfg, lpips, runtime.device)
+            record.metrics.update(metrics)
+            record.publish(artifacts.TrainedAutoencoder(
+                directory=record.directory, image=artifacts.ImageShape(channels=channels, resolution=resolution),
+                latent=artifacts.LatentShape(channels=model.latent_channels, resolution=resolution // model.factor,
+                                             kind=model.kind),
+                pretrained=model.describe()))
+            log.info("autoencoder (pretrained %s): %s", ae.pretrained,
+                     ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+        runtime.barrier()
+    return record.directory
+
+
 def run(cfg: config.Config) -> Path:
     ae = cfg.autoencoder
+    if ae.kind == "pretrained":
+        return _use_pretrained(cfg)
     runtime = Runtime(precision=ae.mixed_precision)
     configure_backends(runtime.device, ae.tf32)
     with manifest.stage_run(cfg, NAME, SECTIONS, INPUTS, is_main=runtime.is_main) as record:
@@ -182,7 +183,9 @@ def run(cfg: config.Config) -> Path:
         metrics_log.close()
         unwrapped = runtime.unwrap(model)
         if runtime.is_main:
-            metrics = _validate(unwrapped, cfg, lpips, runtime.device)
+            metrics = _validate(unwrapped, ae.kind, cfg, lpips, runtime.device)
+            if ae.kind == "vq":
+                metrics["codebook_kl_nats"] = cast(VQAutoencoder, unwrapped).codebook.kl_nats
             weights_path = record.directory / artifacts.TrainedAutoencoder.WEIGHTS_FILE
             state_dict = {k: v.detach().cpu().contiguous() for k, v in unwrapped.state_dict().items()}
             atomic.write_bytes(weights_path, safetensors_bytes(state_dict))

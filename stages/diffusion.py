@@ -8,7 +8,9 @@ everything needed to continue bit for bit and resumes from the newest complete c
 stops cleanly (exit code 75) on SIGUSR1/SIGTERM or its time budget, skips steps whose loss or
 gradient is not finite and, after several in a row, rolls back to the last checkpoint with a
 lower learning rate. Periodic sample grids are decoded with the EMA weights. At the end:
-``denoiser.safetensors`` (EMA weights) and the manifest.
+``denoiser.safetensors`` (EMA weights) and the manifest. ``diffusion.init_from`` starts the DiT
+from a published checkpoint (pipeline.interop) instead of random weights; its sha256 is recorded
+and part of the resume identity.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pipeline.data.stream import ShardLoader
 from pipeline.diffusion.build import LOSSES, build_network, build_process, drop_labels, sampling_sigmas, sigma_range
 from pipeline.diffusion.parameterization import Denoiser
 from pipeline.errors import LatentpipeError
+from pipeline.interop import checkpoint_sha256, load_dit
 from pipeline.latents import LatentSpace
 from pipeline.networks import training_flops
 from pipeline.runtime.dist import Runtime
@@ -77,6 +80,13 @@ def _preview(net, ema: EMA, cfg: config.Config, space: LatentSpace, process, num
     return autoencoder.decode(space.to_decoder(latents, snap=True)).clamp(-1, 1)
 
 
+def _init_from(net, path: str) -> dict:
+    """Load the DiT checkpoint at ``path`` into ``net`` (a tensor of another shape is refused,
+    named); returns what the manifest records of it."""
+    net.load_state_dict(load_dit(path, net.config).state_dict())
+    return {"path": path, "sha256": checkpoint_sha256(path)}
+
+
 def run(cfg: config.Config) -> Path:
     d = cfg.diffusion
     runtime = Runtime(precision=d.mixed_precision, deepspeed=d.deepspeed, grad_clip=d.grad_clip, batch_size=d.batch_size,
@@ -92,8 +102,9 @@ def run(cfg: config.Config) -> Path:
         process = build_process(d)
         torch.manual_seed(derive_seed(cfg.experiment.seed, "diffusion-init"))  # modules draw init weights globally
         channels_last = d.channels_last and d.backbone == "unet"  # NHWC helps convolutions, not a DiT's linears
-        net = prepare_network(build_network(d, shape[0], shape[1], num_classes), runtime.device, compile=d.compile,
-                              channels_last=channels_last)
+        net = build_network(d, shape[0], shape[1], num_classes)
+        init = _init_from(net, d.init_from) if d.init_from else None
+        net = prepare_network(net, runtime.device, compile=d.compile, channels_last=channels_last)
         ema = EMA(net, decay=d.ema_decay, warmup_steps=d.ema_warmup_steps)  # on the device: no copies per step
         optimizer = build_optimizer(net.parameters(), lr=d.learning_rate, betas=d.betas, weight_decay=d.weight_decay)
         scheduler = lr_schedule(optimizer, warmup_steps=d.warmup_steps, total_steps=d.max_steps, kind=d.lr_schedule)
@@ -104,7 +115,8 @@ def run(cfg: config.Config) -> Path:
             samples_per_epoch=prepared.count("train"), shuffle_buffer=d.shuffle_buffer,
         )
         record.watch(loader)
-        resume_key = config.section_hash(cfg, SECTIONS, ignore=RESUMABLE_CHANGES) + json.dumps(record.inputs, sort_keys=True)
+        resume_key = (config.section_hash(cfg, SECTIONS, ignore=RESUMABLE_CHANGES)
+                      + json.dumps(record.inputs, sort_keys=True) + (json.dumps(init, sort_keys=True) if init else ""))
         state = TrainState(runtime, record.directory / "checkpoints", resume_key=resume_key, keep=d.keep_checkpoints,
                            loader=loader, pairs={"model": (model, optimizer)}, scheduler=scheduler, ema=ema)
         state.resume(NAME)
@@ -150,6 +162,6 @@ def run(cfg: config.Config) -> Path:
             record.publish(artifacts.TrainedDenoiser(directory=record.directory, denoiser=artifacts.DenoiserInfo(
                 backbone=d.backbone, network=asdict(net.config), num_classes=num_classes, latent_shape=shape,
                 process=d.process, prediction=d.prediction, sigma_range=sigma_range(process),
-                training_flops_per_sample=flops_per_sample)))
+                training_flops_per_sample=flops_per_sample, init_from=init)))
         runtime.barrier()
     return record.directory

@@ -9,7 +9,8 @@ ranks ever write the same file and the output does not depend on the number of r
 Per-channel statistics of the continuous latents (the codebook embeddings for VQ, the
 posterior means for KL) of the train split give the scale that brings them to unit variance;
 it is stored in the manifest with the codebook (``codebook.safetensors``) and the
-autoencoder's hash. A rerun skips output shards that are already complete.
+autoencoder's hash, next to a published autoencoder's own scaling factor (which
+``diffusion.normalize=checkpoint`` uses instead). A rerun skips output shards that are already complete.
 """
 
 from __future__ import annotations
@@ -50,10 +51,9 @@ def _encode(model, kind: str, images: torch.Tensor) -> tuple[dict[str, torch.Ten
     return {"mean": posterior.mean, "logvar": posterior.logvar}, posterior.mean
 
 
-def _encode_shard(url: Path, out_dir: Path, model, cfg: config.Config, device) -> dict:
+def _encode_shard(url: Path, out_dir: Path, model, kind: str, cfg: config.Config, device) -> dict:
     """Write one latent shard (atomically, via ShardWriter) and return its statistics."""
     split, index = url.stem.rsplit("-", 1)
-    kind = cfg.autoencoder.kind
     sums = sq_sums = None
     count = 0
     with ShardWriter(out_dir, split, max_count=1 << 40, max_bytes=1 << 62, first_index=int(index)) as writer:
@@ -93,12 +93,12 @@ def run(cfg: config.Config) -> Path:
     with manifest.stage_run(cfg, NAME, SECTIONS, INPUTS, is_main=runtime.is_main) as record:
         # every input is verified (sha256) before an output is touched: a refusal changes nothing
         trained = artifacts.TrainedAutoencoder.from_stage_dir(cfg)
-        model = trained.load_model(cfg.autoencoder, runtime.device)
+        model, kind = trained.load_model(cfg.autoencoder, runtime.device), trained.latent.kind
         prepared = artifacts.PreparedShards.from_stage_dir(cfg)
         out_dir = record.directory / artifacts.EncodedLatents.LATENT_DIR
         inputs = sorted(prepared.files("train") + prepared.files("val"))
         made_from = {"inputs": record.inputs, "config": config.section_hash(cfg, SECTIONS),
-                     "autoencoder_sha256": trained.weights.sha256}
+                     "autoencoder_sha256": trained.weights_sha256}
         if runtime.is_main:
             _drop_foreign_outputs(out_dir, {url.stem for url in inputs}, made_from)
         runtime.barrier()
@@ -107,7 +107,7 @@ def run(cfg: config.Config) -> Path:
             if stats_file.is_file():
                 continue  # finished by an earlier run from the same inputs
             with atomic.disk_full_as_error(f"latent shard {url.name}", out_dir):
-                stats = _encode_shard(url, out_dir, model, cfg, runtime.device)
+                stats = _encode_shard(url, out_dir, model, kind, cfg, runtime.device)
             atomic.write_text(stats_file, json.dumps({**stats, "made_from": made_from}))
         runtime.barrier()
         if runtime.is_main:
@@ -117,7 +117,7 @@ def run(cfg: config.Config) -> Path:
             mean = np.sum([s["sum"] for s in train], axis=0) / count
             var = np.sum([s["sq_sum"] for s in train], axis=0) / count - mean**2
             overall_std = float(np.sqrt(var.mean() + np.mean(mean**2) - np.mean(mean) ** 2))
-            if cfg.autoencoder.kind == "vq":
+            if kind == "vq":
                 codebook = model.codebook
                 table = codebook.embed(torch.arange(codebook.num_codes).view(1, -1, 1)).squeeze(-1)[0].T
                 atomic.write_bytes(record.directory / artifacts.EncodedLatents.CODEBOOK_FILE,
@@ -125,13 +125,14 @@ def run(cfg: config.Config) -> Path:
                 record.add_output(record.directory / artifacts.EncodedLatents.CODEBOOK_FILE)
             for url in inputs:
                 record.add_output(out_dir / url.name, split=url.stem.rsplit("-", 1)[0], count=stats[url.stem]["images"])
-            fields = ["codes"] if cfg.autoencoder.kind == "vq" else ["mean", "logvar"]
+            fields = ["codes"] if kind == "vq" else ["mean", "logvar"]
             fields += [f"{name}_flip" for name in fields] if cfg.encode.flip_twin else []
             shape = trained.latent
             record.publish(artifacts.EncodedLatents(directory=record.directory, latent=artifacts.LatentStats(
                 channels=shape.channels, resolution=shape.resolution, kind=shape.kind, fields=tuple(fields),
                 channel_mean=tuple(mean.tolist()), channel_std=tuple(np.sqrt(var).tolist()), scale=1.0 / overall_std,
-                autoencoder_sha256=trained.weights.sha256)))
+                autoencoder_sha256=trained.weights_sha256, checkpoint_scale=trained.scaling_factor,
+                checkpoint_shift=trained.shift_factor)))
             record.metrics.update(latent_scale=1.0 / overall_std, train_images=sum(s["images"] for s in train))
         runtime.barrier()
     return record.directory

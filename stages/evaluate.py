@@ -127,7 +127,7 @@ def _reconstruction(cfg: config.Config, inception, val: Reference, prepared: art
     reconstructions = []
     for batch in sequential_batches([str(path) for path in prepared.files("val")], cfg.evaluate.batch_size):
         encoded = autoencoder.encode(batch["image"].to(device))
-        x_hat = autoencoder.decode(encoded.z_q if cfg.autoencoder.kind == "vq" else encoded.mean)
+        x_hat = autoencoder.decode(encoded.z_q if trained.latent.kind == "vq" else encoded.mean)
         reconstructions.append(to_uint8(x_hat))  # as a PNG would store them, like the samples
     features = _features(inception, np.concatenate(reconstructions), cfg.evaluate.batch_size)
     from_manifest = {f"autoencoder_{k}": v for k, v in trained.metrics.items()

@@ -63,7 +63,8 @@ def _render(trained: artifacts.TrainedDiffusion, autoencoder, cfg: config.Config
     options = {"eta": s.eta} if "eta" in SOLVERS[s.method].options else {}
     latents = generate(trained.denoiser, trained.shape, sampling_sigmas(trained.process, s.grid, s.steps), generators,
                        method=s.method, labels=None if labels is None else labels.to(device),
-                       null_class=trained.num_classes, guidance_scale=s.guidance_scale, device=device, info=info,
+                       null_class=trained.num_classes, guidance_scale=s.guidance_scale,
+                       guidance_interval=tuple(s.guidance_interval) or None, device=device, info=info,
                        **options)
     with torch.no_grad():
         images = autoencoder.decode(trained.space.to_decoder(latents, snap=s.snap))
@@ -161,7 +162,8 @@ def run(cfg: config.Config) -> Path:
 def _made_from(cfg: config.Config) -> dict:
     """Everything a chunk's images depend on (the chunk cache key): the upstream manifests, the
     sections of every stage that made the models (refused here when the config changed since),
-    both weight files' sha256 and the render-relevant sample options."""
+    both weights' recorded sha256 (verified when the models load) and the render-relevant
+    sample options."""
     autoencoder = artifacts.TrainedAutoencoder.from_stage_dir(cfg)
     denoiser = artifacts.TrainedDenoiser.from_stage_dir(cfg)
     artifacts.EncodedLatents.from_stage_dir(cfg)
@@ -169,8 +171,8 @@ def _made_from(cfg: config.Config) -> dict:
             "config": config.section_hash(cfg, SECTIONS, ignore=RENDER_IRRELEVANT),
             "upstream_config": {name: config.section_hash(cfg, stage_registry.get(name).sections)
                                 for name in ("autoencoder", "encode", "diffusion")},
-            "weights": {"autoencoder": autoencoder.verified_sha256(autoencoder.WEIGHTS_FILE),
-                        "diffusion": denoiser.verified_sha256(denoiser.WEIGHTS_FILE)}}
+            "weights": {"autoencoder": autoencoder.weights_sha256,
+                        "diffusion": denoiser.output(denoiser.WEIGHTS_FILE).sha256}}
 
 
 def _render_chunks(cfg: config.Config, chunk_dir: Path, runtime: Runtime, worker: int, workers: int) -> dict:

@@ -51,8 +51,9 @@ def test_bad_config_names_the_key(override, names):
 
 
 def test_override_values_are_parsed_as_yaml_and_typed():
-    cfg = config.load(overrides=["data.background=[0, 0, 0]", "data.limit=100", "data.val_fraction=0",
-                                 "experiment.name=exp1"])
+    cfg = config.load(
+        overrides=["data.background=[0, 0, 0]", "data.limit=100", "data.val_fraction=0", "experiment.name=exp1"]
+    )
     assert cfg.data.background == (0, 0, 0)
     assert cfg.data.limit == 100
     assert isinstance(cfg.data.val_fraction, float)
@@ -145,8 +146,15 @@ def _violation(kind, bound, annotation, default):
     return bad
 
 
-MESSAGES = {"min": "must be", "max": "must be", "above": "must be", "below": "must be",
-            "choices": "is not one of", "literal": "is not one of", "length": "values"}
+MESSAGES = {
+    "min": "must be",
+    "max": "must be",
+    "above": "must be",
+    "below": "must be",
+    "choices": "is not one of",
+    "literal": "is not one of",
+    "length": "values",
+}
 
 
 def _constraint_cases():
@@ -199,11 +207,18 @@ def test_construction_in_code_checks_types_combinations_and_canonicalises():
     assert data == config.load(overrides=["data.background=[0,0,0]", "data.val_fraction=0"]).data
 
 
-@pytest.mark.parametrize("override, key, message", [
-    ("diffusion.dit.num_heads=5", "diffusion.dit", "num_heads 5 does not divide width 192"),
-    ("diffusion.dit.width=190", "diffusion.dit", "num_heads 3 does not divide width 190"),
-    ("diffusion.unet.model_channels=48", "diffusion.unet.norm_groups", "32 must divide every level's width [48, 96]"),
-])
+@pytest.mark.parametrize(
+    "override, key, message",
+    [
+        ("diffusion.dit.num_heads=5", "diffusion.dit", "num_heads 5 does not divide width 192"),
+        ("diffusion.dit.width=190", "diffusion.dit", "num_heads 3 does not divide width 190"),
+        (
+            "diffusion.unet.model_channels=48",
+            "diffusion.unet.norm_groups",
+            "32 must divide every level's width [48, 96]",
+        ),
+    ],
+)
 def test_backbone_combinations_the_network_refuses_are_config_errors(override, key, message):
     """The library's rules that hold for any latent shape are checked on load, for either backbone."""
     with pytest.raises(ConfigError) as err:
@@ -287,14 +302,23 @@ def test_loading_touches_no_file(monkeypatch):
         def call(path, *args, **kwargs):
             touched.append(str(path))
             return original(path, *args, **kwargs)
+
         return call
 
     with monkeypatch.context() as patch:
-        for module, name in [(os, "stat"), (os, "lstat"), (os, "listdir"), (os, "scandir"), (os, "access"),
-                             (builtins, "open"), (io, "open")]:
+        for module, name in [
+            (os, "stat"),
+            (os, "lstat"),
+            (os, "listdir"),
+            (os, "scandir"),
+            (os, "access"),
+            (builtins, "open"),
+            (io, "open"),
+        ]:
             patch.setattr(module, name, recording(getattr(module, name)))
-        cfg = config.load(overrides=["data.source=folder", "data.path=/no/such/folder",
-                                     "diffusion.deepspeed=/no/such/zero2.json"])
+        cfg = config.load(
+            overrides=["data.source=folder", "data.path=/no/such/folder", "diffusion.deepspeed=/no/such/zero2.json"]
+        )
     assert cfg.diffusion.deepspeed == "/no/such/zero2.json"
     assert not [path for path in touched if path.startswith("/no/such")]
 

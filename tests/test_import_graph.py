@@ -48,9 +48,13 @@ def _uses_other_than_run(tree: ast.AST, alias: str) -> list[str]:
     """Attributes of the imported stage module ``alias`` used other than ``run`` (and bare uses)."""
     bad = []
     for node in ast.walk(tree):
-        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == alias:
-            if node.attr != "run":
-                bad.append(f"{alias}.{node.attr} (line {node.lineno})")
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id == alias
+            and node.attr != "run"
+        ):
+            bad.append(f"{alias}.{node.attr} (line {node.lineno})")
     return bad
 
 
@@ -62,8 +66,9 @@ def violations(root: Path) -> list[str]:
         tree = ast.parse(path.read_text(), str(relative))
         found += [f"{relative}:{line}: the library imports {module}" for line, module, _ in _stage_imports(tree)]
         if relative != REGISTRY:
-            found += [f"{relative}:{line}: imports a module by name outside {REGISTRY}"
-                      for line in _dynamic_imports(tree)]
+            found += [
+                f"{relative}:{line}: imports a module by name outside {REGISTRY}" for line in _dynamic_imports(tree)
+            ]
     for path in sorted(root.glob("stages/*.py")):
         relative = path.relative_to(root)
         tree = ast.parse(path.read_text(), str(relative))
@@ -74,8 +79,11 @@ def violations(root: Path) -> list[str]:
         tree = ast.parse(path.read_text(), str(relative))
         for line, module, names in _stage_imports(tree):
             if module == "stages":  # from stages import prepare: only prepare.run may be used
-                found += [f"{relative}: uses the stage internal {use}"
-                          for name in names for use in _uses_other_than_run(tree, name)]
+                found += [
+                    f"{relative}: uses the stage internal {use}"
+                    for name in names
+                    for use in _uses_other_than_run(tree, name)
+                ]
             elif names and names != ["run"]:  # from stages.prepare import X
                 found.append(f"{relative}:{line}: imports {', '.join(names)} from {module} (only run is public)")
             elif not names:  # import stages.prepare: module attributes used through the dotted name

@@ -7,8 +7,14 @@ import torch
 
 from pipeline.latents import LatentSpace
 
-LATENT = {"kind": "vq", "channels": 3, "resolution": 4, "channel_mean": [0.5, -1.0, 2.0],
-          "channel_std": [2.0, 0.5, 1.0], "scale": 0.7}
+LATENT = {
+    "kind": "vq",
+    "channels": 3,
+    "resolution": 4,
+    "channel_mean": [0.5, -1.0, 2.0],
+    "channel_std": [2.0, 0.5, 1.0],
+    "scale": 0.7,
+}
 
 
 def _space(normalize="channel", kind="vq"):
@@ -20,7 +26,9 @@ def test_normalisation_is_standardisation_and_inverts():
     space, _ = _space()
     z = torch.randn(5, 3, 4, 4)
     x = space.to_model(z)
-    expected = (z - torch.tensor(LATENT["channel_mean"]).view(1, 3, 1, 1)) / torch.tensor(LATENT["channel_std"]).view(1, 3, 1, 1)
+    expected = (z - torch.tensor(LATENT["channel_mean"]).view(1, 3, 1, 1)) / torch.tensor(LATENT["channel_std"]).view(
+        1, 3, 1, 1
+    )
     assert torch.allclose(x, expected)
     assert torch.allclose(space.from_model(x), z, atol=1e-6)
     scaled, _ = _space("scale")
@@ -53,5 +61,6 @@ def test_kl_posterior_samples_have_the_posterior_moments():
     mean, logvar = torch.full((4000, 3, 4, 4), 1.5), torch.full((4000, 3, 4, 4), -2.0)
     z = space.from_model(space.from_batch({"mean": mean, "logvar": logvar}, generator=torch.Generator().manual_seed(1)))
     assert abs(z.mean().item() - 1.5) < 0.01 and abs(z.std().item() - math.exp(0.5 * -2.0)) < 0.01
-    assert torch.equal(space.from_batch({"mean": mean[:2], "logvar": logvar[:2]}, sample_posterior=False),
-                       space.to_model(mean[:2]))
+    assert torch.equal(
+        space.from_batch({"mean": mean[:2], "logvar": logvar[:2]}, sample_posterior=False), space.to_model(mean[:2])
+    )

@@ -36,8 +36,14 @@ from pipeline.networks import DIT_PRESETS, build_denoiser, mfu, training_flops
 
 DIT_5M = dict(kind="dit", width=256, depth=4, num_heads=4, input_size=8, num_classes=10)
 TINY_UNET = dict(
-    kind="unet", input_size=8, model_channels=64, channel_mult=(1, 2), num_res_blocks=2,
-    attention_resolutions=(4,), num_head_channels=32, num_classes=10,
+    kind="unet",
+    input_size=8,
+    model_channels=64,
+    channel_mult=(1, 2),
+    num_res_blocks=2,
+    attention_resolutions=(4,),
+    num_head_channels=32,
+    num_classes=10,
 )
 CPU_NETWORKS = {
     "DiT w256 d4, patch 2": dict(DIT_5M, patch_size=2),
@@ -61,8 +67,15 @@ SETUPS = {
 class Run:
     """One network + optimizer + fixed batch, timed a few steps at a time."""
 
-    def __init__(self, options: dict, setup: Setup, batch: int, device: str = "cpu",
-                 dtype: torch.dtype | None = None, compile: bool = False):
+    def __init__(
+        self,
+        options: dict,
+        setup: Setup,
+        batch: int,
+        device: str = "cpu",
+        dtype: torch.dtype | None = None,
+        compile: bool = False,
+    ):
         gen = torch.Generator().manual_seed(0)
         torch.manual_seed(0)
         options = dict(options)
@@ -134,9 +147,12 @@ def bench_cpu(args: argparse.Namespace) -> None:
         for key, run in runs.items():
             seconds[key].append(run.seconds_per_step(args.steps))
     peak = statistics.median(ceiling)
-    print(f"torch {torch.__version__}, {platform.machine()}, {args.threads} threads, batch {args.batch}, fp32, "
-          f"{args.repeats} rounds x {args.steps} steps, 1-min load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}; "
-          f"fp32 matmul ceiling (2048^3, same run): {peak:.0f} GFLOP/s median, {max(ceiling):.0f} best\n")
+    print(
+        f"torch {torch.__version__}, {platform.machine()}, {args.threads} threads, batch {args.batch}, fp32, "
+        f"{args.repeats} rounds x {args.steps} steps, "
+        f"1-min load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}; "
+        f"fp32 matmul ceiling (2048^3, same run): {peak:.0f} GFLOP/s median, {max(ceiling):.0f} best\n"
+    )
     print("| network | params | set-up | s/step (median) | GFLOP/s (median) | of ceiling | best s/step | speed-up |")
     print("|---|---|---|---|---|---|---|---|")
     for net in CPU_NETWORKS:
@@ -144,8 +160,10 @@ def bench_cpu(args: argparse.Namespace) -> None:
         for setup in SETUPS:
             run, s = runs[(net, setup)], statistics.median(seconds[(net, setup)])
             gflops = run.flops_per_step / s / 1e9
-            print(f"| {net} | {run.parameters / 1e6:.2f}M | {setup} | {s:.3f} | {gflops:.0f} | "
-                  f"{gflops / peak:.0%} | {min(seconds[(net, setup)]):.3f} | {base / s:.2f}x |")
+            print(
+                f"| {net} | {run.parameters / 1e6:.2f}M | {setup} | {s:.3f} | {gflops:.0f} | "
+                f"{gflops / peak:.0%} | {min(seconds[(net, setup)]):.3f} | {base / s:.2f}x |"
+            )
 
 
 def largest_batch_run(options: dict, setup: Setup, batch: int, device: str, compile: bool) -> Run:
@@ -169,9 +187,11 @@ def bench_gpu(args: argparse.Namespace) -> None:
     options = dict(kind="dit", **DIT_PRESETS[args.preset], input_size=32, num_classes=1000, learn_sigma=True)
     name = torch.cuda.get_device_name() if device == "cuda" else platform.machine()
     measured = matmul_gflops(8192 if device == "cuda" else 1024, 10, device, torch.bfloat16) / 1e3
-    print(f"torch {torch.__version__}, {name}, DiT-{args.preset} on 32x32x4 (1000 classes, learned sigma), "
-          f"bf16 autocast, AdamW(fused); bf16 matmul ceiling measured in this run {measured:.0f} TFLOP/s; "
-          f"MFU against {args.peak_tflops:.0f} TFLOP/s\n")
+    print(
+        f"torch {torch.__version__}, {name}, DiT-{args.preset} on 32x32x4 (1000 classes, learned sigma), "
+        f"bf16 autocast, AdamW(fused); bf16 matmul ceiling measured in this run {measured:.0f} TFLOP/s; "
+        f"MFU against {args.peak_tflops:.0f} TFLOP/s\n"
+    )
     print("| attention | compile | batch | s/step | images/s | model TFLOP/s | MFU | of measured ceiling |")
     print("|---|---|---|---|---|---|---|---|")
     for backend in ("sdpa", "math"):
@@ -182,8 +202,10 @@ def bench_gpu(args: argparse.Namespace) -> None:
             images = run.batch / s
             util = mfu(run.net.config, images, args.peak_tflops * 1e12)
             achieved = run.flops_per_step / s / 1e12
-            print(f"| {backend} | {compiled} | {run.batch} | {s:.3f} | {images:.0f} | "
-                  f"{achieved:.1f} | {util:.1%} | {achieved / measured:.1%} |")
+            print(
+                f"| {backend} | {compiled} | {run.batch} | {s:.3f} | {images:.0f} | "
+                f"{achieved:.1f} | {util:.1%} | {achieved / measured:.1%} |"
+            )
             del run
             if device == "cuda":
                 torch.cuda.empty_cache()

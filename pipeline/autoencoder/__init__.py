@@ -2,15 +2,28 @@
 
 from pipeline.autoencoder.codebook import Codebook, Quantized, perplexity, usage
 from pipeline.autoencoder.kl import DiagonalGaussian, bits_per_dim, gaussian_nll, negative_elbo
-from pipeline.autoencoder.losses import (PatchDiscriminator, adaptive_weight, gan_factor,
-                                         generator_loss, hinge_d_loss)
+from pipeline.autoencoder.losses import PatchDiscriminator, adaptive_weight, gan_factor, generator_loss, hinge_d_loss
 from pipeline.autoencoder.lpips import LPIPS, lpips_input
 from pipeline.autoencoder.nets import Decoder, Encoder, KLAutoencoder, VQAutoencoder
 
 __all__ = [
-    "Codebook", "Quantized", "perplexity", "usage",
-    "DiagonalGaussian", "bits_per_dim", "gaussian_nll", "negative_elbo",
-    "PatchDiscriminator", "adaptive_weight", "gan_factor", "generator_loss", "hinge_d_loss",
-    "LPIPS", "lpips_input",
-    "Decoder", "Encoder", "KLAutoencoder", "VQAutoencoder",
+    "LPIPS",
+    "Codebook",
+    "Decoder",
+    "DiagonalGaussian",
+    "Encoder",
+    "KLAutoencoder",
+    "PatchDiscriminator",
+    "Quantized",
+    "VQAutoencoder",
+    "adaptive_weight",
+    "bits_per_dim",
+    "gan_factor",
+    "gaussian_nll",
+    "generator_loss",
+    "hinge_d_loss",
+    "lpips_input",
+    "negative_elbo",
+    "perplexity",
+    "usage",
 ]

@@ -25,21 +25,31 @@ z_q = e_k.
 Several ranks: every statistic that depends on the batch goes through two collectives passed
 in by the runtime: ``all_reduce`` (elementwise sum over ranks) for counts and EMA sums, and
 ``all_gather`` (concatenation along dim 0 in rank order; ranks may contribute different numbers
-of rows) for the vectors that k-means and restarts sample from (only on the steps that need them). Random choices use a generator seeded from (seed, step), identical on
-every rank. Hence one rank with batch 2B and two ranks with B each hold the same codebook.
+of rows) for the vectors that k-means and restarts sample from (only on the steps that need
+them). Random choices use a CPU generator seeded from (seed, step), identical on every rank,
+that draws on the CPU and moves the few indices to the codes' device (:mod:`pipeline.seeding`),
+so the choices are also the same on every device.
+Hence one rank with batch 2B and two ranks with B each hold the same codebook.
 The defaults (identity) are the single-process case; nothing is detected at construction.
+
+Device discipline: a training step reads nothing back to the host except whether some code is
+dead (one sync per step when ``dead_after`` > 0: the restart needs the gathered vectors of that
+step, a collective no other step pays). The step counter and the "k-means done" flag have host
+mirrors, refreshed from the buffers when a state dict is loaded.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from pipeline import seeding
 
 Collective = Callable[[Tensor], Tensor]
 
@@ -92,15 +102,27 @@ def nearest(x: Tensor, codes: Tensor, *, cosine: bool = False, chunk: int = 8192
     return torch.cat(out) if out else x.new_zeros(0, dtype=torch.long)
 
 
+def code_counts(idx: Tensor, k: int) -> Tensor:
+    """(k,) float histogram of code indices. A scatter-add, not ``bincount``: bincount's output
+    size depends on the data, so it reads the maximum back to the host on every call."""
+    return torch.zeros(k, device=idx.device).index_add_(0, idx, torch.ones(idx.shape, device=idx.device))
+
+
+def random_rows(n: int, k: int, generator: torch.Generator, device: torch.device) -> Tensor:
+    """k row indices of an n-row table: distinct (a random permutation's first k) when n >= k,
+    drawn with repeats otherwise; drawn on the generator's device, returned on ``device``."""
+    if n >= k:
+        return seeding.randperm(n, generator, device=device)[:k]
+    return seeding.randint(n, (k,), generator, device=device)
+
+
 def kmeans(x: Tensor, k: int, iters: int, generator: torch.Generator, *, cosine: bool = False):
     """Lloyd's algorithm (Lloyd 1982) from k random distinct rows of x (with repeats when x has
     fewer than k rows). Empty clusters keep their previous centre. Returns (centres, counts)."""
-    n = x.shape[0]
-    pick = torch.randperm(n, generator=generator)[:k] if n >= k else torch.randint(n, (k,), generator=generator)
-    centres = x[pick.to(x.device)].clone()
+    centres = x[random_rows(x.shape[0], k, generator, x.device)].clone()
     for it in range(iters + 1):
         idx = nearest(x, centres, cosine=cosine)
-        counts = torch.bincount(idx, minlength=k).to(x.dtype)
+        counts = code_counts(idx, k).to(x.dtype)
         if it == iters:
             break
         sums = torch.zeros_like(centres).index_add_(0, idx, x)
@@ -127,6 +149,16 @@ class Codebook(nn.Module):
     seed: seeds the initial codes, and (with the step) k-means and restarts: the same on all ranks.
     all_reduce / all_gather: the cross-rank collectives described in the module docstring.
     """
+
+    # registered buffers (``codes`` is a Parameter when the codebook is learned by its loss);
+    # declared so the type checker sees Tensors, not nn.Module.__getattr__'s ``Tensor | Module``
+    codes: Tensor
+    cluster_size: Tensor
+    code_sum: Tensor
+    step: Tensor
+    last_used: Tensor
+    restarts: Tensor
+    initialised: Tensor
 
     def __init__(
         self,
@@ -160,8 +192,8 @@ class Codebook(nn.Module):
         d = lookup_dim or dim
         self.proj_in = nn.Conv2d(dim, d, 1) if lookup_dim else nn.Identity()
         self.proj_out = nn.Conv2d(d, dim, 1) if lookup_dim else nn.Identity()
-        g = torch.Generator().manual_seed(seed)  # same initial codes on every rank
-        init = (torch.rand(num_codes, d, generator=g) * 2 - 1) / num_codes
+        # same initial codes on every rank (drawn on the CPU at construction)
+        init = (seeding.rand((num_codes, d), torch.Generator().manual_seed(seed)) * 2 - 1) / num_codes
         if cosine:
             init = F.normalize(init, dim=1)
         if ema:
@@ -174,8 +206,13 @@ class Codebook(nn.Module):
         self.register_buffer("last_used", torch.zeros(num_codes, dtype=torch.long))
         self.register_buffer("restarts", torch.zeros((), dtype=torch.long))
         self.register_buffer("initialised", torch.tensor(kmeans_batches == 0))
+        self._host_step, self._host_initialised = 0, kmeans_batches == 0  # mirrors: no reads from the device
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._refresh_host_mirrors())
         self._kmeans_pool: list[Tensor] = []
         self._warned_small_batch = False
+
+    def _refresh_host_mirrors(self) -> None:
+        self._host_step, self._host_initialised = int(self.step), bool(self.initialised)
 
     @property
     def kl_nats(self) -> float:
@@ -202,7 +239,7 @@ class Codebook(nn.Module):
         return self.proj_out(codes[indices].permute(0, 3, 1, 2))
 
     def _generator(self) -> torch.Generator:
-        return torch.Generator().manual_seed(self.seed * 2_147_483_647 + int(self.step))
+        return torch.Generator().manual_seed(self.seed * 2_147_483_647 + self._host_step)
 
     def forward(self, z_e: Tensor) -> Quantized:
         z = self.proj_in(z_e)
@@ -210,7 +247,7 @@ class Codebook(nn.Module):
         flat = z.permute(0, 2, 3, 1).reshape(-1, d)
         if self.cosine:
             flat = F.normalize(flat, dim=1)
-        if self.training and not bool(self.initialised):
+        if self.training and not self._host_initialised:
             self._collect_for_kmeans(flat.detach())
         codes = F.normalize(self.codes, dim=1) if self.cosine and not self.ema else self.codes
         with torch.no_grad():
@@ -218,11 +255,9 @@ class Codebook(nn.Module):
         e = codes[idx].to(flat.dtype)
         commitment = self.beta * F.mse_loss(flat, e.detach())
         codebook_loss = flat.new_zeros(()) if self.ema else F.mse_loss(flat.detach(), e)
-        counts = torch.bincount(idx, minlength=self.num_codes).float()
+        counts = code_counts(idx, self.num_codes)
         if self.training:  # evaluation is per-rank work: a lone rank must never wait in a collective
             counts = self.all_reduce(counts)
-        if self.training:
-            self._warn_if_batch_cannot_fill(int(counts.sum()))
             self._update(flat.detach().float(), idx, counts)
         z_q = (flat + (e - flat).detach()).view(n, h, w, d).permute(0, 3, 1, 2)
         return Quantized(self.proj_out(z_q), idx.view(n, h, w), commitment, codebook_loss, counts)
@@ -230,19 +265,21 @@ class Codebook(nn.Module):
     @torch.no_grad()
     def _collect_for_kmeans(self, flat: Tensor) -> None:
         pool = self.all_gather(flat.float())
+        self._warn_if_batch_cannot_fill(pool.shape[0])
         self._kmeans_pool.append(pool)
         if len(self._kmeans_pool) < self.kmeans_batches:
             return
         data, g = torch.cat(self._kmeans_pool), self._generator()
         if data.shape[0] > self.kmeans_max_samples:
-            data = data[torch.randperm(data.shape[0], generator=g)[: self.kmeans_max_samples].to(data.device)]
+            data = data[random_rows(data.shape[0], self.kmeans_max_samples, g, data.device)]
         centres, counts = kmeans(data, self.num_codes, self.kmeans_iters, g, cosine=self.cosine)
         self.codes.data.copy_(centres)
         if self.ema:  # N = per-step counts of the k-means clusters, m = e * N
             self.cluster_size.copy_(counts * (pool.shape[0] / data.shape[0]))
             self.code_sum.copy_(centres * self.cluster_size[:, None])
-        self.last_used.fill_(int(self.step))
+        self.last_used.copy_(self.step.expand_as(self.last_used))
         self.initialised.fill_(True)
+        self._host_initialised = True
         self._kmeans_pool = []
 
     def _warn_if_batch_cannot_fill(self, vectors: int) -> None:
@@ -252,12 +289,15 @@ class Codebook(nn.Module):
                 f"codebook has {self.num_codes} codes but a training step yields only {vectors} "
                 f"encoder vectors (batch x latent height x width, all ranks): at most {vectors} "
                 f"codes can be used per step and k-means starts from repeated vectors; lower "
-                f"num_codes or raise the batch size", stacklevel=3)
+                f"num_codes or raise the batch size",
+                stacklevel=3,
+            )
 
     @torch.no_grad()
     def _update(self, flat: Tensor, idx: Tensor, counts: Tensor) -> None:
         """One training step of codebook state: EMA statistics, usage, dead-code restarts."""
         self.step += 1
+        self._host_step += 1
         if self.ema:
             sums = self.all_reduce(torch.zeros_like(self.code_sum).index_add_(0, idx, flat))
             self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
@@ -266,22 +306,24 @@ class Codebook(nn.Module):
             smoothed = (self.cluster_size + self.eps) / (n + self.num_codes * self.eps) * n
             new = self.code_sum / smoothed[:, None]
             self.codes.copy_(F.normalize(new, dim=1) if self.cosine else new)
-        self.last_used[counts > 0] = int(self.step)
-        if self.dead_after and bool(self.initialised):
+        self.last_used.copy_(torch.where(counts > 0, self.step, self.last_used))
+        if self.dead_after and self._host_initialised:
             dead = self.idle_steps() >= self.dead_after
-            if bool(dead.any()):  # counts are reduced, so every rank takes the same branch
-                self._restart(dead, self.all_gather(flat))
+            # the one read-back of a step; counts are reduced, so every rank takes the same branch
+            if bool(dead.any()):
+                self.restart(dead, self.all_gather(flat))
 
-    def _restart(self, dead: Tensor, pool: Tensor) -> None:
-        """Reset dead codes to random encoder vectors of this step (all ranks)."""
-        n_dead = int(dead.sum())
-        g = self._generator()
-        pick = (torch.randperm(pool.shape[0], generator=g)[:n_dead] if pool.shape[0] >= n_dead
-                else torch.randint(pool.shape[0], (n_dead,), generator=g))
-        fresh = pool[pick.to(pool.device)]
-        self.codes.data[dead] = fresh.to(self.codes.dtype)
+    def restart(self, dead: Tensor, pool: Tensor) -> None:
+        """Reset the codes marked in ``dead`` (K,) to random rows of ``pool`` (the encoder vectors
+        of this step on all ranks): the i-th dead code takes the i-th of K random rows (distinct
+        when the pool has at least K rows). Branch-free, so nothing is read back to the host."""
+        self._warn_if_batch_cannot_fill(pool.shape[0])
+        rows = random_rows(pool.shape[0], self.num_codes, self._generator(), pool.device)
+        slot = (dead.long().cumsum(0) - 1).clamp_min(0)  # rank of each dead code among the dead
+        fresh, mask = pool[rows[slot]], dead[:, None]
+        self.codes.data.copy_(torch.where(mask, fresh.to(self.codes.dtype), self.codes.data))
         if self.ema:
-            self.cluster_size[dead] = 1.0
-            self.code_sum[dead] = fresh
-        self.last_used[dead] = int(self.step)
-        self.restarts += n_dead
+            self.cluster_size.copy_(torch.where(dead, 1.0, self.cluster_size))
+            self.code_sum.copy_(torch.where(mask, fresh, self.code_sum))
+        self.last_used.copy_(torch.where(dead, self.step, self.last_used))
+        self.restarts += dead.sum()

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from pipeline import seeding
+
 LOGVAR_RANGE = (-30.0, 20.0)
 """Clamp of the encoder's log-variance (as LDM's DiagonalGaussianDistribution): keeps exp finite."""
 
@@ -30,7 +32,7 @@ class DiagonalGaussian:
     logvar: Tensor
 
     @classmethod
-    def from_moments(cls, moments: Tensor) -> "DiagonalGaussian":
+    def from_moments(cls, moments: Tensor) -> DiagonalGaussian:
         """Split the encoder's (N, 2C, h, w) output into mean and (clamped) log-variance."""
         mean, logvar = moments.chunk(2, dim=1)
         return cls(mean, logvar.clamp(*LOGVAR_RANGE))
@@ -41,8 +43,8 @@ class DiagonalGaussian:
 
     def sample(self, generator: torch.Generator) -> Tensor:
         """z = mu + sigma * eps with eps ~ N(0, I) drawn from ``generator`` (reparameterisation)."""
-        eps = torch.randn(self.mean.shape, generator=generator, device=generator.device)
-        return self.mean + self.std * eps.to(self.mean.device, self.mean.dtype)
+        eps = seeding.randn(self.mean.shape, generator, device=self.mean.device, dtype=self.mean.dtype)
+        return self.mean + self.std * eps
 
     def kl(self) -> Tensor:
         """KL(q || N(0, I)) per sample, in nats: 1/2 sum (mu^2 + sigma^2 - 1 - log sigma^2)."""
@@ -57,8 +59,9 @@ def gaussian_nll(x: Tensor, x_hat: Tensor, log_scale: Tensor) -> Tensor:
     return (0.5 * sq * torch.exp(-2 * log_scale) + log_scale + 0.5 * math.log(2 * math.pi)).sum(1)
 
 
-def negative_elbo(x: Tensor, x_hat: Tensor, posterior: DiagonalGaussian, log_scale: Tensor,
-                  kl_weight: float = 1.0) -> dict[str, Tensor]:
+def negative_elbo(
+    x: Tensor, x_hat: Tensor, posterior: DiagonalGaussian, log_scale: Tensor, kl_weight: float = 1.0
+) -> dict[str, Tensor]:
     """Per-sample terms of the (weighted) objective -E_q[log p(x|z)] + kl_weight * KL, with the
     expectation estimated by the single sample that produced ``x_hat``. ``loss`` is the batch
     mean of the weighted sum (the training loss); ``nelbo`` is the unweighted bound in nats."""

@@ -31,10 +31,9 @@ class PatchDiscriminator(nn.Module):
         layers: list[nn.Module] = [nn.Conv2d(in_channels, channels, 4, 2, 1), nn.LeakyReLU(0.2)]
         width = channels
         for i in range(1, n_layers + 1):
-            prev, width = width, channels * min(2 ** i, 8)
+            prev, width = width, channels * min(2**i, 8)
             stride = 2 if i < n_layers else 1
-            layers += [nn.Conv2d(prev, width, 4, stride, 1, bias=False), nn.BatchNorm2d(width),
-                       nn.LeakyReLU(0.2)]
+            layers += [nn.Conv2d(prev, width, 4, stride, 1, bias=False), nn.BatchNorm2d(width), nn.LeakyReLU(0.2)]
         layers.append(nn.Conv2d(width, 1, 4, 1, 1))
         self.net = nn.Sequential(*layers)
         for m in self.modules():

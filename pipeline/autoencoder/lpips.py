@@ -13,6 +13,7 @@ the ``lpips`` package's ``LPIPS(net=..., version="0.1")`` module, which the test
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
@@ -21,8 +22,16 @@ from pipeline import weights
 
 # torchvision ``features`` layouts. Integers are conv output channels, "M" a 3x3/2 max-pool
 # (AlexNet) or 2x2/2 max-pool (VGG). LPIPS taps the ReLU after the convs listed in TAPS.
-_ALEX = [(64, 11, 4, 2), "M", (192, 5, 1, 2), "M", (384, 3, 1, 1), (256, 3, 1, 1), (256, 3, 1, 1)]
-_VGG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
+_ALEX: list[tuple[int, int, int, int] | Literal["M"]] = [
+    (64, 11, 4, 2),
+    "M",
+    (192, 5, 1, 2),
+    "M",
+    (384, 3, 1, 1),
+    (256, 3, 1, 1),
+    (256, 3, 1, 1),
+]
+_VGG16: list[int | Literal["M"]] = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
 _TAPS = {"alex": (0, 1, 2, 3, 4), "vgg": (1, 3, 6, 9, 12)}  # conv indices whose ReLU is tapped
 _PREFIX = {"alex": "AlexNet_0", "vgg": "VGG16_0"}
 
@@ -33,13 +42,14 @@ SCALE = (0.458, 0.448, 0.450)
 
 def _backbone(net: str) -> tuple[nn.ModuleList, list[int]]:
     """The conv trunk as a flat layer list, and the layer index after which each tap sits."""
-    layers, taps, conv = [], [], 0
-    in_ch = 3
+    layers: list[nn.Module] = []
+    taps: list[int] = []
+    in_ch, conv = 3, 0
     for spec in _ALEX if net == "alex" else _VGG16:
-        if spec == "M":
+        if isinstance(spec, str):  # "M"
             layers.append(nn.MaxPool2d(3, 2) if net == "alex" else nn.MaxPool2d(2, 2))
             continue
-        out_ch, k, s, p = spec if net == "alex" else (spec, 3, 1, 1)
+        out_ch, k, s, p = spec if isinstance(spec, tuple) else (spec, 3, 1, 1)
         layers += [nn.Conv2d(in_ch, out_ch, k, s, p), nn.ReLU()]
         if conv in _TAPS[net]:
             taps.append(len(layers) - 1)
@@ -56,6 +66,9 @@ class LPIPS(nn.Module):
     file raises :class:`pipeline.weights.WeightsMissingError` naming the fetch command.
     """
 
+    shift: torch.Tensor  # registered buffers, (1, 3, 1, 1)
+    scale: torch.Tensor
+
     def __init__(self, net: str = "alex", *, cache: Path | None = None):
         super().__init__()
         if net not in _TAPS:
@@ -63,9 +76,7 @@ class LPIPS(nn.Module):
         self.net = net
         self.features, self.taps = _backbone(net)
         widths = [m.out_channels for m in self.features if isinstance(m, nn.Conv2d)]
-        self.lins = nn.ModuleList(
-            nn.Conv2d(widths[c], 1, 1, bias=False) for c in _TAPS[net]
-        )
+        self.lins = nn.ModuleList(nn.Conv2d(widths[c], 1, 1, bias=False) for c in _TAPS[net])
         self.register_buffer("shift", torch.tensor(SHIFT).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("scale", torch.tensor(SCALE).view(1, 3, 1, 1), persistent=False)
         self.load_state_dict(self.state_from_flax(weights.load_tensors(f"lpips-{net}", cache)))
@@ -100,8 +111,10 @@ class LPIPS(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Distances of shape (N,)."""
         if x.shape != y.shape or x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"LPIPS expects two (N, 3, H, W) batches, got {tuple(x.shape)} and "
-                             f"{tuple(y.shape)}; repeat a 1-channel image to 3 channels first")
+            raise ValueError(
+                f"LPIPS expects two (N, 3, H, W) batches, got {tuple(x.shape)} and "
+                f"{tuple(y.shape)}; repeat a 1-channel image to 3 channels first"
+            )
         dist = x.new_zeros(x.shape[0])
         for lin, fx, fy in zip(self.lins, self.layer_features(x), self.layer_features(y)):
             diff = (_unit_channels(fx) - _unit_channels(fy)) ** 2

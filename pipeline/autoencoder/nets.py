@@ -25,8 +25,10 @@ FACTORS = (2, 4, 8, 16)
 
 def _norm(channels: int, groups: int) -> nn.GroupNorm:
     if channels % groups:
-        raise ValueError(f"norm_groups={groups} does not divide {channels} channels; choose "
-                         f"base channels and multipliers that are multiples of norm_groups")
+        raise ValueError(
+            f"norm_groups={groups} does not divide {channels} channels; choose "
+            f"base channels and multipliers that are multiples of norm_groups"
+        )
     return nn.GroupNorm(groups, channels, eps=1e-6)
 
 
@@ -84,22 +86,33 @@ def _middle(channels: int, groups: int, dropout: float, attention: bool) -> nn.S
 def _check_levels(channel_mult: tuple[int, ...]) -> int:
     factor = 2 ** (len(channel_mult) - 1)
     if factor not in FACTORS:
-        raise ValueError(f"channel_mult {tuple(channel_mult)} gives downsampling factor {factor}; "
-                         f"use 2 to 5 levels (f in {FACTORS})")
+        raise ValueError(
+            f"channel_mult {tuple(channel_mult)} gives downsampling factor {factor}; use 2 to 5 levels (f in {FACTORS})"
+        )
     return factor
 
 
 class Encoder(nn.Module):
     """Image (N, in_channels, H, W) -> (N, out_channels, H/f, W/f)."""
 
-    def __init__(self, *, in_channels: int, out_channels: int, channels: int = 128,
-                 channel_mult: tuple[int, ...] = (1, 2, 2, 4), num_res_blocks: int = 2,
-                 attention: bool = True, norm_groups: int = 32, dropout: float = 0.0):
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        out_channels: int,
+        channels: int = 128,
+        channel_mult: tuple[int, ...] = (1, 2, 2, 4),
+        num_res_blocks: int = 2,
+        attention: bool = True,
+        norm_groups: int = 32,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         self.in_channels, self.factor = in_channels, _check_levels(channel_mult)
         widths = [channels * m for m in channel_mult]
         self.conv_in = nn.Conv2d(in_channels, channels, 3, padding=1)
-        layers, c = [], channels
+        layers: list[nn.Module] = []
+        c = channels
         for level, width in enumerate(widths):
             for _ in range(num_res_blocks):
                 layers.append(ResnetBlock(c, width, norm_groups, dropout))
@@ -116,7 +129,8 @@ class Encoder(nn.Module):
             raise ValueError(
                 f"images of shape {tuple(x.shape[1:])} do not fit this autoencoder: it expects "
                 f"{self.in_channels} channel(s) and height/width divisible by f={self.factor}; "
-                f"fix the data's channels/resolution or the autoencoder's in_channels/channel_mult")
+                f"fix the data's channels/resolution or the autoencoder's in_channels/channel_mult"
+            )
         h = self.mid(self.down(self.conv_in(x)))
         return self.conv_out(F.silu(self.norm_out(h)))
 
@@ -124,16 +138,25 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """Latent (N, in_channels, h, w) -> image (N, out_channels, h*f, w*f)."""
 
-    def __init__(self, *, in_channels: int, out_channels: int, channels: int = 128,
-                 channel_mult: tuple[int, ...] = (1, 2, 2, 4), num_res_blocks: int = 2,
-                 attention: bool = True, norm_groups: int = 32, dropout: float = 0.0):
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        out_channels: int,
+        channels: int = 128,
+        channel_mult: tuple[int, ...] = (1, 2, 2, 4),
+        num_res_blocks: int = 2,
+        attention: bool = True,
+        norm_groups: int = 32,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         self.factor = _check_levels(channel_mult)
         widths = [channels * m for m in channel_mult]
         c = widths[-1]
         self.conv_in = nn.Conv2d(in_channels, c, 3, padding=1)
         self.mid = _middle(c, norm_groups, dropout, attention)
-        layers = []
+        layers: list[nn.Module] = []
         for level, width in reversed(list(enumerate(widths))):
             for _ in range(num_res_blocks + 1):
                 layers.append(ResnetBlock(c, width, norm_groups, dropout))

@@ -11,5 +11,16 @@ from pipeline.diffusion.parameterization import Denoiser, eps_from_denoised, sco
 from pipeline.diffusion.process import Process
 from pipeline.diffusion.schedules import DDPM, NCSN, VE, VP, SubVP
 
-__all__ = ["DDPM", "VP", "SubVP", "VE", "NCSN", "Process", "Denoiser", "GaussianMixture",
-           "eps_from_denoised", "score_from_denoised", "v_from_denoised"]
+__all__ = [
+    "DDPM",
+    "NCSN",
+    "VE",
+    "VP",
+    "Denoiser",
+    "GaussianMixture",
+    "Process",
+    "SubVP",
+    "eps_from_denoised",
+    "score_from_denoised",
+    "v_from_denoised",
+]

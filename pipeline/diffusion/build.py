@@ -7,7 +7,7 @@ process and network from the same config.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn

@@ -43,8 +43,15 @@ class GaussianMixture:
         return self.means.shape[1]
 
     @classmethod
-    def random(cls, dim: int, components: int, generator: torch.Generator, spread: float = 2.0,
-               scale: tuple[float, float] = (0.05, 0.4), dtype=torch.float64) -> "GaussianMixture":
+    def random(
+        cls,
+        dim: int,
+        components: int,
+        generator: torch.Generator,
+        spread: float = 2.0,
+        scale: tuple[float, float] = (0.05, 0.4),
+        dtype=torch.float64,
+    ) -> GaussianMixture:
         """Random means in [-spread, spread]^d, random rotated covariances with standard
         deviations in ``scale`` and weights in [0.5, 1.5] (normalised)."""
         g = generator
@@ -55,7 +62,7 @@ class GaussianMixture:
         weights = 0.5 + seeding.rand((components,), g, dtype=dtype)
         return cls(weights, means, covs)
 
-    def to(self, dtype) -> "GaussianMixture":
+    def to(self, dtype) -> GaussianMixture:
         return GaussianMixture(self.weights.to(dtype), self.means.to(dtype), self.covs.to(dtype))
 
     # -- sampling ----------------------------------------------------------------------------
@@ -79,10 +86,10 @@ class GaussianMixture:
         which conditions exactly on coordinates given at sigma = 0."""
         x = x.reshape(x.shape[0], -1)
         sig = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
-        resid = x.unsqueeze(1) - self.means.to(x.dtype)                       # (B, K, d)
+        resid = x.unsqueeze(1) - self.means.to(x.dtype)  # (B, K, d)
         if sig.numel() == x.numel() and self.dim > 1:
             cov = self.covs.to(x.dtype) + torch.diag_embed(sig.reshape(x.shape) ** 2).unsqueeze(1)
-            chol = torch.linalg.cholesky(cov)                                  # (B, K, d, d)
+            chol = torch.linalg.cholesky(cov)  # (B, K, d, d)
             prec_resid = torch.cholesky_solve(resid.unsqueeze(-1), chol).squeeze(-1)
             logdet = 2 * chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
         else:
@@ -128,8 +135,11 @@ class GaussianMixture:
         eye = torch.eye(d, dtype=x.dtype)
         diff = self.means[:, None] - self.means[None]
         cov = self.covs[:, None] + self.covs[None] + bandwidth**2 * eye
-        pp = (self.weights[:, None] * self.weights[None]
-              * torch.distributions.MultivariateNormal(torch.zeros(d, dtype=x.dtype), cov).log_prob(diff).exp()).sum()
+        pp = (
+            self.weights[:, None]
+            * self.weights[None]
+            * torch.distributions.MultivariateNormal(torch.zeros(d, dtype=x.dtype), cov).log_prob(diff).exp()
+        ).sum()
         qp = self.log_prob(x, bandwidth).exp().mean()
         log_norm = -0.5 * d * math.log(2 * math.pi * bandwidth**2)
         qq = x.new_zeros(())
@@ -140,7 +150,7 @@ class GaussianMixture:
         return float((qq - 2 * qp + pp) / pp)
 
     # -- conditioning --------------------------------------------------------------------
-    def condition(self, index: Tensor, value: Tensor, noise_std: float = 0.0) -> "GaussianMixture":
+    def condition(self, index: Tensor, value: Tensor, noise_std: float = 0.0) -> GaussianMixture:
         """p(x_rest | y) for the observation y = x[index] + noise_std * n: again a mixture, with
         each component conditioned (Bishop 2006, eqs. 2.81-2.82) and reweighted by its evidence
         N(y; mu_k[index], S_k[index, index] + noise_std^2 I)."""
@@ -175,10 +185,14 @@ def sliced_wasserstein(a: Tensor, b: Tensor, projections: int = 256, generator: 
 def sliced_wasserstein_floor(mixture: GaussianMixture, n: int, repeats: int = 8, seed: int = 100) -> float:
     """The finite-sample floor of :func:`sliced_wasserstein` for n samples of ``mixture``: mean +
     3 std over ``repeats`` pairs of fresh sample sets (a test threshold for exact samplers)."""
-    values = torch.tensor([
-        sliced_wasserstein(mixture.sample(n, torch.Generator().manual_seed(seed + 2 * i)),
-                           mixture.sample(n, torch.Generator().manual_seed(seed + 2 * i + 1)),
-                           generator=torch.Generator().manual_seed(seed))
-        for i in range(repeats)
-    ])
+    values = torch.tensor(
+        [
+            sliced_wasserstein(
+                mixture.sample(n, torch.Generator().manual_seed(seed + 2 * i)),
+                mixture.sample(n, torch.Generator().manual_seed(seed + 2 * i + 1)),
+                generator=torch.Generator().manual_seed(seed),
+            )
+            for i in range(repeats)
+        ]
+    )
     return float(values.mean() + 3 * values.std())

@@ -5,7 +5,8 @@ The instantaneous change of variables (Chen et al. 2018, Theorem 1; Song et al. 
 gives log p_{sigma_min}(x) = log p_{sigma_max}(x(u_max)) + int_{u_min}^{u_max} tr(d f/dx) du with
 tr(d f/dx) = d - tr(dD/dx); tr(dD/dx) ~ v^T (dD/dx) v for fixed Rademacher or Gaussian v
 (Hutchinson 1990; Skilling 1989; Grathwohl et al. 2019, "FFJORD"). The ODE runs with the adaptive
-Dormand-Prince solver of :mod:`pipeline.sampling.adaptive`. The prior is N(0, sigma_max^2 I) unless one is passed (its error is O(|x_0| / sigma_max)).
+Dormand-Prince solver of :mod:`pipeline.sampling.adaptive`. The prior is N(0, sigma_max^2 I) unless one is
+passed (its error is O(|x_0| / sigma_max)).
 
 ``encode`` runs the same ODE forwards (data -> noise latent, deterministic) and ``decode`` runs
 it back; decode(encode(x)) = x up to the solver error, so latents can be interpolated.
@@ -33,10 +34,19 @@ def _gaussian_prior(z: Tensor, sigma: float) -> Tensor:
     return -0.5 * (z.reshape(z.shape[0], -1).pow(2).sum(1) / sigma**2 + d * math.log(2 * math.pi * sigma**2))
 
 
-def log_likelihood(denoiser, x: Tensor, sigma_min: float, sigma_max: float,
-                   generator: torch.Generator | None = None, probes: int = 1, estimator: str = "rademacher",
-                   rtol: float = 1e-5, atol: float = 1e-5, prior: Callable[[Tensor], Tensor] | None = None,
-                   info: dict | None = None) -> Tensor:
+def log_likelihood(
+    denoiser,
+    x: Tensor,
+    sigma_min: float,
+    sigma_max: float,
+    generator: torch.Generator | None = None,
+    probes: int = 1,
+    estimator: str = "rademacher",
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    prior: Callable[[Tensor], Tensor] | None = None,
+    info: dict | None = None,
+) -> Tensor:
     """log p_{sigma_min}(x) per sample, in nats. ``estimator``: "rademacher" or "gaussian"
     Hutchinson probes (``probes`` of them, fixed along the trajectory), or "exact" (d VJPs).
     ``prior(z)``: log p_{sigma_max}(z) per sample, N(0, sigma_max^2 I) by default. ``info``
@@ -57,10 +67,10 @@ def log_likelihood(denoiser, x: Tensor, sigma_min: float, sigma_max: float,
         with torch.enable_grad():
             xg = y[:, :d].reshape(x.shape).detach().requires_grad_(True)
             den = denoiser(xg, batch_sigma(u.exp(), xg))
-            trace = sum(
-                (torch.autograd.grad(den, xg, vi, retain_graph=True)[0] * vi).reshape(B, -1).sum(1)
-                for vi in v
-            ) * weight
+            trace = (
+                sum((torch.autograd.grad(den, xg, vi, retain_graph=True)[0] * vi).reshape(B, -1).sum(1) for vi in v)
+                * weight
+            )
         return torch.cat([(xg - den).detach().reshape(B, -1), (d - trace).detach()[:, None]], 1)
 
     y0 = torch.cat([x.reshape(B, -1), x.new_zeros(B, 1)], 1)
@@ -71,8 +81,9 @@ def log_likelihood(denoiser, x: Tensor, sigma_min: float, sigma_max: float,
     return (prior(z) if prior is not None else _gaussian_prior(z, sigma_max)) + y1[:, d]
 
 
-def bits_per_dim(denoiser, images: Tensor, sigma_min: float, sigma_max: float,
-                 generator: torch.Generator | None = None, **options) -> Tensor:
+def bits_per_dim(
+    denoiser, images: Tensor, sigma_min: float, sigma_max: float, generator: torch.Generator | None = None, **options
+) -> Tensor:
     """Bits/dim of 8-bit data (integers 0..255) under the model on [-1, 1] with uniform
     dequantisation x = 2 (images + u)/256 - 1, u ~ U[0, 1) (Theis et al. 2016; Ho et al. 2020,
     Sec. 4): -log2 P(images) <= -(log p(x) + d log(2/256)) / ln 2, i.e. +7 bits per dimension."""
@@ -83,24 +94,45 @@ def bits_per_dim(denoiser, images: Tensor, sigma_min: float, sigma_max: float,
     return -(logp + d * math.log(2 / 256)) / (d * math.log(2))
 
 
-def _flow(denoiser, x: Tensor, sigma_from: float, sigma_to: float, steps: int | None,
-          rtol: float, atol: float) -> Tensor:
+def _flow(
+    denoiser, x: Tensor, sigma_from: float, sigma_to: float, steps: int | None, rtol: float, atol: float
+) -> Tensor:
     if steps is None:
-        y, _ = dopri5(log_sigma_ode(denoiser, x.shape), x.reshape(x.shape[0], -1),
-                      math.log(sigma_from), math.log(sigma_to), rtol=rtol, atol=atol)
+        y, _ = dopri5(
+            log_sigma_ode(denoiser, x.shape),
+            x.reshape(x.shape[0], -1),
+            math.log(sigma_from),
+            math.log(sigma_to),
+            rtol=rtol,
+            atol=atol,
+        )
         return y.reshape(x.shape)
     grid = logsnr_sigmas(min(sigma_from, sigma_to), max(sigma_from, sigma_to), steps + 1)[:-1].to(x.dtype)
     return heun(denoiser, x, grid if sigma_from > sigma_to else grid.flip(0))
 
 
-def encode(denoiser, x: Tensor, sigma_min: float, sigma_max: float, steps: int | None = None,
-           rtol: float = 1e-5, atol: float = 1e-5) -> Tensor:
+def encode(
+    denoiser,
+    x: Tensor,
+    sigma_min: float,
+    sigma_max: float,
+    steps: int | None = None,
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+) -> Tensor:
     """Data at sigma_min -> its latent at sigma_max along the PF-ODE: Heun on ``steps`` log-uniform
     steps (EDM Algorithm 1) or, with ``steps=None``, adaptive Dormand-Prince."""
     return _flow(denoiser, x, sigma_min, sigma_max, steps, rtol, atol)
 
 
-def decode(denoiser, z: Tensor, sigma_min: float, sigma_max: float, steps: int | None = None,
-           rtol: float = 1e-5, atol: float = 1e-5) -> Tensor:
+def decode(
+    denoiser,
+    z: Tensor,
+    sigma_min: float,
+    sigma_max: float,
+    steps: int | None = None,
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+) -> Tensor:
     """The inverse of :func:`encode`: latent at sigma_max -> x at sigma_min (no final denoising)."""
     return _flow(denoiser, z, sigma_max, sigma_min, steps, rtol, atol)

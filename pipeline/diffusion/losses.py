@@ -18,7 +18,7 @@ device and moved to the data's (:mod:`pipeline.seeding`), so a CPU generator ser
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -27,7 +27,7 @@ from pipeline import seeding
 from pipeline.diffusion.process import Process
 from pipeline.sampling.frame import batch_sigma
 
-__all__ = ["eps_loss", "x0_loss", "v_loss", "dsm_loss", "vlb", "vlb_term", "constant", "sigma_squared"]
+__all__ = ["constant", "dsm_loss", "eps_loss", "sigma_squared", "v_loss", "vlb", "vlb_term", "x0_loss"]
 
 Weighting = Callable[[Tensor], Tensor]
 
@@ -77,7 +77,7 @@ def dsm_loss(net, process, x0: Tensor, generator=None, weighting: Weighting | No
     term O(1) (Song & Ermon 2019, eq. 6). With s_theta = out / s the term
     lambda ||out / s + eps / s||^2 is computed as (lambda / s^2) ||out + eps||^2, which never forms
     the O(1/s) score (s ~ 1e-6 for sub-VP at t_min)."""
-    sigma, alpha, s, eps, out = _perturb(net, process, x0, generator, **cond)
+    sigma, _, s, eps, out = _perturb(net, process, x0, generator, **cond)
     s = s.reshape(-1)
     weight = weighting(sigma) / s**2 if weighting is not None else torch.ones_like(s)
     return _weighted_mse(out, -eps, weight)
@@ -92,7 +92,9 @@ def _normal_kl(mean1: Tensor, var1, mean2: Tensor, var2) -> Tensor:
 def _discretised_gaussian_log_likelihood(x0: Tensor, mean: Tensor, var) -> Tensor:
     """log of N(mean, var) mass on x0's bin of width 2/255 in [-1, 1], edge bins extended to
     +-infinity (Ho et al. 2020, eq. 13)."""
-    normal = torch.distributions.Normal(mean, torch.as_tensor(var, dtype=mean.dtype).sqrt(), validate_args=False)  # no host sync
+    normal = torch.distributions.Normal(
+        mean, torch.as_tensor(var, dtype=mean.dtype).sqrt(), validate_args=False
+    )  # no host sync
     upper = torch.where(x0 > 0.999, torch.ones_like(x0), normal.cdf(x0 + 1 / 255))
     lower = torch.where(x0 < -0.999, torch.zeros_like(x0), normal.cdf(x0 - 1 / 255))
     return torch.log((upper - lower).clamp_min(1e-12))
@@ -132,7 +134,9 @@ def _prior_kl(process, x0: Tensor) -> Tensor:
     return kl.reshape(x0.shape[0], -1).sum(1)
 
 
-def vlb(eps_net, process, x0: Tensor, generator=None, variance: str = "posterior", full: bool = False, **cond) -> Tensor:
+def vlb(
+    eps_net, process, x0: Tensor, generator=None, variance: str = "posterior", full: bool = False, **cond
+) -> Tensor:
     """Per-sample L_VLB in bits/dim for data x0 in [-1, 1] on the 8-bit grid.
 
     ``full=False``: the unbiased one-term estimate L_T + T L_{t-1} with t ~ Uniform{0..T-1}

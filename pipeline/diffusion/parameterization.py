@@ -20,7 +20,8 @@ With x_t = alpha x_0 + s x_eps (s = sigma_t = alpha * sigma):
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 from torch import Tensor
 
@@ -56,8 +57,13 @@ class Denoiser:
     ``time`` to override the latter (e.g. a network conditioned on log sigma).
     """
 
-    def __init__(self, net: Callable[..., Tensor], process: Process, prediction: Prediction = "eps",
-                 time: Callable[[Tensor], Tensor] | None = None):
+    def __init__(
+        self,
+        net: Callable[..., Tensor],
+        process: Process,
+        prediction: Prediction = "eps",
+        time: Callable[[Tensor], Tensor] | None = None,
+    ):
         if prediction not in ("eps", "x0", "v", "score"):
             raise ValueError(f"prediction must be eps, x0, v or score, got {prediction!r}")
         self.net, self.process, self.prediction = net, process, prediction

@@ -50,8 +50,9 @@ class Process(Protocol):
         """The time input of the network at VE level sigma, the same in training and sampling."""
         ...
 
-    def training_sigmas(self, n: int, generator: torch.Generator | None = None,
-                        device: torch.device | str = "cpu") -> Tensor:
+    def training_sigmas(
+        self, n: int, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+    ) -> Tensor:
         """n VE noise levels drawn for training (float64, on ``device``)."""
         ...
 

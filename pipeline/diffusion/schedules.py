@@ -36,7 +36,7 @@ from pipeline import seeding
 from pipeline.sampling.frame import batch_sigma
 from pipeline.sampling.grids import ddpm_sigmas, ddpm_timesteps
 
-__all__ = ["DDPM", "VP", "SubVP", "VE", "NCSN", "NETWORK_TIME_SCALE"]
+__all__ = ["DDPM", "NCSN", "NETWORK_TIME_SCALE", "VE", "VP", "SubVP"]
 
 NETWORK_TIME_SCALE = 999.0
 """Continuous network times span [0, 999], the integer range of DDPM's T = 1000 timesteps that
@@ -96,7 +96,7 @@ class DDPM:
         self.sigma_table = ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt()
 
     @classmethod
-    def linear(cls, T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> "DDPM":
+    def linear(cls, T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> DDPM:
         """Linear betas from ``beta_start`` to ``beta_end`` at T = 1000 (Ho et al. 2020, Sec. 4: 1e-4
         to 0.02), both ends scaled by 1000 / T for other T (Nichol & Dhariwal 2021, "iDDPM",
         ``get_named_beta_schedule``), so that alphabar_{T-1} ~ e^{-10} (4e-5) whatever T is;
@@ -105,7 +105,7 @@ class DDPM:
         return cls(torch.linspace(scale * beta_start, scale * beta_end, T, dtype=torch.float64))
 
     @classmethod
-    def cosine(cls, T: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> "DDPM":
+    def cosine(cls, T: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> DDPM:
         """Cosine schedule (Nichol & Dhariwal 2021, eq. 17): alphabar(t) = f(t)/f(0),
         f(t) = cos^2(((t/T + s)/(1 + s)) pi/2), beta_t = 1 - alphabar_t/alphabar_{t-1} <= 0.999."""
         t = torch.arange(T + 1, dtype=torch.float64) / T
@@ -161,8 +161,9 @@ class DDPM:
     def input_scale(self, sigma: Tensor) -> Tensor:
         return _vp_scale(sigma)
 
-    def training_sigmas(self, n: int, generator: torch.Generator | None = None,
-                        device: torch.device | str = "cpu") -> Tensor:
+    def training_sigmas(
+        self, n: int, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+    ) -> Tensor:
         """t ~ Uniform{0..T-1} (Ho et al. Algorithm 1), returned as sigma_ve."""
         return self.sigma_ve(seeding.randint(self.T, (n,), generator, device=device))
 
@@ -199,8 +200,9 @@ class _SDEProcess(abc.ABC):
         t = self.t_of_sigma(sigma)
         return _like(self.marginal(t)[0], sigma)
 
-    def training_sigmas(self, n: int, generator: torch.Generator | None = None,
-                        device: torch.device | str = "cpu") -> Tensor:
+    def training_sigmas(
+        self, n: int, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+    ) -> Tensor:
         """t ~ Uniform[t_min, 1] (Song et al. 2021, eq. 7), returned as sigma_ve."""
         u = seeding.rand((n,), generator, device=device, dtype=torch.float64)
         return self.sigma_ve(self.t_min + (1 - self.t_min) * u)
@@ -316,8 +318,9 @@ class NCSN:
     def input_scale(self, sigma) -> Tensor:
         return torch.ones_like(_like(_as_f64(sigma), sigma))
 
-    def training_sigmas(self, n: int, generator: torch.Generator | None = None,
-                        device: torch.device | str = "cpu") -> Tensor:
+    def training_sigmas(
+        self, n: int, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+    ) -> Tensor:
         """A level drawn uniformly per sample (Song & Ermon 2019, eq. 6)."""
         return self.sigma_ve(seeding.randint(len(self.levels), (n,), generator, device=device))
 

@@ -70,7 +70,7 @@ def latent_scale(latents: LatentSpace) -> float:
         raise LatentpipeError("DiTPipeline decodes KL latents only; a VQ latent space does not export")
     if latents.shift.abs().max() > 0 or latents.scale.min() != latents.scale.max():
         raise LatentpipeError("the latents are normalised per channel; DiTPipeline only divides by one "
-                              "scaling_factor. Train with diffusion.normalize=scale to export a pipeline")
+                              "scaling_factor. Train with diffusion.normalize=scale or checkpoint to export a pipeline")
     return float(latents.scale[0])
 
 

@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +38,7 @@ from torch import Tensor, nn
 from pipeline import atomic
 from pipeline.data.stream import sequential_batches
 from pipeline.metrics.images import as_network_input
-from pipeline.seeding import derive_seed, generator
+from pipeline.seeding import derive_seed, generator, randint, randperm
 
 ARCHITECTURE = "cnn-16-32-64-pool-bn-v1"
 """Names the network in the cache key; change it with :class:`Classifier`."""
@@ -104,8 +105,8 @@ def _shifted(x: Tensor, max_shift: int, gen: torch.Generator) -> Tensor:
     """Each image translated by its own integer offset in [-max_shift, max_shift]^2, edges
     repeated (grid_sample with nearest sampling and border padding)."""
     n, _, h, w = x.shape
-    shift = torch.randint(-max_shift, max_shift + 1, (n, 2), generator=gen).float()
-    theta = torch.zeros(n, 2, 3)
+    shift = (randint(2 * max_shift + 1, (n, 2), gen, device=x.device) - max_shift).float()
+    theta = torch.zeros(n, 2, 3, device=x.device)
     theta[:, 0, 0] = theta[:, 1, 1] = 1.0
     theta[:, 0, 2], theta[:, 1, 2] = 2 * shift[:, 0] / w, 2 * shift[:, 1] / h
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
@@ -116,16 +117,16 @@ def train(images: Tensor, labels: Tensor, num_classes: int, settings: Settings) 
     """A classifier trained on (images, labels) with AdamW and a one-cycle schedule."""
     with torch.random.fork_rng(devices=[]):  # initial weights from the settings' seed, global state untouched
         torch.manual_seed(derive_seed(settings.seed, "classifier-init"))
-        model = Classifier(images.shape[1], num_classes)
+        model = Classifier(images.shape[1], num_classes).to(images.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, settings.learning_rate, total_steps=settings.steps)
     gen = generator(settings.seed, "classifier-batches")
-    order, position = torch.randperm(len(images), generator=gen), 0
+    order, position = randperm(len(images), gen, device=images.device), 0
     model.train()
     for step in range(settings.steps):
         if position + settings.batch_size > len(order):
-            order, position = torch.randperm(len(images), generator=gen), 0
-        index = order[position:position + settings.batch_size]
+            order, position = randperm(len(images), gen, device=images.device), 0
+        index = order[position : position + settings.batch_size]
         position += settings.batch_size
         torch.manual_seed(derive_seed(settings.seed, "classifier-dropout", step))
         loss = F.cross_entropy(model(_shifted(images[index], settings.max_shift, gen)), labels[index])
@@ -142,8 +143,9 @@ def predict(model: Classifier, images: Tensor | Any, batch_size: int = 500) -> T
     model.eval()
     device = next(model.parameters()).device
     images = as_network_input(images)
-    return torch.cat([model(images[i:i + batch_size].to(device)).argmax(1).cpu()
-                      for i in range(0, len(images), batch_size)])
+    return torch.cat(
+        [model(images[i : i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(images), batch_size)]
+    )
 
 
 def accuracy(model: Classifier, images: Tensor | Any, labels: Tensor | Any, batch_size: int = 500) -> dict:
@@ -157,12 +159,21 @@ def accuracy(model: Classifier, images: Tensor | Any, labels: Tensor | Any, batc
 
 
 def _key_inputs(source: Mapping[str, Any], settings: Settings, num_classes: int) -> str:
-    return json.dumps({"source": source, "settings": asdict(settings), "architecture": ARCHITECTURE,
-                       "num_classes": num_classes}, sort_keys=True, separators=(",", ":"))
+    return json.dumps(
+        {"source": source, "settings": asdict(settings), "architecture": ARCHITECTURE, "num_classes": num_classes},
+        sort_keys=True,
+        separators=(",", ":"),
+    )
 
 
-def load_or_train(directory: str | Path, source: Mapping[str, Any], train_pattern: str, val_pattern: str,
-                  num_classes: int, settings: Settings = Settings()) -> Trained:
+def load_or_train(
+    directory: str | Path,
+    source: Mapping[str, Any],
+    train_pattern: str,
+    val_pattern: str,
+    num_classes: int,
+    settings: Settings = Settings(),
+) -> Trained:
     """The cached classifier of ``(source, settings)``, or on a miss: one trained on the
     shards ``train_pattern``, tested on ``val_pattern``, and stored.
 

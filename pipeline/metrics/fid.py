@@ -32,7 +32,7 @@ class FeatureStats:
     """Number of feature vectors the statistics were computed from."""
 
     @classmethod
-    def of(cls, features: torch.Tensor | np.ndarray) -> "FeatureStats":
+    def of(cls, features: torch.Tensor | np.ndarray) -> FeatureStats:
         """Statistics of (N, d) features, N >= 2, accumulated in float64."""
         f = np.asarray(features.detach().cpu() if isinstance(features, torch.Tensor) else features, np.float64)
         if f.ndim != 2 or f.shape[0] < 2:

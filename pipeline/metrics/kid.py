@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from pipeline import seeding
+
 
 def polynomial_kernel(x: Tensor, y: Tensor) -> Tensor:
     """k(x_i, y_j) = (x_i . y_j / d + 1)^3 for all pairs: (N, d), (M, d) -> (N, M)."""
@@ -41,17 +43,19 @@ def kernel_inception_distance(
     """(mean, standard deviation) of :func:`mmd2_unbiased` over ``subsets`` random subset pairs
     (the standard deviation of the subset values, numpy's ddof=0, as both references report).
 
-    ``generator`` (on the CPU) draws the subsets; with ``subset_size`` at least both set sizes
+    ``generator`` (on any device) draws the subsets, on its own device; with ``subset_size`` at least both set sizes
     every subset is the whole set and the result does not depend on it.
     """
     size = min(subset_size, x.shape[0], y.shape[0])
     if size < 2:
         raise ValueError(f"KID needs at least 2 features per set, got {x.shape[0]} and {y.shape[0]}")
-    values = torch.stack([
-        mmd2_unbiased(
-            x[torch.randperm(x.shape[0], generator=generator)[:size].to(x.device)],
-            y[torch.randperm(y.shape[0], generator=generator)[:size].to(y.device)],
-        )
-        for _ in range(subsets)
-    ])
+    values = torch.stack(
+        [
+            mmd2_unbiased(
+                x[seeding.randperm(x.shape[0], generator, device=x.device)[:size]],
+                y[seeding.randperm(y.shape[0], generator, device=y.device)[:size]],
+            )
+            for _ in range(subsets)
+        ]
+    )
     return float(values.mean()), float(values.std(correction=0))

@@ -20,7 +20,7 @@ def _row_blocks(queries: Tensor, support: Tensor):
     """(start, distances of queries[start:start+rows] to every support point) in float64 blocks."""
     rows = max(1, BLOCK_ELEMENTS // support.shape[0])
     for start in range(0, queries.shape[0], rows):
-        yield start, torch.cdist(queries[start:start + rows].double(), support.double())
+        yield start, torch.cdist(queries[start : start + rows].double(), support.double())
 
 
 def knn_radii(features: Tensor, k: int) -> Tensor:

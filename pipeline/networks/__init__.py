@@ -24,6 +24,8 @@ gives the per-sample training FLOPs for MFU.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
+from typing import Any
 
 from torch import nn
 
@@ -32,7 +34,10 @@ from pipeline.networks.flops import forward_flops, mfu, training_flops
 from pipeline.networks.layers import BACKENDS, attention, available_backends
 from pipeline.networks.unet import UNET_PRESETS, UNet, UNetConfig
 
-KINDS = {"dit": (DiTConfig, DIT_PRESETS, DiT), "unet": (UNetConfig, UNET_PRESETS, UNet)}
+NetworkKind = tuple[type[DiTConfig] | type[UNetConfig], Mapping[str, Mapping[str, Any]], type[nn.Module]]
+"""(config class, named presets of its fields, network class built from that config)."""
+
+KINDS: dict[str, NetworkKind] = {"dit": (DiTConfig, DIT_PRESETS, DiT), "unet": (UNetConfig, UNET_PRESETS, UNet)}
 
 
 def denoiser_config(kind: str, preset: str | None = None, **options) -> DiTConfig | UNetConfig:

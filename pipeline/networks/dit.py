@@ -122,13 +122,16 @@ class DiTBlock(nn.Module):
     identity at initialisation.
     """
 
-    def __init__(self, width: int, num_heads: int, mlp_ratio: float, drop_path: float, backend: str,
-                 mlp_norm_eps: float = 1e-6):
+    def __init__(
+        self, width: int, num_heads: int, mlp_ratio: float, drop_path: float, backend: str, mlp_norm_eps: float = 1e-6
+    ):
         super().__init__()
         self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.attn = SelfAttention(width, num_heads, backend=backend)
         self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=mlp_norm_eps)
-        self.mlp = Mlp(width, int(width * mlp_ratio), act_layer=partial(nn.GELU, approximate="tanh"))
+        # timm annotates act_layer as type[nn.Module] but only calls it, as its own ViTs do with partials
+        tanh_gelu = partial(nn.GELU, approximate="tanh")
+        self.mlp = Mlp(width, int(width * mlp_ratio), act_layer=tanh_gelu)  # type: ignore[arg-type]
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.ada_ln = nn.Linear(width, 6 * width)
 
@@ -188,17 +191,20 @@ class DiT(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
         proj = self.patch_embed.proj  # a conv: initialise like the linear map it is
         nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
-        nn.init.zeros_(proj.bias)
+        if proj.bias is not None:  # built with bias=True
+            nn.init.zeros_(proj.bias)
         if self.cond.label is not None:
             nn.init.normal_(self.cond.label.table.weight, std=0.02)
         nn.init.normal_(self.cond.time.mlp.fc1.weight, std=0.02)
         nn.init.normal_(self.cond.time.mlp.fc2.weight, std=0.02)
-        for layer in [block.ada_ln for block in self.blocks] + [self.final.ada_ln, self.final.linear]:
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+        ada_lns = [block.ada_ln for block in self.blocks if isinstance(block, DiTBlock)]  # every block
+        for layer in [*ada_lns, self.final.ada_ln, self.final.linear]:
+            for param in layer.parameters():  # weight and bias
+                nn.init.zeros_(param)
 
     @property
     def null_class(self) -> int | None:

@@ -44,7 +44,7 @@ def unet_forward_macs(config: UNetConfig) -> int:
     macs = mc * e + e * e  # time MLP
     macs += s * s * 9 * config.in_channels * layout.stem_channels
     macs += s * s * 9 * layout.stem_channels * config.out_channels  # head
-    specs = [spec for group in layout.encoder + [layout.middle] + layout.decoder for spec in group]
+    specs = [spec for group in [*layout.encoder, layout.middle, *layout.decoder] for spec in group]
     for spec in specs:
         if isinstance(spec, Res):
             area = spec.size**2

@@ -37,9 +37,7 @@ def check_backend(backend: str) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"attention backend {backend!r} is not one of {BACKENDS}")
     if backend not in available_backends():
-        raise ValueError(
-            f"attention backend {backend!r} needs the optional extra: pip install 'latentpipe[xformers]'"
-        )
+        raise ValueError(f"attention backend {backend!r} needs the optional extra: pip install 'latentpipe[xformers]'")
 
 
 def _math_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:

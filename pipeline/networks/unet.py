@@ -78,9 +78,7 @@ UNET_PRESETS = {
     "8x8": dict(input_size=8, model_channels=128, channel_mult=(1, 2), attention_resolutions=(8, 4)),
     "16x16": dict(input_size=16, model_channels=128, channel_mult=(1, 2, 2), attention_resolutions=(8, 4)),
     "32x32": dict(input_size=32, model_channels=192, channel_mult=(1, 2, 4), attention_resolutions=(16, 8)),
-    "64x64": dict(
-        input_size=64, model_channels=192, channel_mult=(1, 2, 3, 4), attention_resolutions=(32, 16, 8)
-    ),
+    "64x64": dict(input_size=64, model_channels=192, channel_mult=(1, 2, 3, 4), attention_resolutions=(32, 16, 8)),
 }
 
 
@@ -178,8 +176,8 @@ class ResBlock(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
-        nn.init.zeros_(self.conv2.weight)
-        nn.init.zeros_(self.conv2.bias)
+        for param in self.conv2.parameters():  # weight and bias
+            nn.init.zeros_(param)
 
     def forward(self, x: Tensor, emb_act: Tensor) -> Tensor:
         """``emb_act`` is SiLU(embedding), computed once for all blocks by the caller."""
@@ -241,8 +239,8 @@ class UNet(nn.Module):
         self.decoder = nn.ModuleList(Group(self._block(s) for s in group) for group in layout.decoder)
         self.head_norm = nn.GroupNorm(config.norm_groups, layout.stem_channels)
         self.head = nn.Conv2d(layout.stem_channels, config.out_channels, 3, padding=1)
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
+        for param in self.head.parameters():  # weight and bias
+            nn.init.zeros_(param)
 
     def _block(self, spec: Spec) -> nn.Module:
         cfg = self.config

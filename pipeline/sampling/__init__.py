@@ -18,6 +18,8 @@ bottom, in :mod:`~pipeline.sampling.frame`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -25,12 +27,18 @@ from pipeline.sampling.grids import ddpm_sigmas, ddpm_timesteps, karras_sigmas, 
 from pipeline.sampling.registry import METHODS, SOLVERS, Solver
 from pipeline.sampling.steps import check_grid
 
-__all__ = ["METHODS", "SOLVERS", "Solver", "sample", "ddpm_sigmas", "ddpm_timesteps", "karras_sigmas",
-           "logsnr_sigmas"]
+__all__ = ["METHODS", "SOLVERS", "Solver", "ddpm_sigmas", "ddpm_timesteps", "karras_sigmas", "logsnr_sigmas", "sample"]
 
 
-def sample(denoiser, noise: Tensor, sigmas: Tensor, method: str = "heun",
-           generator: torch.Generator | None = None, info: dict | None = None, **options) -> Tensor:
+def sample(
+    denoiser,
+    noise: Tensor,
+    sigmas: Tensor,
+    method: str = "heun",
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    info: dict | None = None,
+    **options,
+) -> Tensor:
     """Run ``METHODS[method]`` from ``noise`` (at sigmas[0]) down to sigma = 0.
 
     ``info``, when given, receives "nfe" (number of denoiser calls) and any solver statistics

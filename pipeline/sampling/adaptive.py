@@ -8,7 +8,7 @@ not depend on which other samples share its batch; finished samples take zero-le
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -29,9 +29,16 @@ _B4 = (5179 / 57600, 0.0, 7571 / 16695, 393 / 640, -92097 / 339200, 187 / 2100, 
 _E = tuple(b5 - b4 for b5, b4 in zip(_A[6] + (0.0,), _B4))
 
 
-def dopri5(f: Callable[[Tensor, Tensor], Tensor], y: Tensor, t0: float, t1: float,
-           rtol: float = 1e-5, atol: float = 1e-5, first_step: float | None = None,
-           max_steps: int = 10_000) -> tuple[Tensor, dict]:
+def dopri5(
+    f: Callable[[Tensor, Tensor], Tensor],
+    y: Tensor,
+    t0: float,
+    t1: float,
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    first_step: float | None = None,
+    max_steps: int = 10_000,
+) -> tuple[Tensor, dict]:
     """Integrate dy/dt = f(t, y) from t0 to t1 for a batch y of shape (B, n); ``f`` gets t of
     shape (B,). Returns y(t1) and {"nfe", "steps", "rejected"} (counts of batched evaluations
     and of iterations)."""
@@ -79,14 +86,27 @@ def log_sigma_ode(denoiser, shape: tuple[int, ...]) -> Callable[[Tensor, Tensor]
     return f
 
 
-def rk45(denoiser, x: Tensor, sigmas: Tensor, generator: torch.Generator | None = None,
-         rtol: float = 1e-5, atol: float = 1e-5, info: dict | None = None) -> Tensor:
+def rk45(
+    denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    generator: torch.Generator | None = None,
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    info: dict | None = None,
+) -> Tensor:
     """Adaptive RK45 on the PF-ODE (Song et al. 2021, Sec. 4.3 uses scipy's RK45 the same way)
     from sigmas[0] to the last positive sigma, then the denoising step to 0. Only the two end
     levels of ``sigmas`` are used. ``info`` (a dict) receives "nfe", "steps" and "rejected"."""
     sigma_end = sigmas[-2]
-    y, stats = dopri5(log_sigma_ode(denoiser, x.shape), x.reshape(x.shape[0], -1),
-                      float(sigmas[0].log()), float(sigma_end.log()), rtol=rtol, atol=atol)
+    y, stats = dopri5(
+        log_sigma_ode(denoiser, x.shape),
+        x.reshape(x.shape[0], -1),
+        float(sigmas[0].log()),
+        float(sigma_end.log()),
+        rtol=rtol,
+        atol=atol,
+    )
     out = denoiser(y.reshape(x.shape), batch_sigma(sigma_end, x))
     if info is not None:
         info.update(stats, nfe=stats["nfe"] + 1)

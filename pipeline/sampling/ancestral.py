@@ -10,7 +10,7 @@ i.e. DDIM IS Euler on the PF-ODE (Karras et al. 2022, "EDM", Sec. 3 / Appendix B
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -55,8 +55,9 @@ def _beta_split(sigma: Tensor, sigma_next: Tensor) -> tuple[Tensor, Tensor]:
     return sigma_down, ((sigma**2 - sigma_next**2) * (1 + sigma_next**2) / (1 + sigma**2)).sqrt()
 
 
-def ddpm(denoiser, x: Tensor, sigmas: Tensor, generator: torch.Generator | None = None,
-         variance: str = "posterior") -> Tensor:
+def ddpm(
+    denoiser, x: Tensor, sigmas: Tensor, generator: torch.Generator | None = None, variance: str = "posterior"
+) -> Tensor:
     """Ancestral sampling x_{t-1} ~ p_theta(x_{t-1} | x_t) = N(mu~_t, sigma_t^2 I) (Ho et al. 2020,
     Algorithm 2) with sigma_t^2 = beta~_t (``variance="posterior"``, = DDIM eta = 1) or beta_t
     (``variance="beta"``; assumes a variance-preserving process, as DDPM is)."""

@@ -33,14 +33,16 @@ def dpmpp_2m(denoiser, x: Tensor, sigmas: Tensor, generator: torch.Generator | N
     return x
 
 
-def dpmpp_3m_sde(denoiser, x: Tensor, sigmas: Tensor, generator: torch.Generator | None = None,
-                 eta: float = 1.0) -> Tensor:
+def dpmpp_3m_sde(
+    denoiser, x: Tensor, sigmas: Tensor, generator: torch.Generator | None = None, eta: float = 1.0
+) -> Tensor:
     """Third-order multistep DPM-Solver++ with the SDE variant's noise (Lu et al. 2022, Sec. 4's
     multistep construction taken to order 3, as in Crowson's k-diffusion ``sample_dpmpp_3m_sde``):
     noise fraction ``eta`` (eta = 0: the deterministic 3M ODE solver). With
     h_eta = (1 + eta) h, x <- e^{-h_eta} x + (1 - e^{-h_eta}) D + phi_2 D1 - phi_3 D2
     + sigma_next sqrt(1 - e^{-2 eta h}) z, where D1, D2 are divided differences of past D."""
-    d1 = d2 = h1 = h2 = None
+    last: tuple[Tensor, Tensor] | None = None  # (D, h) of the previous step
+    before: tuple[Tensor, Tensor] | None = None  # (D, h) of the step before that
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
         denoised = denoise(denoiser, x, sigma)
         if sigma_next == 0:
@@ -49,14 +51,16 @@ def dpmpp_3m_sde(denoiser, x: Tensor, sigmas: Tensor, generator: torch.Generator
         h_eta = h * (eta + 1)
         x = torch.exp(-h_eta) * x - torch.expm1(-h_eta) * denoised
         phi_2 = torch.expm1(-h_eta) / h_eta + 1
-        if h2 is not None:
+        if last is not None and before is not None:
+            (d1, h1), (d2, h2) = last, before
             r0, r1 = h1 / h, h2 / h
             d1_0 = (denoised - d1) / r0
             d1_1 = (d1 - d2) / r1
             x = x + phi_2 * (d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)) - (phi_2 / h_eta - 0.5) * (d1_0 - d1_1) / (r0 + r1)
-        elif h1 is not None:
+        elif last is not None:
+            d1, h1 = last
             x = x + phi_2 * (denoised - d1) / (h1 / h)
         if eta:
             x = x + sigma_next * (-torch.expm1(-2 * eta * h)).sqrt() * noise_like(x, generator)
-        d1, d2, h1, h2 = denoised, d1, h, h1
+        last, before = (denoised, h), last
     return x

@@ -11,9 +11,16 @@ from torch import Tensor
 from pipeline.sampling.steps import denoise, noise_like, ode_derivative
 
 
-def heun(denoiser, x: Tensor, sigmas: Tensor, generator: torch.Generator | None = None,
-         churn: float = 0.0, churn_min: float = 0.0, churn_max: float = float("inf"),
-         churn_noise: float = 1.0) -> Tensor:
+def heun(
+    denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    generator: torch.Generator | None = None,
+    churn: float = 0.0,
+    churn_min: float = 0.0,
+    churn_max: float = float("inf"),
+    churn_noise: float = 1.0,
+) -> Tensor:
     """EDM Algorithm 2 (= Algorithm 1 when ``churn`` = 0). ``churn`` = S_churn, the range
     [``churn_min``, ``churn_max``] = [S_tmin, S_tmax] and ``churn_noise`` = S_noise.
 

@@ -15,7 +15,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["SPACINGS", "ddpm_timesteps", "ddpm_sigmas", "karras_sigmas", "logsnr_sigmas"]
+__all__ = ["SPACINGS", "ddpm_sigmas", "ddpm_timesteps", "karras_sigmas", "logsnr_sigmas"]
 
 
 def _append_zero(s: Tensor) -> Tensor:

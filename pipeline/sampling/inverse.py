@@ -26,14 +26,14 @@ the known entries enter clean, at sigma = 0, so D returns E[x_0 | x_unknown, x_0
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from pipeline.sampling.frame import batch_sigma
 
-__all__ = ["posterior_denoiser", "inpainting"]
+__all__ = ["inpainting", "posterior_denoiser"]
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
@@ -56,8 +56,15 @@ def _conjugate_gradient(matvec: Callable[[Tensor], Tensor], b: Tensor, steps: in
     return u
 
 
-def posterior_denoiser(denoiser, A: Callable[[Tensor], Tensor], y: Tensor, noise_std: float = 0.0,
-                       covariance: str = "jacobian", cg_steps: int = 5, data_var: float = 1.0):
+def posterior_denoiser(
+    denoiser,
+    A: Callable[[Tensor], Tensor],
+    y: Tensor,
+    noise_std: float = 0.0,
+    covariance: str = "jacobian",
+    cg_steps: int = 5,
+    data_var: float = 1.0,
+):
     """The conditional denoiser D_y(x, sigma) for y = A x_0 + n (see the module docstring)."""
     if covariance not in ("jacobian", "isotropic", "none"):
         raise ValueError(f"covariance must be jacobian, isotropic or none, got {covariance!r}")

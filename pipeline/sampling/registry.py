@@ -22,7 +22,9 @@ from pipeline.sampling.adaptive import rk45
 from pipeline.sampling.ancestral import ddim, ddpm, euler
 from pipeline.sampling.dpm_solver import dpmpp_2m, dpmpp_3m_sde
 from pipeline.sampling.edm import heun
+from pipeline.sampling.ipndm import ipndm
 from pipeline.sampling.sde import euler_maruyama, langevin, pc
+from pipeline.sampling.unipc import unipc
 
 __all__ = ["METHODS", "SOLVERS", "Solver"]
 
@@ -60,6 +62,8 @@ SOLVERS: dict[str, Solver] = {
     "langevin": Solver(langevin, ("steps_per_level", "step_ratio"), stochastic=True),
     "dpmpp_2m": Solver(dpmpp_2m),
     "dpmpp_3m_sde": Solver(dpmpp_3m_sde, ("eta",), stochastic=True, noise_option="eta"),
+    "unipc": Solver(unipc, ("order", "corrector")),
+    "ipndm": Solver(ipndm, ("max_order",)),
 }
 
 

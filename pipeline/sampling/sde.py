@@ -26,7 +26,8 @@ def _euler_maruyama_coefs(sigma, sigma_next):
 
 
 def _reverse_diffusion_coefs(sigma, sigma_next):
-    # Song et al. 2021, Appendix E, reverse-diffusion predictor (VE): x + (sigma^2 - sigma_next^2) score + sqrt(sigma^2 - sigma_next^2) z.
+    # Song et al. 2021, Appendix E, reverse-diffusion predictor (VE):
+    # x + (sigma^2 - sigma_next^2) score + sqrt(sigma^2 - sigma_next^2) z.
     return (sigma**2 - sigma_next**2) / sigma**2, (sigma**2 - sigma_next**2).sqrt()
 
 
@@ -53,8 +54,15 @@ def _langevin_step(x: Tensor, denoised: Tensor, sigma, step, z: Tensor) -> Tenso
     return _pull(x, denoised, step / sigma**2, (2 * step).sqrt(), z)
 
 
-def pc(denoiser, x: Tensor, sigmas: Tensor, generator: torch.Generator | None = None,
-       predictor: str = "reverse_diffusion", corrector_steps: int = 1, snr: float = 0.16) -> Tensor:
+def pc(
+    denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    generator: torch.Generator | None = None,
+    predictor: str = "reverse_diffusion",
+    corrector_steps: int = 1,
+    snr: float = 0.16,
+) -> Tensor:
     """Predictor-corrector sampling (Song et al. 2021, Algorithm 2 for VE; corrector Algorithm 4):
     for each step a ``predictor`` step sigma -> sigma_next ("reverse_diffusion" or
     "euler_maruyama"), then, at sigma_next > 0, ``corrector_steps`` Langevin steps
@@ -77,8 +85,14 @@ def pc(denoiser, x: Tensor, sigmas: Tensor, generator: torch.Generator | None = 
     return x
 
 
-def langevin(denoiser, x: Tensor, sigmas: Tensor, generator: torch.Generator | None = None,
-             steps_per_level: int = 100, step_ratio: float = 0.2) -> Tensor:
+def langevin(
+    denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    generator: torch.Generator | None = None,
+    steps_per_level: int = 100,
+    step_ratio: float = 0.2,
+) -> Tensor:
     """NCSN annealed Langevin dynamics (Song & Ermon 2019, Algorithm 1): for each positive level
     from the largest down, K = ``steps_per_level`` steps x <- x + eps_i grad log p_sigma_i(x)
     + sqrt(2 eps_i) z with eps_i = ``step_ratio`` sigma_i^2 (their eps sigma_i^2/sigma_L^2 with

@@ -89,7 +89,10 @@ def test_kmeans_init_from_the_first_batches_fits_the_data():
     idx = nearest(data, codes)
     for i in range(8):  # Lloyd's fixed point: each code is the mean of its cell
         torch.testing.assert_close(codes[i], data[idx == i].mean(0), rtol=1e-4, atol=1e-4)
-    err = lambda c: (data - c[nearest(data, c)]).pow(2).sum(1).mean()
+
+    def err(c):
+        return (data - c[nearest(data, c)]).pow(2).sum(1).mean()
+
     assert err(codes) < 0.1 * err(random_codes)
 
 
@@ -148,7 +151,9 @@ def test_warns_when_a_batch_cannot_fill_the_codebook():
 
 
 def test_state_dict_round_trip_resumes_identically():
-    make = lambda: Codebook(16, 4, kmeans_batches=1, dead_after=2, seed=3).train()
+    def make():
+        return Codebook(16, 4, kmeans_batches=1, dead_after=2, seed=3).train()
+
     batches = [torch.randn(4, 4, 2, 2, generator=torch.Generator().manual_seed(i)) for i in range(6)]
     a = make()
     for z in batches:

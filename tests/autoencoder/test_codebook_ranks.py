@@ -15,8 +15,7 @@ STEPS, B, DIM, K = 10, 6, 4, 16
 
 def make_codebook(all_reduce=None, all_gather=None) -> Codebook:
     kw = {} if all_reduce is None else {"all_reduce": all_reduce, "all_gather": all_gather}
-    return Codebook(K, DIM, ema=True, decay=0.8, kmeans_batches=2, kmeans_iters=5,
-                    dead_after=2, seed=7, **kw).train()
+    return Codebook(K, DIM, ema=True, decay=0.8, kmeans_batches=2, kmeans_iters=5, dead_after=2, seed=7, **kw).train()
 
 
 def batch(step: int) -> torch.Tensor:
@@ -52,8 +51,9 @@ def all_gather(t: torch.Tensor) -> torch.Tensor:
 
 def worker(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
+    )
     try:
         torch.save(run(make_codebook(all_reduce, all_gather), rank, world), f"{out}/rank{rank}.pt")
     finally:

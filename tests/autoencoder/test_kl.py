@@ -13,15 +13,18 @@ def posterior(seed=0, shape=(3, 2, 4, 4)) -> DiagonalGaussian:
 def test_kl_matches_torch_distributions():
     q = posterior()
     ref = torch.distributions.kl_divergence(
-        torch.distributions.Normal(q.mean, q.std), torch.distributions.Normal(0.0, 1.0))
+        torch.distributions.Normal(q.mean, q.std), torch.distributions.Normal(0.0, 1.0)
+    )
     torch.testing.assert_close(q.kl(), ref.flatten(1).sum(1))
     zero = DiagonalGaussian(torch.zeros(2, 3, 1, 1), torch.zeros(2, 3, 1, 1))
     assert torch.equal(zero.kl(), torch.zeros(2))
 
 
 def test_reparameterised_samples_have_the_posterior_moments_and_gradients():
-    q = DiagonalGaussian(torch.full((20000, 1, 1, 1), 2.0, requires_grad=True),
-                         torch.full((20000, 1, 1, 1), math.log(0.25), requires_grad=True))
+    q = DiagonalGaussian(
+        torch.full((20000, 1, 1, 1), 2.0, requires_grad=True),
+        torch.full((20000, 1, 1, 1), math.log(0.25), requires_grad=True),
+    )
     z = q.sample(torch.Generator().manual_seed(0))
     assert abs(z.mean() - 2.0) < 0.02 and abs(z.std() - 0.5) < 0.01
     z.sum().backward()

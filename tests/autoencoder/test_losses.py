@@ -1,7 +1,6 @@
 import torch
 
-from pipeline.autoencoder.losses import (PatchDiscriminator, adaptive_weight, gan_factor,
-                                         generator_loss, hinge_d_loss)
+from pipeline.autoencoder.losses import PatchDiscriminator, adaptive_weight, gan_factor, generator_loss, hinge_d_loss
 
 
 def test_patch_discriminator_scores_patches():
@@ -23,8 +22,8 @@ def test_adaptive_weight_balances_gradient_norms_at_the_last_layer():
     out = layer(x)
     rec, gan = out.pow(2).mean(), out.mean()
     lam = adaptive_weight(rec, gan, layer.weight)
-    g_rec, = torch.autograd.grad(rec, layer.weight, retain_graph=True)
-    g_gan, = torch.autograd.grad(gan, layer.weight, retain_graph=True)
+    (g_rec,) = torch.autograd.grad(rec, layer.weight, retain_graph=True)
+    (g_gan,) = torch.autograd.grad(gan, layer.weight, retain_graph=True)
     torch.testing.assert_close(lam, g_rec.norm() / (g_gan.norm() + 1e-4))
     assert not lam.requires_grad
     # scaling L_GAN by s scales lambda by ~1/s (up to delta): lambda * L_GAN is invariant

@@ -9,8 +9,7 @@ from pipeline.autoencoder.lpips import LPIPS
 def smooth_images(n: int, size: int = 64, seed: int = 0) -> torch.Tensor:
     """Images in [-1, 1] with structure at several scales (not white noise)."""
     g = torch.Generator().manual_seed(seed)
-    img = sum(F.interpolate(torch.randn(n, 3, s, s, generator=g), size=size, mode="bicubic")
-              for s in (4, 8, 16, 32))
+    img = sum(F.interpolate(torch.randn(n, 3, s, s, generator=g), size=size, mode="bicubic") for s in (4, 8, 16, 32))
     return torch.tanh(img / 2)
 
 
@@ -51,10 +50,12 @@ def test_monotone_in_distortion_strength(net, distortion):
     noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
     strengths = [0.5, 1.0, 2.0, 4.0] if distortion == "blur" else [0.05, 0.1, 0.2, 0.4]
     with torch.no_grad():
-        dists = torch.stack([
-            ours(x, gaussian_blur(x, 15, s) if distortion == "blur" else (x + s * noise).clamp(-1, 1))
-            for s in strengths
-        ])
+        dists = torch.stack(
+            [
+                ours(x, gaussian_blur(x, 15, s) if distortion == "blur" else (x + s * noise).clamp(-1, 1))
+                for s in strengths
+            ]
+        )
     assert torch.all(dists[1:] > dists[:-1]), dists
 
 

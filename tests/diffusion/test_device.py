@@ -78,7 +78,9 @@ def test_the_denoiser_reads_discrete_tables_on_the_input_device(unet, name):
     mode, net = unet
     with mode:
         x = torch.randn(2, 4, 8, 8, device="cuda")
-        out = Denoiser(net, PROCESSES[name], "v")(x, torch.full((2,), 3.0, device="cuda"), y=torch.zeros(2, dtype=torch.long, device="cuda"))
+        out = Denoiser(net, PROCESSES[name], "v")(
+            x, torch.full((2,), 3.0, device="cuda"), y=torch.zeros(2, dtype=torch.long, device="cuda")
+        )
         assert out.device.type == "cuda"
         process = PROCESSES[name]
         for t in (process.t_of_sigma(torch.ones(2, device="cuda")), torch.zeros(2, dtype=torch.long, device="cuda")):
@@ -109,8 +111,13 @@ def test_library_draws_only_through_seeding():
     offenders = []
     for path in [*(ROOT / "pipeline/diffusion").glob("*.py"), *(ROOT / "pipeline/sampling").glob("*.py")]:
         for node in ast.walk(ast.parse(path.read_text())):
-            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch"
-                    and node.func.attr in RANDOM and any(k.arg == "generator" for k in node.keywords)):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and isinstance(node.func.value, ast.Name)
+                and node.func.value.id == "torch"
+                and node.func.attr in RANDOM
+                and any(k.arg == "generator" for k in node.keywords)
+            ):
                 offenders.append(f"{path.name}:{node.lineno}")
     assert not offenders, offenders

@@ -36,7 +36,9 @@ def test_samples_have_the_mixture_moments_at_every_sigma():
         w = GMM.weights[:, None]
         mean = (w * GMM.means).sum(0)
         centred = GMM.means - mean
-        cov = (w[:, :, None] * (GMM.covs + centred[:, :, None] * centred[:, None, :])).sum(0) + sigma**2 * torch.eye(3, dtype=torch.float64)
+        cov = (w[:, :, None] * (GMM.covs + centred[:, :, None] * centred[:, None, :])).sum(0) + sigma**2 * torch.eye(
+            3, dtype=torch.float64
+        )
         torch.testing.assert_close(x.mean(0), mean, atol=0.02, rtol=0)
         torch.testing.assert_close(torch.cov(x.T), cov, atol=0.03, rtol=0.02)
 

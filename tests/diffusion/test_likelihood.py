@@ -21,8 +21,9 @@ def test_exact_trace_is_within_one_percent_per_sample():
     gmm = GaussianMixture.random(dim=8, components=3, generator=_g(0), scale=(0.05, 0.3))
     x = gmm.sample(4, _g(1))
     analytic = gmm.log_prob(x, SIGMA_MIN)
-    exact_prior = log_likelihood(gmm.denoiser, x, SIGMA_MIN, SIGMA_MAX, estimator="exact",
-                                 prior=lambda z: gmm.log_prob(z, SIGMA_MAX))
+    exact_prior = log_likelihood(
+        gmm.denoiser, x, SIGMA_MIN, SIGMA_MAX, estimator="exact", prior=lambda z: gmm.log_prob(z, SIGMA_MAX)
+    )
     assert ((exact_prior - analytic).abs() <= 0.01 * analytic.abs()).all()
     # The default N(0, sigma_max^2) prior is off by O(|x_0| / sigma_max) nats.
     default_prior = log_likelihood(gmm.denoiser, x, SIGMA_MIN, 10 * SIGMA_MAX, estimator="exact")
@@ -49,10 +50,22 @@ def test_hutchinson_is_unbiased_for_the_exact_trace():
     x = gmm.sample(2, _g(4))
     exact = log_likelihood(gmm.denoiser, x, 1e-2, 50.0, estimator="exact", rtol=1e-4, atol=1e-4)
     for estimator in ("rademacher", "gaussian"):
-        runs = torch.stack([
-            log_likelihood(gmm.denoiser, x, 1e-2, 50.0, generator=_g(10 + i), estimator=estimator, probes=4, rtol=1e-4, atol=1e-4)
-            for i in range(12)
-        ])
+        runs = torch.stack(
+            [
+                log_likelihood(
+                    gmm.denoiser,
+                    x,
+                    1e-2,
+                    50.0,
+                    generator=_g(10 + i),
+                    estimator=estimator,
+                    probes=4,
+                    rtol=1e-4,
+                    atol=1e-4,
+                )
+                for i in range(12)
+            ]
+        )
         se = runs.std(0) / math.sqrt(len(runs))
         assert ((runs.mean(0) - exact).abs() < 4 * se + 1e-3).all(), estimator
 

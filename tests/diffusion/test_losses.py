@@ -57,11 +57,14 @@ def test_dsm_default_weighting_is_sigma_squared_on_ncsn_levels():
     process = NCSN(levels=10)
     x0 = torch.randn(256, 3, generator=_g(3), dtype=torch.float64)
     net = lambda x, i: -x  # noqa: E731
-    assert torch.allclose(dsm_loss(net, process, x0, _g(4)), dsm_loss(net, process, x0, _g(4), weighting=lambda s: s**2))
+    assert torch.allclose(
+        dsm_loss(net, process, x0, _g(4)), dsm_loss(net, process, x0, _g(4), weighting=lambda s: s**2)
+    )
 
 
 def test_vlb_kl_term_is_hos_weighted_eps_error():
-    # Ho et al. 2020, eq. 12: with sigma_t^2 = beta~_t, L_{t-1} = beta_t^2 / (2 beta~_t alpha_t (1 - abar_t)) ||eps - eps_theta||^2.
+    # Ho et al. 2020, eq. 12: with sigma_t^2 = beta~_t,
+    # L_{t-1} = beta_t^2 / (2 beta~_t alpha_t (1 - abar_t)) ||eps - eps_theta||^2.
     process = DDPM.linear()
     x0 = torch.rand(16, 6, generator=_g(5), dtype=torch.float64) * 2 - 1
     noise = torch.randn(16, 6, generator=_g(6), dtype=torch.float64)
@@ -69,7 +72,9 @@ def test_vlb_kl_term_is_hos_weighted_eps_error():
     for t in (1, 10, 400, 999):
         a, s = process.marginal(t)
         x_t = a * x0 + s * noise
-        coef = process.betas[t] ** 2 / (2 * process.posterior_variance(t) * process.alphas[t] * (1 - process.alphas_cumprod[t]))
+        coef = process.betas[t] ** 2 / (
+            2 * process.posterior_variance(t) * process.alphas[t] * (1 - process.alphas_cumprod[t])
+        )
         expected = coef * (noise - net(x_t, t)).pow(2).sum(1)
         torch.testing.assert_close(vlb_term(net, process, x0, torch.tensor(t), noise), expected)
         assert (vlb_term(_exact_ddpm_eps(process, x0), process, x0, torch.tensor(t), noise).abs() < 1e-9).all()
@@ -83,10 +88,13 @@ def test_fixed_large_variance_at_t0_is_the_clipped_posterior_variance():
     noise = torch.randn(8, 6, generator=_g(10), dtype=torch.float64)
     net = lambda x, t: 0.9 * x  # noqa: E731
     zero = torch.tensor(0)
-    torch.testing.assert_close(vlb_term(net, process, x0, zero, noise, "beta"),
-                               vlb_term(net, process, x0, zero, noise, "posterior"))
-    assert not torch.allclose(vlb_term(net, process, x0, torch.tensor(5), noise, "beta"),
-                              vlb_term(net, process, x0, torch.tensor(5), noise, "posterior"))
+    torch.testing.assert_close(
+        vlb_term(net, process, x0, zero, noise, "beta"), vlb_term(net, process, x0, zero, noise, "posterior")
+    )
+    assert not torch.allclose(
+        vlb_term(net, process, x0, torch.tensor(5), noise, "beta"),
+        vlb_term(net, process, x0, torch.tensor(5), noise, "posterior"),
+    )
 
 
 def _exact_ddpm_eps(process, x0):

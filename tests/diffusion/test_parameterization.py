@@ -10,7 +10,14 @@ from pipeline.diffusion.parameterization import eps_from_denoised, score_from_de
 from tests.diffusion.oracle import process_time
 
 GMM = GaussianMixture.random(dim=3, components=3, generator=torch.Generator().manual_seed(0))
-PROCESSES = {"ddpm": DDPM.linear(), "ddpm_cosine": DDPM.cosine(), "vp": VP(), "subvp": SubVP(), "ve": VE(), "ncsn": NCSN(levels=50)}
+PROCESSES = {
+    "ddpm": DDPM.linear(),
+    "ddpm_cosine": DDPM.cosine(),
+    "vp": VP(),
+    "subvp": SubVP(),
+    "ve": VE(),
+    "ncsn": NCSN(levels=50),
+}
 
 
 def _oracle_network(process, prediction):

@@ -113,7 +113,9 @@ def _range(process):
     return process.sigma_ve(process.t_min), process.sigma_ve(process.t_max)
 
 
-@pytest.mark.parametrize("process", [DDPM.linear(), VP(), SubVP(), VE(), NCSN()], ids=["ddpm", "vp", "subvp", "ve", "ncsn"])
+@pytest.mark.parametrize(
+    "process", [DDPM.linear(), VP(), SubVP(), VE(), NCSN()], ids=["ddpm", "vp", "subvp", "ve", "ncsn"]
+)
 def test_training_sigmas_are_reproducible_and_in_range(process):
     a = process.training_sigmas(1000, _g(3))
     assert torch.equal(a, process.training_sigmas(1000, _g(3))) and a.dtype == torch.float64
@@ -121,8 +123,11 @@ def test_training_sigmas_are_reproducible_and_in_range(process):
     assert lo * (1 - 1e-9) <= a.min() and a.max() <= hi * (1 + 1e-9)
 
 
-@pytest.mark.parametrize("process", [DDPM.linear(), DDPM.cosine(), VP(), SubVP(), VE(), NCSN()],
-                         ids=["ddpm", "cosine", "vp", "subvp", "ve", "ncsn"])
+@pytest.mark.parametrize(
+    "process",
+    [DDPM.linear(), DDPM.cosine(), VP(), SubVP(), VE(), NCSN()],
+    ids=["ddpm", "cosine", "vp", "subvp", "ve", "ncsn"],
+)
 def test_every_process_satisfies_the_protocol(process):
     assert isinstance(process, Process)
 
@@ -156,8 +161,9 @@ def test_ddim_on_the_process_grid_reaches_the_same_error_for_any_T():
     for T in (100, 250, 1000):
         process = DDPM.linear(T)
         sigmas = process.sigmas(50)
-        x = sample(Denoiser(_eps_network(gmm, process), process, "eps"), latents * (1 + sigmas[0] ** 2).sqrt(),
-                   sigmas, "ddim")
+        x = sample(
+            Denoiser(_eps_network(gmm, process), process, "eps"), latents * (1 + sigmas[0] ** 2).sqrt(), sigmas, "ddim"
+        )
         errors[T] = sliced_wasserstein(x, reference, generator=_g(3))
     floor = sliced_wasserstein_floor(gmm, n)
     assert all(err <= max(1.2 * errors[1000], floor) for err in errors.values()), errors

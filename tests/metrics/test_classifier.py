@@ -21,14 +21,16 @@ def digits(tmp_path_factory):
 
 def test_default_classifier_reads_real_digits_and_is_cached(digits, tmp_path):
     start = time.perf_counter()
-    trained = classifier.load_or_train(tmp_path, {"shards": "mnist-default"}, str(digits / "train-*.tar"),
-                                       str(digits / "val-*.tar"), num_classes=10)
+    trained = classifier.load_or_train(
+        tmp_path, {"shards": "mnist-default"}, str(digits / "train-*.tar"), str(digits / "val-*.tar"), num_classes=10
+    )
     print(f"classifier: {time.perf_counter() - start:.1f}s, val accuracy {trained.val_accuracy:.4f}")
     assert trained.val_accuracy >= 0.97
     assert set(trained.val_per_class) == set(range(10)) and min(trained.val_per_class.values()) >= 0.9
     # a hit reads no shards (the patterns point nowhere) and gives back the same network
-    hit = classifier.load_or_train(tmp_path, {"shards": "mnist-default"}, "/nonexistent/train-*.tar",
-                                   "/nonexistent/val-*.tar", num_classes=10)
+    hit = classifier.load_or_train(
+        tmp_path, {"shards": "mnist-default"}, "/nonexistent/train-*.tar", "/nonexistent/val-*.tar", num_classes=10
+    )
     assert hit.key == trained.key and hit.val_accuracy == trained.val_accuracy
     assert hit.val_per_class == trained.val_per_class
     images, labels = classifier.labelled_images(str(digits / "val-*.tar"))
@@ -39,8 +41,14 @@ def test_default_classifier_reads_real_digits_and_is_cached(digits, tmp_path):
 
 def test_uint8_and_float_images_score_the_same(digits, tmp_path):
     images, labels = classifier.labelled_images(str(digits / "val-*.tar"))
-    trained = classifier.load_or_train(tmp_path, {"shards": "mnist-short"}, str(digits / "train-*.tar"),
-                                       str(digits / "val-*.tar"), 10, classifier.Settings(steps=20))
+    trained = classifier.load_or_train(
+        tmp_path,
+        {"shards": "mnist-short"},
+        str(digits / "train-*.tar"),
+        str(digits / "val-*.tar"),
+        10,
+        classifier.Settings(steps=20),
+    )
     as_uint8 = ((images + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     assert torch.equal(classifier.predict(trained.model, as_uint8), classifier.predict(trained.model, images))
     scores = classifier.accuracy(trained.model, as_uint8, np.asarray(labels))
@@ -57,8 +65,9 @@ def test_training_is_seeded(digits):
 
 
 def test_unlabelled_shards_are_refused_with_the_reason(tmp_path):
-    from pipeline.data.shards import ShardWriter, encode_image, make_sample
     from PIL import Image
+
+    from pipeline.data.shards import ShardWriter, encode_image, make_sample
 
     with ShardWriter(tmp_path, "train", max_count=10, max_bytes=1 << 20) as writer:
         writer.write(make_sample("a", encode_image(Image.new("L", (8, 8)), "png", 95), "png", None, {}))

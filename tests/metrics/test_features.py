@@ -14,6 +14,7 @@ def images(shape, seed=0):
 def tf1_resize_bilinear(x, out_h, out_w):
     """TF1 ``tf.image.resize_bilinear(align_corners=False)`` (the TTUR FID graph's resize),
     written from its definition: output pixel i samples input coordinate i * in / out."""
+
     def axis(n_in, n_out):
         src = np.arange(n_out) * (n_in / n_out)
         lo = np.floor(src).astype(int)

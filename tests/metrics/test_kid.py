@@ -42,6 +42,7 @@ def test_mmd2_estimator_is_unbiased_where_the_v_statistic_is_not():
 
 def test_kid_is_near_zero_for_one_distribution_and_positive_for_a_shift():
     x, y, z = normal(300, 16, 0), normal(300, 16, 1), normal(300, 16, 2, shift=0.5)
+
     def kid(a, b):
         return kernel_inception_distance(a, b, generator=torch.Generator().manual_seed(0), subsets=20, subset_size=100)
 
@@ -60,6 +61,7 @@ def test_whole_set_subsets_do_not_depend_on_the_generator():
 
 def test_same_generator_same_kid():
     x, y = normal(40, 5, 5), normal(40, 5, 6)
+
     def run():
         return kernel_inception_distance(x, y, generator=torch.Generator().manual_seed(7), subsets=5, subset_size=10)
 

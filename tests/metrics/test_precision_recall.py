@@ -14,8 +14,9 @@ def brute_force(real, gen, k):
     real, gen = real.double().numpy(), gen.double().numpy()
 
     def radii(s):
-        return np.array([np.sort([np.linalg.norm(p - q) for j, q in enumerate(s) if j != i])[k - 1]
-                         for i, p in enumerate(s)])
+        return np.array(
+            [np.sort([np.linalg.norm(p - q) for j, q in enumerate(s) if j != i])[k - 1] for i, p in enumerate(s)]
+        )
 
     def covered(queries, support, r):
         return np.mean([any(np.linalg.norm(q - s) <= ri for s, ri in zip(support, r)) for q in queries])

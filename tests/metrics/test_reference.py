@@ -47,9 +47,14 @@ def test_miss_computes_and_stores_then_hit_reads_without_images(tmp_path):
     assert again.stats.count == 15
 
 
-@pytest.mark.parametrize("source, version", [({"shards": "sha256:def", "images": 15}, "a"),
-                                             ({"shards": "sha256:abc", "images": 10}, "a"),
-                                             ({"shards": "sha256:abc", "images": 15}, "b")])
+@pytest.mark.parametrize(
+    "source, version",
+    [
+        ({"shards": "sha256:def", "images": 15}, "a"),
+        ({"shards": "sha256:abc", "images": 10}, "a"),
+        ({"shards": "sha256:abc", "images": 15}, "b"),
+    ],
+)
 def test_another_source_or_extractor_is_a_miss(tmp_path, source, version):
     batches = Batches()
     reference_features(tmp_path, {"shards": "sha256:abc", "images": 15}, Projection("a"), batches)

@@ -18,8 +18,9 @@ def test_preset_with_overrides():
 
 def test_build_returns_the_right_network():
     dit = build_denoiser(kind="dit", width=32, depth=1, num_heads=2, input_size=8)
-    unet = build_denoiser(kind="unet", input_size=8, model_channels=8, channel_mult=(1,), norm_groups=4,
-                          attention_resolutions=())
+    unet = build_denoiser(
+        kind="unet", input_size=8, model_channels=8, channel_mult=(1,), norm_groups=4, attention_resolutions=()
+    )
     assert isinstance(dit, DiT) and isinstance(unet, UNet)
     x = torch.randn(2, 4, 8, 8)
     assert dit(x, torch.rand(2)).shape == unet(x, torch.rand(2)).shape == x.shape

@@ -7,8 +7,15 @@ from pipeline.networks import build_denoiser
 
 TINY = {
     "dit": dict(width=32, depth=2, num_heads=2, input_size=8, in_channels=4),
-    "unet": dict(input_size=8, model_channels=8, channel_mult=(1, 2), attention_resolutions=(4,),
-                 num_head_channels=8, norm_groups=4, num_res_blocks=1),
+    "unet": dict(
+        input_size=8,
+        model_channels=8,
+        channel_mult=(1, 2),
+        attention_resolutions=(4,),
+        num_head_channels=8,
+        norm_groups=4,
+        num_res_blocks=1,
+    ),
 }
 
 

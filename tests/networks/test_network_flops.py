@@ -12,16 +12,37 @@ from pipeline.networks.flops import dit_forward_macs
 # kernel is not in its registry), so the comparison uses the math backend.
 SMALL = {
     "dit-p1": ("dit", dict(width=32, depth=2, num_heads=2, input_size=4, patch_size=1)),
-    "dit-p2-classes-sigma": ("dit", dict(width=32, depth=2, num_heads=2, input_size=8, num_classes=5, learn_sigma=True)),
+    "dit-p2-classes-sigma": (
+        "dit",
+        dict(width=32, depth=2, num_heads=2, input_size=8, num_classes=5, learn_sigma=True),
+    ),
     "dit-p4-mlp2": ("dit", dict(width=48, depth=1, num_heads=3, input_size=8, patch_size=4, mlp_ratio=2.0)),
-    "unet-attention-everywhere": ("unet", dict(
-        input_size=8, model_channels=8, channel_mult=(1, 2), attention_resolutions=(8, 4),
-        num_head_channels=4, norm_groups=4, num_res_blocks=2, num_classes=5, learn_sigma=True,
-    )),
-    "unet-three-levels": ("unet", dict(
-        input_size=8, model_channels=8, channel_mult=(1, 3, 2), attention_resolutions=(2,),
-        num_head_channels=8, norm_groups=4, num_res_blocks=1,
-    )),
+    "unet-attention-everywhere": (
+        "unet",
+        dict(
+            input_size=8,
+            model_channels=8,
+            channel_mult=(1, 2),
+            attention_resolutions=(8, 4),
+            num_head_channels=4,
+            norm_groups=4,
+            num_res_blocks=2,
+            num_classes=5,
+            learn_sigma=True,
+        ),
+    ),
+    "unet-three-levels": (
+        "unet",
+        dict(
+            input_size=8,
+            model_channels=8,
+            channel_mult=(1, 3, 2),
+            attention_resolutions=(2,),
+            num_head_channels=8,
+            norm_groups=4,
+            num_res_blocks=1,
+        ),
+    ),
 }
 
 
@@ -53,8 +74,18 @@ def test_backward_costs_about_two_forwards():
 
 # DiT paper, table 4: forward "Gflops" (multiply-adds) at 256 px = 32x32x4 latents.
 PAPER_GMACS = {
-    "S/8": 0.36, "S/4": 1.41, "S/2": 6.06, "B/8": 1.42, "B/4": 5.56, "B/2": 23.01,
-    "L/8": 5.01, "L/4": 19.70, "L/2": 80.71, "XL/8": 7.39, "XL/4": 29.05, "XL/2": 118.64,
+    "S/8": 0.36,
+    "S/4": 1.41,
+    "S/2": 6.06,
+    "B/8": 1.42,
+    "B/4": 5.56,
+    "B/2": 23.01,
+    "L/8": 5.01,
+    "L/4": 19.70,
+    "L/2": 80.71,
+    "XL/8": 7.39,
+    "XL/4": 29.05,
+    "XL/2": 118.64,
 }
 
 

@@ -9,14 +9,19 @@ from pipeline.networks import build_denoiser
 
 TINY_DIT = dict(width=32, depth=3, num_heads=2, input_size=8, patch_size=2, num_classes=3, learn_sigma=True)
 TINY_UNET = dict(
-    input_size=8, model_channels=8, channel_mult=(1, 2), attention_resolutions=(4,),
-    num_head_channels=8, norm_groups=4, num_res_blocks=1, num_classes=3,
+    input_size=8,
+    model_channels=8,
+    channel_mult=(1, 2),
+    attention_resolutions=(4,),
+    num_head_channels=8,
+    norm_groups=4,
+    num_res_blocks=1,
+    num_classes=3,
 )
 CASES = {
     "dit": dict(TINY_DIT, drop_path=0.2),  # stochastic depth: the recomputation must redraw the same
     "unet": dict(TINY_UNET, dropout=0.3),  # dropout masks for the gradients to match
 }
-
 
 
 def batch(seed=1):

@@ -12,6 +12,7 @@ import torch
 
 from pipeline.diffusion import DDPM, Denoiser, GaussianMixture
 from pipeline.sampling import ddpm_sigmas, ddpm_timesteps, sample
+from tools.peer_samplers import float64_tables
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -38,18 +39,6 @@ def setup():
     return process, eps_net, Denoiser(eps_net, process, prediction="eps")
 
 
-def _float64(scheduler):
-    """diffusers keeps its schedule tables in float32; recompute them in float64 from the same
-    betas so that 1000 stochastic steps compare at rounding level, not at float32 level."""
-    scheduler.betas = scheduler.betas.double()
-    scheduler.alphas = 1.0 - scheduler.betas
-    scheduler.alphas_cumprod = torch.cumprod(scheduler.alphas, 0)
-    scheduler.one = torch.tensor(1.0, dtype=torch.float64)
-    if hasattr(scheduler, "final_alpha_cumprod"):
-        scheduler.final_alpha_cumprod = scheduler.one
-    return scheduler
-
-
 def _run_diffusers(scheduler, eps_net, latents, generator, **step_options):
     x = latents
     for t in scheduler.timesteps:
@@ -69,7 +58,9 @@ def _ours(process, denoiser, latents, timesteps, method, generator, **options):
 def test_ddim_matches_diffusers(setup, steps, eta, spacing):
     # diffusers steps from t to t - T // steps, the next timestep of these two spacings.
     process, eps_net, denoiser = setup
-    scheduler = _float64(diffusers.DDIMScheduler(**SCHEDULE, set_alpha_to_one=True, steps_offset=0, timestep_spacing=spacing))
+    scheduler = float64_tables(
+        diffusers.DDIMScheduler(**SCHEDULE, set_alpha_to_one=True, steps_offset=0, timestep_spacing=spacing)
+    )
     scheduler.set_timesteps(steps)
     latents = torch.randn(256, 3, generator=_g(1), dtype=torch.float64)
     theirs = _run_diffusers(scheduler, eps_net, latents, _g(2), eta=eta)
@@ -83,7 +74,9 @@ def test_ddim_matches_diffusers(setup, steps, eta, spacing):
 @pytest.mark.parametrize("steps", [20, T])
 def test_ddpm_matches_diffusers(setup, variance, variance_type, steps):
     process, eps_net, denoiser = setup
-    scheduler = _float64(diffusers.DDPMScheduler(**SCHEDULE, variance_type=variance_type, timestep_spacing="leading"))
+    scheduler = float64_tables(
+        diffusers.DDPMScheduler(**SCHEDULE, variance_type=variance_type, timestep_spacing="leading")
+    )
     scheduler.set_timesteps(steps)
     latents = torch.randn(64, 3, generator=_g(1), dtype=torch.float64)
     theirs = _run_diffusers(scheduler, eps_net, latents, _g(2))

@@ -27,6 +27,14 @@ def test_guided_generation_keeps_no_graph():
     def denoiser(x, sigma, y=None):
         return net(x) * (1.0 if y is None else 1 + y.float()[:, None])
 
-    out = generate(denoiser, (3,), karras_sigmas(0.1, 5.0, 4), _gens(range(4)), method="heun",
-                   labels=torch.tensor([0, 1, 0, 1]), null_class=2, guidance_scale=2.0)
+    out = generate(
+        denoiser,
+        (3,),
+        karras_sigmas(0.1, 5.0, 4),
+        _gens(range(4)),
+        method="heun",
+        labels=torch.tensor([0, 1, 0, 1]),
+        null_class=2,
+        guidance_scale=2.0,
+    )
     assert out.shape == (4, 3) and not out.requires_grad

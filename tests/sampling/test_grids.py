@@ -27,7 +27,9 @@ def test_logsnr_grid_is_uniform_in_log_sigma():
     grid = logsnr_sigmas(0.01, 50.0, 10)
     assert _valid(grid)
     logs = grid[:-1].log()
-    assert torch.allclose(logs[1:] - logs[:-1], torch.full((9,), (math.log(0.01) - math.log(50.0)) / 9, dtype=torch.float64))
+    assert torch.allclose(
+        logs[1:] - logs[:-1], torch.full((9,), (math.log(0.01) - math.log(50.0)) / 9, dtype=torch.float64)
+    )
 
 
 def test_ddpm_timesteps_leading_trailing_linspace_and_quadratic():

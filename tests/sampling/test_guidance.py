@@ -22,7 +22,9 @@ def class_conditional(x, sigma, label):
     calls.append(x.shape[0])
     out = COMPONENTS.denoiser(x, sigma)
     for k in range(3):
-        single = GaussianMixture(torch.ones(1, dtype=torch.float64), COMPONENTS.means[k : k + 1], COMPONENTS.covs[k : k + 1])
+        single = GaussianMixture(
+            torch.ones(1, dtype=torch.float64), COMPONENTS.means[k : k + 1], COMPONENTS.covs[k : k + 1]
+        )
         pick = label == k
         out = torch.where(pick[:, None], single.denoiser(x, sigma), out)
     return out
@@ -50,7 +52,7 @@ def test_scale_one_samples_the_conditional_and_zero_the_unconditional():
     sigmas = karras_sigmas(0.002, 80.0, 20)
     for scale, label in ((1.0, labels), (0.0, null)):
         guided = classifier_free(class_conditional, scale, {"label": labels}, {"label": null})
-        direct = sample(lambda x, s: class_conditional(x, s, label), noise, sigmas, "heun")
+        direct = sample(lambda x, s, label=label: class_conditional(x, s, label), noise, sigmas, "heun")
         torch.testing.assert_close(sample(guided, noise, sigmas, "heun"), direct)
 
 

@@ -70,7 +70,9 @@ def test_noisy_linear_measurement_gives_the_analytic_posterior_for_a_gaussian_pr
     # Gaussian posterior (Bishop 2006, eqs. 2.113-2.117).
     mu, S = prior.means[0], prior.covs[0]
     gain = S @ A.T @ torch.linalg.inv(A @ S @ A.T + noise_std**2 * torch.eye(2, dtype=torch.float64))
-    analytic = GaussianMixture(torch.ones(1, dtype=torch.float64), (mu + gain @ (y - A @ mu))[None], (S - gain @ A @ S)[None])
+    analytic = GaussianMixture(
+        torch.ones(1, dtype=torch.float64), (mu + gain @ (y - A @ mu))[None], (S - gain @ A @ S)[None]
+    )
     denoiser = posterior_denoiser(prior.denoiser, lambda z: z @ A.T, y.expand(N, 2), noise_std, cg_steps=2)
     x = _run(denoiser, method, 3)
     err = sliced_wasserstein(x, analytic.sample(N, _g(1)), generator=_g(7))

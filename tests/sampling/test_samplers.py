@@ -1,18 +1,18 @@
 """Samplers against the exact denoiser of a Gaussian mixture, and their contract.
 
 Convergence thresholds come from the finite-sample floor: the sliced W1 between two fresh
-mixture sample sets of the same size (mean + 3 std over repeats, ``sliced_wasserstein_floor``). A sampler that is exact up to
-its discretisation lands in that band once its budget is large enough, and its coarse budget
-must sit clearly above it (so the test would notice a sampler that does nothing)."""
+mixture sample sets of the same size (mean + 3 std over repeats, ``sliced_wasserstein_floor``).
+A sampler that is exact up to its discretisation lands in that band once its budget is large
+enough, and its coarse budget must sit clearly above it (so the test would notice a sampler that does nothing)."""
 
 from __future__ import annotations
-
-import pytest
-import torch
 
 import ast
 import inspect
 from pathlib import Path
+
+import pytest
+import torch
 
 from pipeline.diffusion.gmm import GaussianMixture, sliced_wasserstein, sliced_wasserstein_floor
 from pipeline.sampling import METHODS, SOLVERS, karras_sigmas, logsnr_sigmas, sample
@@ -58,6 +58,8 @@ BUDGETS = {
     "langevin": ((10, {"steps_per_level": 10, "step_ratio": 0.2}), (20, {"steps_per_level": 20, "step_ratio": 0.2})),
     "dpmpp_2m": ((5, {}), (25, {})),
     "dpmpp_3m_sde": ((10, {}), (50, {})),
+    "unipc": ((4, {}), (25, {})),
+    "ipndm": ((4, {}), (25, {})),
 }
 
 
@@ -86,8 +88,13 @@ def test_sampling_never_imports_diffusion():
     # The layering: pipeline.diffusion may use pipeline.sampling, never the other way round.
     for path in (Path(__file__).resolve().parents[2] / "pipeline/sampling").glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             assert not any(n.startswith("pipeline.diffusion") for n in names), path.name
 
 
@@ -104,7 +111,9 @@ def test_converges_to_the_mixture(gmm, floor, method):
 def test_ddim_eta0_is_euler_and_eta1_is_ddpm_posterior(gmm):
     noise = SIGMA_MAX * torch.randn(64, 2, generator=_g(4), dtype=torch.float64)
     sigmas = _grid(12)
-    assert torch.equal(sample(gmm.denoiser, noise, sigmas, "ddim", eta=0.0), sample(gmm.denoiser, noise, sigmas, "euler"))
+    assert torch.equal(
+        sample(gmm.denoiser, noise, sigmas, "ddim", eta=0.0), sample(gmm.denoiser, noise, sigmas, "euler")
+    )
     a = sample(gmm.denoiser, noise, sigmas, "ddim", generator=_g(5), eta=1.0)
     b = sample(gmm.denoiser, noise, sigmas, "ddpm", generator=_g(5), variance="posterior")
     assert torch.equal(a, b)
@@ -151,8 +160,12 @@ def test_a_sample_does_not_depend_on_its_batch(gmm, method):
     batch = sample(gmm.denoiser, noise, sigmas, method, generator=[_g(20 + i) for i in range(4)], **options)
     alone = sample(gmm.denoiser, noise[2:3], sigmas, method, generator=[_g(22)], **options)
     torch.testing.assert_close(batch[2:3], alone, rtol=1e-10, atol=1e-10)
-    assert SOLVERS[method].is_stochastic(**options) == (not torch.equal(batch[0], sample(
-        gmm.denoiser, noise, sigmas, method, generator=[_g(30 + i) for i in range(4)], **options)[0]))
+    assert SOLVERS[method].is_stochastic(**options) == (
+        not torch.equal(
+            batch[0],
+            sample(gmm.denoiser, noise, sigmas, method, generator=[_g(30 + i) for i in range(4)], **options)[0],
+        )
+    )
 
 
 def test_pc_is_a_predictor_step_then_corrector_steps(gmm):
@@ -177,8 +190,10 @@ def test_langevin_defaults_reach_the_noise_floor_within_2000_evaluations(gmm):
     noise = SIGMA_MAX * torch.randn(N, 2, generator=_g(2), dtype=torch.float64)
     x = sample(gmm.denoiser, noise, logsnr_sigmas(0.01, SIGMA_MAX, 19), "langevin", generator=_g(3), info=info)
     err = sliced_wasserstein(x, gmm.sample(N, _g(1)), generator=_g(7))
-    fresh = [sliced_wasserstein(gmm.sample(N, _g(100 + 2 * i)), gmm.sample(N, _g(101 + 2 * i)), generator=_g(100))
-             for i in range(8)]
+    fresh = [
+        sliced_wasserstein(gmm.sample(N, _g(100 + 2 * i)), gmm.sample(N, _g(101 + 2 * i)), generator=_g(100))
+        for i in range(8)
+    ]
     assert info["nfe"] <= 2000 and err <= 1.2 * sum(fresh) / len(fresh), err
 
 
@@ -230,8 +245,17 @@ def test_heun_churn_is_stochastic_and_zero_churn_is_algorithm_1(gmm):
 def test_nfe_counts(gmm):
     noise = SIGMA_MAX * torch.randn(4, 2, generator=_g(4), dtype=torch.float64)
     sigmas = _grid(10)  # 10 levels + 0 -> 10 steps
-    expected = {"ddpm": 10, "ddim": 10, "euler": 10, "heun": 19, "euler_maruyama": 10, "pc": 10 + 9,
-                "langevin": 10 * 100 + 1, "dpmpp_2m": 10, "dpmpp_3m_sde": 10}
+    expected = {
+        "ddpm": 10,
+        "ddim": 10,
+        "euler": 10,
+        "heun": 19,
+        "euler_maruyama": 10,
+        "pc": 10 + 9,
+        "langevin": 10 * 100 + 1,
+        "dpmpp_2m": 10,
+        "dpmpp_3m_sde": 10,
+    }
     for method, nfe in expected.items():
         info = {}
         sample(gmm.denoiser, noise, sigmas, method, generator=_g(1), info=info)
