@@ -223,7 +223,7 @@ class TrainedAutoencoder(Artifact):
 
     @property
     def weights_sha256(self) -> str | None:
-        """sha256 of the weights the latents come from (None: a trained file too large to hash)."""
+        """sha256 of the weights the latents come from (None: a manifest from before every file was hashed)."""
         if self.pretrained is not None:
             return next(iter(self.pretrained["weights_sha256"].values()))
         return self.weights.sha256
@@ -278,7 +278,7 @@ class LatentStats:
     channel_std: tuple[float, ...]
     scale: float
     autoencoder_sha256: str | None
-    """sha256 of the autoencoder weights the latents were made with (None: file too large to hash)."""
+    """sha256 of the autoencoder weights the latents were made with (None: a manifest from before every file was hashed)."""
     checkpoint_scale: float | None = None
     """A published autoencoder's own scaling_factor (``diffusion.normalize=checkpoint``); None: none."""
     checkpoint_shift: float | None = None
