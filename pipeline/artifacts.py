@@ -46,7 +46,7 @@ class OutputFile:
     path: str
     bytes: int
     sha256: str | None = None
-    """Recorded for files up to ``manifest.HASHED_FILE_LIMIT``."""
+    """Recorded for every file (manifests written before hashing every file lack it for large ones)."""
     split: str | None = None
     count: int | None = None
 
@@ -100,8 +100,9 @@ class Artifact:
         return cls.from_manifest(directory, found)
 
     def files(self, split: str) -> list[Path]:
-        """The recorded files of a split, in manifest order."""
-        return [self.directory / o.path for o in self.outputs if o.split == split]
+        """The recorded files of a split, in manifest order, each checked against its recorded
+        size and sha256 (:meth:`verified`)."""
+        return [self.verified(o.path) for o in self.outputs if o.split == split]
 
     def output(self, name: str) -> OutputFile:
         """The manifest entry of output ``name`` (a path relative to the stage directory)."""
@@ -113,17 +114,10 @@ class Artifact:
 
     def verified(self, name: str) -> Path:
         """The path of recorded output ``name`` after checking its size and sha256 against the
-        manifest (a file changed after the stage finished is refused, naming the stage to rerun)."""
-        entry, path = self.output(name), self.directory / name
-        if not path.is_file():
-            raise StageInputError(f"{path} is missing (recorded by stage '{self.STAGE}'): "
-                                  f"rerun `latentpipe {self.STAGE}`")
-        size = path.stat().st_size
-        if size != entry.bytes or (entry.sha256 is not None and manifest.sha256_file(path) != entry.sha256):
-            what = f"size {size}, recorded {entry.bytes}" if size != entry.bytes else "sha256 differs"
-            raise StageInputError(f"{path} is not the file stage '{self.STAGE}' recorded ({what}): it changed after "
-                                  f"the stage finished; rerun `latentpipe {self.STAGE}`")
-        return path
+        manifest (a file missing or changed after the stage finished is refused, naming the
+        stage to rerun). Hashed once per process (``manifest.verify_file``)."""
+        entry = self.output(name)
+        return manifest.verify_file(self.directory / name, entry.bytes, entry.sha256, self.STAGE)
 
 
 def _absent(instance: Any, f: dataclasses.Field) -> bool:
@@ -183,8 +177,9 @@ class PreparedShards(Artifact):
         return self.splits[split].count
 
     def shard_hashes(self, split: str) -> list[str]:
-        """What identifies a split's images: its shards' sha256s, sorted."""
-        return sorted(o.sha256 for o in self.outputs if o.split == split and o.sha256 is not None)
+        """What identifies a split's images: its shards' sha256s, sorted (path and size for a shard
+        that a manifest from before every file was hashed recorded without one)."""
+        return sorted(o.sha256 or f"{o.path}:{o.bytes}" for o in self.outputs if o.split == split)
 
 
 # ------------------------------------------------------------------------------------ autoencoder
@@ -228,7 +223,7 @@ class TrainedAutoencoder(Artifact):
 
     @property
     def weights_sha256(self) -> str | None:
-        """sha256 of the weights the latents come from (None: a trained file too large to hash)."""
+        """sha256 of the weights the latents come from (None: a manifest from before every file was hashed)."""
         if self.pretrained is not None:
             return next(iter(self.pretrained["weights_sha256"].values()))
         return self.weights.sha256
@@ -283,7 +278,7 @@ class LatentStats:
     channel_std: tuple[float, ...]
     scale: float
     autoencoder_sha256: str | None
-    """sha256 of the autoencoder weights the latents were made with (None: file too large to hash)."""
+    """sha256 of the autoencoder weights the latents were made with (None: a manifest from before every file was hashed)."""
     checkpoint_scale: float | None = None
     """A published autoencoder's own scaling_factor (``diffusion.normalize=checkpoint``); None: none."""
     checkpoint_shift: float | None = None

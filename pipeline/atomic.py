@@ -7,12 +7,44 @@ write to a temporary sibling, flush to disk, then ``os.replace`` onto the final 
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO
+
+from pipeline.errors import LatentpipeError
 
 TMP_SUFFIX = ".tmp"
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFullError(LatentpipeError):
+    """A write failed for lack of space (or quota); the message names the file system to free."""
+
+
+@contextlib.contextmanager
+def disk_full_as_error(what: str, where: str | os.PathLike) -> Iterator[None]:
+    """Turn a full disk (ENOSPC, EDQUOT) while writing ``what`` under ``where`` into a
+    :class:`DiskFullError` that says so instead of a traceback; other errors pass unchanged."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in NO_SPACE:
+            raise
+        raise DiskFullError(f"no space left writing {what} in {where} ({err.strerror}): free space there "
+                            f"and rerun the same command (finished parts are kept)") from err
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """The file's sha256, streamed in ``chunk``-byte blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _fsync_dir(directory: Path) -> None:

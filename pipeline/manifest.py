@@ -10,26 +10,31 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import hashlib
+import errno
+import fcntl
 import json
 import logging
+import os
 import platform
+import socket
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Protocol
 
 from pipeline import atomic, config
+from pipeline.atomic import sha256_file
 from pipeline.errors import LatentpipeError, StageInterrupted
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+LOCK = ".lock"
 RUNNING, COMPLETE, FAILED, INTERRUPTED = "running", "complete", "failed", "interrupted"
-HASHED_FILE_LIMIT = 256 << 20  # sha256 of outputs up to this size; larger ones get size only
 _VERSIONED = ("torch", "torchvision", "numpy", "pillow", "webdataset", "accelerate", "deepspeed", "timm")
 
 
@@ -37,20 +42,38 @@ class StageInputError(LatentpipeError):
     """An upstream artifact is missing, unfinished, or from a different upstream run."""
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+class StageBusyError(LatentpipeError):
+    """Another process holds the stage directory's lock."""
+
+
+_VERIFIED: dict[tuple[str, int, int, str], None] = {}
+"""Files this process found equal to a recorded sha256: (path, size, mtime_ns, sha256). A file
+is hashed once per process; rewriting it changes its mtime and so hashes it again."""
+
+
+def verify_file(path: Path, size: int, sha256: str | None, stage: str) -> Path:
+    """``path`` after checking its size and (when recorded) sha256, streamed and once per process;
+    a missing or different file is a :class:`StageInputError` naming it and the stage to rerun."""
+    try:
+        found = os.stat(path)
+    except FileNotFoundError:
+        raise StageInputError(f"{path} is missing (recorded by stage '{stage}'): rerun `latentpipe {stage}`") from None
+    key = (str(Path(path).resolve()), found.st_size, found.st_mtime_ns, sha256 or "")
+    if key in _VERIFIED:
+        return path
+    if found.st_size != size or (sha256 is not None and sha256_file(path) != sha256):
+        what = f"size {found.st_size}, recorded {size}" if found.st_size != size else "sha256 differs"
+        raise StageInputError(f"{path} is not the file stage '{stage}' recorded ({what}): it changed after the stage "
+                              f"finished; rerun `latentpipe {stage}`")
+    _VERIFIED[key] = None
+    return path
 
 
 def describe_file(path: Path, root: Path, **extra: Any) -> dict:
-    """An output entry: path relative to the stage directory, size, sha256 when small."""
-    size = path.stat().st_size
-    entry: dict[str, Any] = {"path": str(path.relative_to(root)), "bytes": size}
-    if size <= HASHED_FILE_LIMIT:
-        entry["sha256"] = sha256_file(path)
+    """An output entry: path relative to the stage directory, size and sha256 (every later
+    reader checks both, :func:`verify_file`)."""
+    entry: dict[str, Any] = {"path": str(path.relative_to(root)), "bytes": path.stat().st_size,
+                             "sha256": sha256_file(path)}
     return {**entry, **extra}
 
 
@@ -183,6 +206,12 @@ class Publishable(Protocol):
     def to_manifest(self) -> dict[str, Any]: ...
 
 
+class DamageCounter(Protocol):
+    """A shard reader that counts the damaged shards it skipped (``pipeline.data.stream.ShardLoader``)."""
+
+    damaged_shards: dict[str, dict[str, Any]]
+
+
 @dataclass
 class StageRecord:
     """What a running stage reports into its manifest."""
@@ -192,6 +221,7 @@ class StageRecord:
     outputs: list = field(default_factory=list)
     metrics: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
+    readers: list = field(default_factory=list)
 
     def add_output(self, path: Path, **extra: Any) -> None:
         self.outputs.append(describe_file(Path(path), self.directory, **extra))
@@ -200,51 +230,111 @@ class StageRecord:
         """Describe the output in the manifest: the artifact's top-level keys (pipeline.artifacts)."""
         self.extra.update(artifact.to_manifest())
 
+    def watch(self, reader: DamageCounter) -> None:
+        """Record ``reader``'s damaged shards in the manifest (``damaged_shards``: per shard, its
+        first error and how many reads met it), whether the stage completes or not."""
+        self.readers.append(reader)
+
+    def damaged_shards(self) -> dict[str, dict[str, Any]]:
+        return {url: dict(seen) for reader in self.readers for url, seen in reader.damaged_shards.items()}
+
+
+REFUSALS = (StageInputError, config.ConfigError)
+"""Errors that refuse a command (unusable inputs, a config that cannot work): raised by a stage
+before it changes its outputs, they leave the stage's manifest and config exactly as they were."""
+
+
+@contextlib.contextmanager
+def stage_lock(directory: Path, stage: str) -> Iterator[None]:
+    """Hold the stage directory's lock (``fcntl.lockf`` on ``<directory>/.lock``, released by the
+    kernel when the process exits, however it exits). The lock file names its holder (host,
+    PID); a held lock is a :class:`StageBusyError` naming them. A holder that died leaves only
+    its name behind: the lock is free, taken over, and the takeover is logged."""
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+            raise StageBusyError(f"stage '{stage}' in {directory} is locked by {holder}: another run of it is in "
+                                 f"progress; wait for it to end (or stop it) and rerun") from None
+        if stale := os.pread(fd, 4096, 0).decode(errors="replace").strip():
+            log.warning("%s: taking over the lock of %s, which ended without releasing it", directory / LOCK, stale)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()} since {_now()}\n".encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)  # a clean exit leaves no holder's name behind
+    finally:
+        os.close(fd)
+
+
+def _snapshot(path: Path) -> bytes | None:
+    return path.read_bytes() if path.is_file() else None
+
+
+def _restore(path: Path, content: bytes | None) -> None:
+    if content is None:
+        path.unlink(missing_ok=True)
+    else:
+        atomic.write_bytes(path, content)
+
 
 @contextlib.contextmanager
 def stage_run(
     cfg: config.Config, stage: str, sections: Sequence[str], inputs: Sequence[str] = (), *, is_main: bool = True
 ) -> Iterator[StageRecord]:
-    """Check inputs, mark the stage running, save the resolved config; on exit, write the manifest.
+    """Lock the stage directory, check inputs, mark the stage running, save the resolved
+    config; on exit, write the manifest.
 
     The manifest is written last: ``complete`` only when the body finished, ``failed`` (with
     the error) when it raised. A manifest from an earlier complete run is replaced by
-    ``running`` first, so a crash never leaves stale outputs looking complete. A stage stopped
-    on purpose (:class:`StageInterrupted`) is ``interrupted``: rerunning it resumes. Only the
-    main rank (``is_main``) writes; the others check the inputs and fill their record unused.
+    ``running`` first, so a crash never leaves stale outputs looking complete. A command
+    refused (:data:`REFUSALS`, before or inside the body) changes nothing: the earlier manifest
+    and config are put back byte for byte. A stage stopped on purpose
+    (:class:`StageInterrupted`) is ``interrupted``: rerunning it resumes. Only the main rank
+    (``is_main``) locks and writes; the others check the inputs and fill their record unused.
     """
     directory = cfg.stage_dir(stage)
-    input_hashes = check_inputs(cfg, inputs)
-    directory.mkdir(parents=True, exist_ok=True)
-    record = StageRecord(directory, inputs=input_hashes)
     if not is_main:
-        yield record
+        yield StageRecord(directory, inputs=check_inputs(cfg, inputs))
         return
-    atomic.write_text(directory / "config.yaml", config.to_yaml(cfg))
-    manifest = {
-        "stage": stage,
-        "run_id": uuid.uuid4().hex,  # two runs never share a manifest hash, even within a second
-        "status": RUNNING,
-        "config_hash": config.section_hash(cfg, sections),
-        "inputs": input_hashes,
-        "outputs": [],
-        "metrics": {},
-        "versions": library_versions(),
-        "git_commit": git_commit(),
-        "command": sys.argv,
-        "started_at": _now(),
-        "finished_at": None,
-    }
-    write(directory, manifest)
-    try:
-        yield record
-    except BaseException as err:
-        status = INTERRUPTED if isinstance(err, (StageInterrupted, KeyboardInterrupt)) else FAILED
-        manifest.update(status=status, error=f"{type(err).__name__}: {err}", finished_at=_now())
+    with stage_lock(directory, stage):
+        record = StageRecord(directory, inputs=check_inputs(cfg, inputs))
+        before = {name: _snapshot(directory / name) for name in (MANIFEST, "config.yaml")}
+        atomic.write_text(directory / "config.yaml", config.to_yaml(cfg))
+        manifest = {
+            "stage": stage,
+            "run_id": uuid.uuid4().hex,  # two runs never share a manifest hash, even within a second
+            "status": RUNNING,
+            "config_hash": config.section_hash(cfg, sections),
+            "inputs": record.inputs,
+            "outputs": [],
+            "metrics": {},
+            "versions": library_versions(),
+            "git_commit": git_commit(),
+            "command": sys.argv,
+            "started_at": _now(),
+            "finished_at": None,
+        }
         write(directory, manifest)
-        raise
-    manifest.update(
-        status=COMPLETE, outputs=record.outputs, metrics=record.metrics, finished_at=_now(), **record.extra
-    )
-    write(directory, manifest)
-    log.info("%s: complete (%s)", stage, directory / MANIFEST)
+        try:
+            yield record
+        except REFUSALS:
+            for name, content in before.items():
+                _restore(directory / name, content)
+            raise
+        except BaseException as err:
+            status = INTERRUPTED if isinstance(err, (StageInterrupted, KeyboardInterrupt)) else FAILED
+            manifest.update(status=status, error=f"{type(err).__name__}: {err}", finished_at=_now(),
+                            damaged_shards=record.damaged_shards())
+            write(directory, manifest)
+            raise
+        manifest.update(status=COMPLETE, outputs=record.outputs, metrics=record.metrics, finished_at=_now(),
+                        damaged_shards=record.damaged_shards(), **record.extra)
+        write(directory, manifest)
+        log.info("%s: complete (%s)", stage, directory / MANIFEST)

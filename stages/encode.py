@@ -91,12 +91,14 @@ def _drop_foreign_outputs(out_dir: Path, stems: set[str], made_from: dict) -> No
 def run(cfg: config.Config) -> Path:
     runtime = Runtime()
     with manifest.stage_run(cfg, NAME, SECTIONS, INPUTS, is_main=runtime.is_main) as record:
+        # every input is verified (sha256) before an output is touched: a refusal changes nothing
         trained = artifacts.TrainedAutoencoder.from_stage_dir(cfg)
         model, kind = trained.load_model(cfg.autoencoder, runtime.device), trained.latent.kind
         prepared = artifacts.PreparedShards.from_stage_dir(cfg)
         out_dir = record.directory / artifacts.EncodedLatents.LATENT_DIR
         inputs = sorted(prepared.files("train") + prepared.files("val"))
-        made_from = {"inputs": record.inputs, "config": config.section_hash(cfg, SECTIONS)}
+        made_from = {"inputs": record.inputs, "config": config.section_hash(cfg, SECTIONS),
+                     "autoencoder_sha256": trained.weights_sha256}
         if runtime.is_main:
             _drop_foreign_outputs(out_dir, {url.stem for url in inputs}, made_from)
         runtime.barrier()
@@ -104,7 +106,8 @@ def run(cfg: config.Config) -> Path:
             stats_file = out_dir / f"{url.stem}.stats.json"
             if stats_file.is_file():
                 continue  # finished by an earlier run from the same inputs
-            stats = _encode_shard(url, out_dir, model, kind, cfg, runtime.device)
+            with atomic.disk_full_as_error(f"latent shard {url.name}", out_dir):
+                stats = _encode_shard(url, out_dir, model, kind, cfg, runtime.device)
             atomic.write_text(stats_file, json.dumps({**stats, "made_from": made_from}))
         runtime.barrier()
         if runtime.is_main:

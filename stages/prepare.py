@@ -133,11 +133,16 @@ def run(cfg: config.Config) -> Path:
         # class, and a streaming shuffle buffer cannot mix shards that each hold one or two classes.
         ordered = sorted(source.items, key=lambda item: uniform_fraction("shard-order", item.key))
         by_split = {s: [i for i in ordered if split_of(i.key, data.val_fraction) == s] for s in SPLITS}
+        if empty := [s for s in SPLITS if not by_split[s]]:  # the autoencoder would fail only after training
+            raise config.ConfigError(
+                f"data: {len(ordered)} image(s) give an empty {' and '.join(empty)} split with data.val_fraction="
+                f"{data.val_fraction}: add images or change data.val_fraction")
         progress = _load_progress(directory, config.section_hash(cfg, SECTIONS))
         pool = multiprocessing.get_context("fork").Pool(data.workers) if data.workers > 1 else None
         try:
-            for split in SPLITS:
-                _write_split(split, by_split[split], data, directory, progress, pool)
+            with atomic.disk_full_as_error("shards", directory):
+                for split in SPLITS:
+                    _write_split(split, by_split[split], data, directory, progress, pool)
         finally:
             if pool is not None:
                 pool.terminate()

@@ -118,8 +118,7 @@ def run(cfg: config.Config) -> Path:
     s = cfg.sample
     runtime = Runtime()
     task, tasks = array_task()
-    made_from = {"inputs": manifest.check_inputs(cfg, INPUTS),
-                 "config": config.section_hash(cfg, SECTIONS, ignore=RENDER_IRRELEVANT)}
+    made_from = _made_from(cfg)
     key = hashlib.sha256(json.dumps(made_from, sort_keys=True).encode()).hexdigest()[:16]
     chunk_dir = cfg.stage_dir(NAME) / "chunks" / key
     if tasks > 1:  # one task of an array job: render this task's chunks, no manifest
@@ -158,6 +157,22 @@ def run(cfg: config.Config) -> Path:
             record.metrics.update(samples=len(images), nfe=info.get("nfe"))
         runtime.barrier()
     return record.directory
+
+
+def _made_from(cfg: config.Config) -> dict:
+    """Everything a chunk's images depend on (the chunk cache key): the upstream manifests, the
+    sections of every stage that made the models (refused here when the config changed since),
+    both weights' recorded sha256 (verified when the models load) and the render-relevant
+    sample options."""
+    autoencoder = artifacts.TrainedAutoencoder.from_stage_dir(cfg)
+    denoiser = artifacts.TrainedDenoiser.from_stage_dir(cfg)
+    artifacts.EncodedLatents.from_stage_dir(cfg)
+    return {"inputs": manifest.check_inputs(cfg, INPUTS),
+            "config": config.section_hash(cfg, SECTIONS, ignore=RENDER_IRRELEVANT),
+            "upstream_config": {name: config.section_hash(cfg, stage_registry.get(name).sections)
+                                for name in ("autoencoder", "encode", "diffusion")},
+            "weights": {"autoencoder": autoencoder.weights_sha256,
+                        "diffusion": denoiser.output(denoiser.WEIGHTS_FILE).sha256}}
 
 
 def _render_chunks(cfg: config.Config, chunk_dir: Path, runtime: Runtime, worker: int, workers: int) -> dict:

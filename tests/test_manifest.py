@@ -1,9 +1,12 @@
+import contextlib
 import json
 
 import pytest
 
 from pipeline import atomic, config, manifest
+from pipeline.data.stream import ShardLoader
 from pipeline.manifest import StageInputError
+from tests.data.test_stream import _write_shards
 
 
 def _cfg(tmp_path, *overrides):
@@ -31,9 +34,8 @@ def test_complete_manifest_records_config_outputs_and_provenance(tmp_path):
 
 def test_failed_stage_is_marked_failed(tmp_path):
     cfg = _cfg(tmp_path)
-    with pytest.raises(RuntimeError):
-        with manifest.stage_run(cfg, "a", ["data"]):
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), manifest.stage_run(cfg, "a", ["data"]):
+        raise RuntimeError("boom")
     found = manifest.read(cfg.stage_dir("a"))
     assert found["status"] == "failed" and "boom" in found["error"]
 
@@ -42,9 +44,8 @@ def test_missing_and_incomplete_inputs_are_refused(tmp_path):
     cfg = _cfg(tmp_path)
     with pytest.raises(StageInputError, match="run `latentpipe a` first"):
         manifest.check_inputs(cfg, ["a"])
-    with pytest.raises(KeyboardInterrupt):
-        with manifest.stage_run(cfg, "a", ["data"]):
-            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), manifest.stage_run(cfg, "a", ["data"]):
+        raise KeyboardInterrupt
     with pytest.raises(StageInputError, match="not complete"):
         manifest.check_inputs(cfg, ["a"])
 
@@ -77,9 +78,45 @@ def test_up_to_date_tracks_config_and_inputs(tmp_path):
 def test_atomic_write_leaves_the_old_file_on_failure(tmp_path):
     target = tmp_path / "f.json"
     atomic.write_text(target, json.dumps({"v": 1}))
-    with pytest.raises(RuntimeError):
-        with atomic.atomic_open(target, "w") as handle:
-            handle.write('{"v": 2, "trunc')
-            raise RuntimeError("crash mid-write")
+    with pytest.raises(RuntimeError), atomic.atomic_open(target, "w") as handle:
+        handle.write('{"v": 2, "trunc')
+        raise RuntimeError("crash mid-write")
     assert json.loads(target.read_text()) == {"v": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["f.json"]
+
+
+@pytest.mark.parametrize("refusal", [StageInputError("foreign upstream"), config.ConfigError("bad key")])
+def test_a_refused_command_leaves_manifest_and_config_as_they_were(tmp_path, refusal):
+    cfg = _cfg(tmp_path)
+    _complete(cfg, "a")
+    directory = cfg.stage_dir("a")
+    before = {name: (directory / name).read_bytes() for name in (manifest.MANIFEST, "config.yaml")}
+    with pytest.raises(type(refusal)), manifest.stage_run(_cfg(tmp_path, "data.resolution=8"), "a", ["data"]):
+        raise refusal
+    assert {name: (directory / name).read_bytes() for name in before} == before
+    assert manifest.up_to_date(cfg, "a", ["data"], [])[0]
+
+
+def test_a_refusal_in_a_new_stage_directory_leaves_no_manifest(tmp_path):
+    with pytest.raises(StageInputError), manifest.stage_run(_cfg(tmp_path), "a", ["data"]):
+        raise StageInputError("refused")
+    assert manifest.read(_cfg(tmp_path).stage_dir("a")) is None
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_damaged_shards_of_watched_loaders_are_recorded_per_shard(tmp_path, fails):
+    """A real loader over a shard cut short: the manifest names the shard, complete or failed."""
+    urls = _write_shards(tmp_path / "shards", [20, 20])
+    data = open(urls[1], "rb").read()
+    with open(urls[1], "wb") as handle:
+        handle.write(data[: len(data) // 2 // 512 * 512])
+    cfg, loader = _cfg(tmp_path), ShardLoader(urls, batch_size=4, samples_per_epoch=40, shuffle_buffer=4)
+    with pytest.raises(RuntimeError) if fails else contextlib.nullcontext():
+        with manifest.stage_run(cfg, "a", ["data"]) as record:
+            record.watch(loader)
+            for _ in loader:
+                pass
+            if fails:
+                raise RuntimeError("boom")
+    recorded = manifest.read(cfg.stage_dir("a"))["damaged_shards"]
+    assert list(recorded) == [urls[1]] and recorded[urls[1]]["reads"] >= 1 and "cut short" in recorded[urls[1]]["error"]

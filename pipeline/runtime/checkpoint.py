@@ -2,9 +2,11 @@
 
 Layout: ``<dir>/step-00001200/`` holding ``state.pt`` (what every rank shares: model,
 optimisers, codebook, step), ``rank-00000.pt`` ... (what each rank owns: its data-loader
-position) and ``complete.json``. The ranks write into ``.step-00001200.tmp/`` and the main
-rank renames it when everyone is done, so a ``step-*`` directory is always complete. Files are
-loaded with ``torch.load(weights_only=True)``: tensors and plain containers only, never code.
+position) and ``complete.json``, which records each file's size and sha256. The ranks write
+into ``.step-00001200.tmp/`` and the main rank renames it when everyone is done, so a ``step-*``
+directory is always complete. On resume every file is checked against ``complete.json`` (torch
+does not check its zip CRCs: flipped bytes would load) and loaded with
+``torch.load(weights_only=True)``: tensors and plain containers only, never code.
 """
 
 from __future__ import annotations
@@ -16,11 +18,13 @@ import pickle
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 
 import torch
 
 from pipeline import atomic
+from pipeline.atomic import sha256_file
+from pipeline.errors import LatentpipeError
 from pipeline.runtime.dist import Runtime
 
 log = logging.getLogger(__name__)
@@ -29,6 +33,49 @@ _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 def _rank_file(rank: int) -> str:
     return f"rank-{rank:05d}.pt"
+
+
+class CheckpointError(LatentpipeError):
+    """A checkpoint cannot be written (disk full, state that torch cannot save) or read back intact."""
+
+
+def _write(path: Path, state: dict[str, Any]) -> None:
+    """``torch.save`` atomically; a full disk or an unsaveable object is a :class:`CheckpointError`
+    naming the file (torch itself reports a failed write only as ``unexpected pos ...``)."""
+    writer: _WriteErrors | None = None
+    try:
+        with atomic.atomic_open(path) as handle:
+            writer = _WriteErrors(handle)
+            torch.save(state, cast(IO[bytes], writer))  # torch needs only write and flush
+    except (pickle.PicklingError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"cannot write checkpoint {path}: the state holds an object torch cannot save "
+                              f"({type(err).__name__}: {err})") from err
+    except (OSError, RuntimeError) as err:
+        cause = writer.error if isinstance(err, RuntimeError) and writer is not None and writer.error else err
+        if not isinstance(cause, OSError):
+            raise
+        full = cause.errno in atomic.NO_SPACE
+        raise CheckpointError(f"cannot write checkpoint {path}: {cause.strerror or cause}; "
+                              + ("free space there (or lower keep_checkpoints) and " if full else "")
+                              + "rerun the same command to resume from the last checkpoint") from cause
+
+
+class _WriteErrors:
+    """A writable file that remembers the OSError of a failed write (torch replaces it by a
+    RuntimeError without the cause)."""
+
+    def __init__(self, handle: Any):
+        self.handle, self.error = handle, cast(OSError | None, None)
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
 
 
 def save(directory: Path, step: int, shared: dict[str, Any], own: dict[str, Any], runtime: Runtime,
@@ -42,15 +89,14 @@ def save(directory: Path, step: int, shared: dict[str, Any], own: dict[str, Any]
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     runtime.barrier()
-    with atomic.atomic_open(tmp / _rank_file(runtime.rank)) as handle:
-        torch.save(own, handle)
+    _write(tmp / _rank_file(runtime.rank), own)
     if runtime.is_main:
-        with atomic.atomic_open(tmp / "state.pt") as handle:
-            torch.save(shared, handle)
+        _write(tmp / "state.pt", shared)
     runtime.barrier()
     if runtime.is_main:
-        atomic.write_text(tmp / "complete.json",
-                          json.dumps({"step": step, "world_size": runtime.world_size, "resume_key": resume_key}))
+        files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.glob("*.pt"))}
+        atomic.write_text(tmp / "complete.json", json.dumps(
+            {"step": step, "world_size": runtime.world_size, "resume_key": resume_key, "files": files}))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -95,12 +141,13 @@ def load_latest(directory: Path, runtime: Runtime) -> tuple[Path, dict[str, Any]
     an unreadable file (truncated or corrupted after it was written) is reported and skipped in
     favour of the one before. None when there is none."""
     for path in sorted(_complete(Path(directory)), reverse=True):
+        shared: dict[str, Any] | None
         try:
             shared, own = load(path, runtime.rank, runtime.world_size)
-        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:
+        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, CheckpointError) as err:
             log.warning("checkpoint %s is unreadable (%s); trying the one before", path, err)
             shared = own = None
-        if runtime.any(shared is None):
+        if runtime.any(shared is None) or shared is None:  # the second test only narrows the type
             continue
         return path, shared, own
     return None
@@ -111,9 +158,24 @@ def load(path: Path, rank: int, world_size: int) -> tuple[dict[str, Any], dict[s
     the checkpoint was written by another number of ranks (elastic resume: the shared state
     carries over, see ``TrainState.restore``)."""
     meta = json.loads((path / "complete.json").read_text())
+    recorded = meta.get("files")  # absent in checkpoints written before files were hashed
+    same_ranks = meta["world_size"] == world_size
+    for name in ("state.pt", _rank_file(rank)) if same_ranks else ("state.pt",):
+        if recorded is not None:
+            _verify(path / name, recorded.get(name))
     shared = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-    if meta["world_size"] != world_size:
+    if not same_ranks:
         log.info("%s was written by %d rank(s); this job has %d", path, meta["world_size"], world_size)
         return shared, None
     own = torch.load(path / _rank_file(rank), map_location="cpu", weights_only=True)
     return shared, own
+
+
+def _verify(file: Path, entry: dict[str, Any] | None) -> None:
+    if entry is None:
+        raise CheckpointError(f"{file} is not listed in its complete.json")
+    size = file.stat().st_size
+    if size != entry["bytes"]:
+        raise CheckpointError(f"{file} has {size} bytes, {entry['bytes']} when written")
+    if sha256_file(file) != entry["sha256"]:
+        raise CheckpointError(f"{file} differs from what was written (sha256)")

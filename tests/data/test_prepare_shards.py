@@ -91,7 +91,8 @@ def test_corrupt_files_are_skipped_counted_and_listed(tmp_path):
     _folder_dataset(tmp_path / "imgs", per_class=2)
     (tmp_path / "imgs" / "cat" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     (tmp_path / "imgs" / "dog" / "empty.jpg").write_bytes(b"")
-    cfg = _cfg(tmp_path, "data.source=folder", f"data.path={tmp_path / 'imgs'}")
+    # 10 images: a val_fraction that gives both splits images (an empty split is refused)
+    cfg = _cfg(tmp_path, "data.source=folder", f"data.path={tmp_path / 'imgs'}", "data.val_fraction=0.5")
     found = manifest.read(prepare.run(cfg))
     assert found["metrics"]["skipped"] == 2
     assert sorted(s["source"].rsplit("/", 1)[1] for s in found["skipped"]) == ["broken.png", "empty.jpg"]
@@ -102,6 +103,7 @@ def test_corrupt_files_are_skipped_counted_and_listed(tmp_path):
         "data.source=folder",
         f"data.path={tmp_path / 'imgs'}",
         "data.on_error=raise",
+        "data.val_fraction=0.5",
         "experiment.name=strict",
     )
     with pytest.raises(prepare.PrepareError, match="broken.png|empty.jpg"):

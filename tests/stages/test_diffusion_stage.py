@@ -147,7 +147,8 @@ def test_load_trained_refuses_another_diffusion_config(encoded, tmp_path):
 
 
 def _poison_one_sample(shard):
-    """Rewrite a KL latent shard with NaN in the first sample's posterior mean (bad data)."""
+    """Rewrite a KL latent shard with NaN in the first sample's posterior mean (bad data), and its
+    manifest entry (the shard is bad data, not a damaged file, which readers refuse)."""
     with tarfile.open(shard) as tar:
         members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
     first = next(m for m, _ in members if m.name.endswith(".mean.npy"))
@@ -161,6 +162,12 @@ def _poison_one_sample(shard):
                 data = buffer.getvalue()
                 member.size = len(data)
             tar.addfile(member, io.BytesIO(data))
+    directory = shard.parent.parent  # as if encode had written it so: recorded, not a damaged file
+    found = manifest.read(directory)
+    for entry in found["outputs"]:
+        if entry["path"] == str(shard.relative_to(directory)):
+            entry.update(manifest.describe_file(shard, directory))
+    manifest.write(directory, found)
 
 
 def test_two_ranks_skip_a_nan_batch_together_and_finish(tmp_path):
