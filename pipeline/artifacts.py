@@ -70,8 +70,11 @@ class Artifact:
     def to_manifest(self) -> dict[str, Any]:
         """The manifest keys this artifact publishes: its content fields as JSON values."""
         recorded = {f.name for f in dataclasses.fields(Artifact)}
-        return {f.name: _json(getattr(self, f.name)) for f in dataclasses.fields(self)
-                if f.name not in recorded and not _absent(self, f)}
+        return {
+            f.name: _json(getattr(self, f.name))
+            for f in dataclasses.fields(self)
+            if f.name not in recorded and not _absent(self, f)
+        }
 
     @classmethod
     def _content(cls, found: Mapping[str, Any]) -> dict[str, Any]:
@@ -81,8 +84,12 @@ class Artifact:
     @classmethod
     def from_manifest(cls: type[A], directory: Path, found: Mapping[str, Any]) -> A:
         """The artifact described by an already verified manifest dict."""
-        return cls(directory=Path(directory), outputs=tuple(OutputFile.from_manifest(o) for o in found["outputs"]),
-                   metrics=found.get("metrics", {}), **cls._content(found))
+        return cls(
+            directory=Path(directory),
+            outputs=tuple(OutputFile.from_manifest(o) for o in found["outputs"]),
+            metrics=found.get("metrics", {}),
+            **cls._content(found),
+        )
 
     @classmethod
     def from_stage_dir(cls: type[A], cfg: config.Config) -> A:
@@ -95,7 +102,8 @@ class Artifact:
         if found.get("config_hash") != wanted:
             raise StageInputError(
                 f"stage '{spec.name}' in {directory} was made with another config "
-                f"({str(found.get('config_hash'))[:12]}, current {wanted[:12]}): rerun `latentpipe {spec.name}`")
+                f"({str(found.get('config_hash'))[:12]}, current {wanted[:12]}): rerun `latentpipe {spec.name}`"
+            )
         manifest.check_upstreams(cfg, spec.name, found)
         return cls.from_manifest(directory, found)
 
@@ -108,8 +116,9 @@ class Artifact:
         """The manifest entry of output ``name`` (a path relative to the stage directory)."""
         entry = next((o for o in self.outputs if o.path == name), None)
         if entry is None:
-            raise StageInputError(f"stage '{self.STAGE}' recorded no output {name!r} in {self.directory}: "
-                                  f"rerun `latentpipe {self.STAGE}`")
+            raise StageInputError(
+                f"stage '{self.STAGE}' recorded no output {name!r} in {self.directory}: rerun `latentpipe {self.STAGE}`"
+            )
         return entry
 
     def verified(self, name: str) -> Path:
@@ -168,10 +177,15 @@ class PreparedShards(Artifact):
 
     @classmethod
     def _content(cls, found: Mapping[str, Any]) -> dict[str, Any]:
-        return {"splits": {name: SplitSummary(s["count"], tuple(s["shards"]), s["class_counts"])
-                           for name, s in found["splits"].items()},
-                "classes": tuple(found["classes"]), "skipped": tuple(found["skipped"]),
-                "image": ImageSpec(**found["image"])}
+        return {
+            "splits": {
+                name: SplitSummary(s["count"], tuple(s["shards"]), s["class_counts"])
+                for name, s in found["splits"].items()
+            },
+            "classes": tuple(found["classes"]),
+            "skipped": tuple(found["skipped"]),
+            "image": ImageSpec(**found["image"]),
+        }
 
     def count(self, split: str) -> int:
         return self.splits[split].count
@@ -214,8 +228,11 @@ class TrainedAutoencoder(Artifact):
 
     @classmethod
     def _content(cls, found: Mapping[str, Any]) -> dict[str, Any]:
-        return {"latent": LatentShape(**found["latent"]), "image": ImageShape(**found["image"]),
-                "pretrained": found.get("pretrained")}
+        return {
+            "latent": LatentShape(**found["latent"]),
+            "image": ImageShape(**found["image"]),
+            "pretrained": found.get("pretrained"),
+        }
 
     @property
     def weights(self) -> OutputFile:
@@ -244,13 +261,15 @@ class TrainedAutoencoder(Artifact):
         if self.pretrained is not None:
             from pipeline.interop import load_pretrained_autoencoder  # diffusers only when asked for
 
-            adapter = load_pretrained_autoencoder(self.pretrained["source"],
-                                                  scaling_factor=cfg.pretrained_scaling_factor)
+            adapter = load_pretrained_autoencoder(
+                self.pretrained["source"], scaling_factor=cfg.pretrained_scaling_factor
+            )
             if adapter.weights != self.pretrained["weights_sha256"]:
                 raise StageInputError(
                     f"the weights at {self.pretrained['source']} are not the ones stage 'autoencoder' recorded "
                     f"(sha256 {adapter.weights}, recorded {self.pretrained['weights_sha256']}): "
-                    f"rerun `latentpipe autoencoder`")
+                    f"rerun `latentpipe autoencoder`"
+                )
             return adapter.to(device).eval()
         model = build_autoencoder(cfg, self.image.channels)
         model.load_state_dict(load_file(self.verified(self.WEIGHTS_FILE)))
@@ -278,7 +297,8 @@ class LatentStats:
     channel_std: tuple[float, ...]
     scale: float
     autoencoder_sha256: str | None
-    """sha256 of the autoencoder weights the latents were made with (None: a manifest from before every file was hashed)."""
+    """sha256 of the autoencoder weights the latents were made with (None: a manifest from before
+    every file was hashed)."""
     checkpoint_scale: float | None = None
     """A published autoencoder's own scaling_factor (``diffusion.normalize=checkpoint``); None: none."""
     checkpoint_shift: float | None = None
@@ -321,12 +341,18 @@ class EncodedLatents(Artifact):
             raise StageInputError(
                 "diffusion.normalize=checkpoint needs the autoencoder's own scaling_factor, and these latents have "
                 "none: use autoencoder.kind=pretrained (an LDM checkpoint file without one takes "
-                "autoencoder.pretrained_scaling_factor), or diffusion.normalize=scale (the measured scale)")
+                "autoencoder.pretrained_scaling_factor), or diffusion.normalize=scale (the measured scale)"
+            )
         shift = torch.full((latent.channels,), float(latent.checkpoint_shift or 0.0))
         codebook = self.codebook()
         kind: Literal["vq", "kl"] = "vq" if latent.kind == "vq" else "kl"
-        return LatentSpace(kind, "scale", shift, torch.full((latent.channels,), float(latent.checkpoint_scale)),
-                           None if codebook is None else codebook.float())
+        return LatentSpace(
+            kind,
+            "scale",
+            shift,
+            torch.full((latent.channels,), float(latent.checkpoint_scale)),
+            None if codebook is None else codebook.float(),
+        )
 
 
 # -------------------------------------------------------------------------------------- diffusion
@@ -390,13 +416,19 @@ class TrainedDenoiser(Artifact):
         if (latent.channels, latent.resolution) != info.latent_shape[:2]:
             raise StageInputError(
                 f"the encode stage's latents ({latent.channels}x{latent.resolution}) are not the ones the denoiser "
-                f"was trained on: rerun `latentpipe diffusion`")
+                f"was trained on: rerun `latentpipe diffusion`"
+            )
         net = build_network(cfg.diffusion, latent.channels, latent.resolution, info.num_classes)
         net.load_state_dict(load_file(self.verified(self.WEIGHTS_FILE)))
         process = build_process(cfg.diffusion)
-        return TrainedDiffusion(Denoiser(net.to(device).eval(), process, cfg.diffusion.prediction),
-                                encoded.latent_space(cfg.diffusion.normalize), latent, *sigma_range(process),
-                                info.num_classes, process)
+        return TrainedDiffusion(
+            Denoiser(net.to(device).eval(), process, cfg.diffusion.prediction),
+            encoded.latent_space(cfg.diffusion.normalize),
+            latent,
+            *sigma_range(process),
+            info.num_classes,
+            process,
+        )
 
 
 def load_trained(cfg: config.Config, device: torch.device | str) -> TrainedDiffusion:
@@ -452,7 +484,7 @@ class Evaluation(Artifact):
         return {}
 
 
-ARTIFACTS: dict[str, type[Artifact]] = {cls.STAGE: cls for cls in
-                                        (PreparedShards, TrainedAutoencoder, EncodedLatents, TrainedDenoiser,
-                                         Samples, Evaluation)}
+ARTIFACTS: dict[str, type[Artifact]] = {
+    cls.STAGE: cls for cls in (PreparedShards, TrainedAutoencoder, EncodedLatents, TrainedDenoiser, Samples, Evaluation)
+}
 """The artifact class of each stage (every stage of pipeline.stage_registry has one)."""

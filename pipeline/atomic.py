@@ -34,8 +34,10 @@ def disk_full_as_error(what: str, where: str | os.PathLike) -> Iterator[None]:
     except OSError as err:
         if err.errno not in NO_SPACE:
             raise
-        raise DiskFullError(f"no space left writing {what} in {where} ({err.strerror}): free space there "
-                            f"and rerun the same command (finished parts are kept)") from err
+        raise DiskFullError(
+            f"no space left writing {what} in {where} ({err.strerror}): free space there "
+            f"and rerun the same command (finished parts are kept)"
+        ) from err
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -21,7 +21,7 @@ import json
 import logging
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from pipeline import config, manifest, stage_registry
 from pipeline.errors import REQUEUE_EXIT_CODE, LatentpipeError, StageInterrupted
@@ -35,33 +35,46 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="latentpipe", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="latentpipe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     verbosity = parser.add_mutually_exclusive_group()
     verbosity.add_argument("-v", "--verbose", action="store_true", help="debug logging, tracebacks")
     verbosity.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     run = commands.add_parser("run", help="run every stage in order, skipping up-to-date ones")
-    run.add_argument("--force", action="append", default=[], choices=list(stage_registry.STAGES), metavar="STAGE",
-                     help="rerun STAGE even if its output is up to date (repeatable)")
+    run.add_argument(
+        "--force",
+        action="append",
+        default=[],
+        choices=list(stage_registry.STAGES),
+        metavar="STAGE",
+        help="rerun STAGE even if its output is up to date (repeatable)",
+    )
     run.add_argument("--until", choices=list(stage_registry.STAGES), metavar="STAGE", help="stop after STAGE")
     _add_config_args(run)
 
     for spec in stage_registry.PIPELINE:
         doc = spec.doc()
-        sub = commands.add_parser(spec.name, help=doc.splitlines()[0].replace("%", "%%"), description=doc,
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        sub = commands.add_parser(
+            spec.name,
+            help=doc.splitlines()[0].replace("%", "%%"),
+            description=doc,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         _add_config_args(sub)
 
     config_cmd = commands.add_parser("config", help="show the resolved config").add_subparsers(
-        dest="action", metavar="ACTION", required=True)
+        dest="action", metavar="ACTION", required=True
+    )
     show = config_cmd.add_parser("show", help="print the resolved config as YAML")
     show.add_argument("--docs", action="store_true", help="list every key with its documentation")
     _add_config_args(show)
 
     data = commands.add_parser("data", help="inspect shard sets").add_subparsers(
-        dest="action", metavar="ACTION", required=True)
+        dest="action", metavar="ACTION", required=True
+    )
     inspect = data.add_parser("inspect", help="sample counts, classes, image sizes, contact sheet")
     inspect.add_argument("spec", metavar="PATH|PATTERN|URL")
     inspect.add_argument("--sheet", help="write a PNG contact sheet of the first images here")
@@ -69,13 +82,23 @@ def _build_parser() -> argparse.ArgumentParser:
 
     from pipeline.interop.run_export import FORMATS, PARTS
 
-    export = commands.add_parser("export", help="write the run's DiT (+ autoencoder) for diffusers or DiT's code",
-                                 description="See docs/interop.md for what maps and what is refused.")
-    export.add_argument("--format", required=True, choices=FORMATS,
-                        help="diffusers: a folder (DiTPipeline by default); "
-                             "dit: a facebookresearch/DiT .pt/.safetensors")
-    export.add_argument("--part", default="pipeline", choices=PARTS,
-                        help="diffusers: the whole DiTPipeline, the DiT alone, or the KL autoencoder alone")
+    export = commands.add_parser(
+        "export",
+        help="write the run's DiT (+ autoencoder) for diffusers or DiT's code",
+        description="See docs/interop.md for what maps and what is refused.",
+    )
+    export.add_argument(
+        "--format",
+        required=True,
+        choices=FORMATS,
+        help="diffusers: a folder (DiTPipeline by default); dit: a facebookresearch/DiT .pt/.safetensors",
+    )
+    export.add_argument(
+        "--part",
+        default="pipeline",
+        choices=PARTS,
+        help="diffusers: the whole DiTPipeline, the DiT alone, or the KL autoencoder alone",
+    )
     export.add_argument("out", metavar="OUT", help="new folder (diffusers) or file (dit) to write")
     _add_config_args(export)
 
@@ -83,9 +106,12 @@ def _build_parser() -> argparse.ArgumentParser:
 
     slurm.add_parsers(commands)
 
-    report = commands.add_parser("report", help="rebuild the evaluation report (plots, report.md, report.html)",
-                                 description="Rebuild RUN_DIR/evaluate/report.md, report.html and plots/ from the "
-                                 "metrics the stages recorded (nothing is recomputed).")
+    report = commands.add_parser(
+        "report",
+        help="rebuild the evaluation report (plots, report.md, report.html)",
+        description="Rebuild RUN_DIR/evaluate/report.md, report.html and plots/ from the "
+        "metrics the stages recorded (nothing is recomputed).",
+    )
     report.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, e.g. runs/tiny")
 
     weights = commands.add_parser("weights", add_help=False, help="fetch/list pretrained weights (LPIPS, FID)")

@@ -17,6 +17,7 @@ out; a test keeps the two equal). Overrides use dotted keys with YAML values:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import hashlib
@@ -167,10 +168,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return value
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
-            try:
+            with contextlib.suppress(ValueError):
                 value = float(value)
-            except ValueError:
-                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             _fail(key, f"expected a number, got {value!r}")
         return float(value)
@@ -214,7 +213,8 @@ class ExperimentConfig(Section):
     runs_dir: str = option("runs", "Root directory of all experiments' run directories.")
     seed: int = option(0, "Master seed; every other seed is derived from it.")
     wandb_project: str | None = option(
-        None, "Also log training metrics and sample grids to this Weights & Biases project (extra 'wandb').")
+        None, "Also log training metrics and sample grids to this Weights & Biases project (extra 'wandb')."
+    )
 
     def check(self) -> None:
         if not self.name or "/" in self.name or self.name.startswith("."):
@@ -275,18 +275,28 @@ class AutoencoderConfig(Section):
     published autoencoder used as it is (docs/interop.md)."""
 
     kind: Literal["vq", "kl", "pretrained"] = option(
-        "vq", "VQ-VAE with a codebook, Gaussian KL-VAE, or a published autoencoder read from autoencoder.pretrained "
-        "(nothing is trained; the network options below do not apply).")
+        "vq",
+        "VQ-VAE with a codebook, Gaussian KL-VAE, or a published autoencoder read from autoencoder.pretrained "
+        "(nothing is trained; the network options below do not apply).",
+    )
     pretrained: str | None = option(
-        None, "kind=pretrained: local path of a diffusers AutoencoderKL/VQModel folder or an LDM/taming checkpoint "
-        "file (.safetensors, or .ckpt/.pt read weights-only); never downloaded.")
+        None,
+        "kind=pretrained: local path of a diffusers AutoencoderKL/VQModel folder or an LDM/taming checkpoint "
+        "file (.safetensors, or .ckpt/.pt read weights-only); never downloaded.",
+    )
     pretrained_scaling_factor: float | None = option(
-        None, "kind=pretrained, LDM checkpoint file that stores no scale_factor: its latent scale (the "
-        "latent-diffusion config's scale_factor); a diffusers folder has its own.", above=0)
+        None,
+        "kind=pretrained, LDM checkpoint file that stores no scale_factor: its latent scale (the "
+        "latent-diffusion config's scale_factor); a diffusers folder has its own.",
+        above=0,
+    )
     channels: int = option(16, "Base width of the encoder/decoder.", min=1)
     channel_mult: tuple[int, ...] = option(
-        (1, 2, 2), "Width multiplier per level; len - 1 downsamplings give the factor f = 2**(len - 1).",
-        min=1, length=(2, 5))
+        (1, 2, 2),
+        "Width multiplier per level; len - 1 downsamplings give the factor f = 2**(len - 1).",
+        min=1,
+        length=(2, 5),
+    )
     num_res_blocks: int = option(1, "Residual blocks per level.", min=1)
     attention: bool = option(True, "Self-attention at the lowest resolution.")
     latent_channels: int = option(4, "Channels of the latent (the codebook vectors' dimension for VQ).", min=1)
@@ -300,7 +310,8 @@ class AutoencoderConfig(Section):
     dead_code_steps: int = option(50, "VQ: restart codes unused for this many steps (0: never).", min=0)
     cosine_codes: bool = option(False, "VQ: l2-normalised (cosine) codes.")
     lookup_dim: int | None = option(
-        None, "VQ: lower-dimensional lookup projection, smaller than latent_channels (None: off).", min=1)
+        None, "VQ: lower-dimensional lookup projection, smaller than latent_channels (None: off).", min=1
+    )
     kl_weight: float = option(1e-6, "KL: weight of KL(q(z|x) || N(0, I)) in the loss.", min=0)
     reconstruction_loss: Literal["l2", "l1"] = option("l2", "Pixel reconstruction term.")
     lpips: Literal["alex", "vgg", "none"] = option("alex", "LPIPS network of the perceptual loss.")
@@ -314,12 +325,15 @@ class AutoencoderConfig(Section):
     grad_clip: float = option(1.0, "Gradient norm clip (0: off).", min=0)
     max_steps: int = option(1500, "Training steps in total.", min=1)
     time_budget_minutes: float | None = option(
-        None, "Stop (checkpoint, exit code 75) after this long in one job; rerunning resumes.", above=0)
+        None, "Stop (checkpoint, exit code 75) after this long in one job; rerunning resumes.", above=0
+    )
     mixed_precision: Literal["fp32", "bf16", "fp16"] = option("fp32", "Autocast precision (fp16 adds a grad scaler).")
     max_nonfinite_steps: int = option(10, "Non-finite losses in a row before stopping (or rolling back).", min=1)
     on_nonfinite: Literal["rollback", "stop"] = option(
-        "stop", "After max_nonfinite_steps in a row: stop with an error, or reload the last checkpoint with a "
-        "lower learning rate.")
+        "stop",
+        "After max_nonfinite_steps in a row: stop with an error, or reload the last checkpoint with a "
+        "lower learning rate.",
+    )
     rollback_lr_factor: float = option(0.5, "Learning-rate factor applied at each rollback.", above=0, below=1)
     max_rollbacks: int = option(3, "Rollbacks before giving up with an error.", min=0)
     compile: bool = option(False, "torch.compile the autoencoder and discriminator (slower start, faster steps).")
@@ -340,8 +354,11 @@ class AutoencoderConfig(Section):
         if self.lookup_dim is not None and self.lookup_dim >= self.latent_channels:
             _fail("lookup_dim", f"must be smaller than latent_channels={self.latent_channels}, got {self.lookup_dim}")
         if self.kind == "pretrained" and not self.pretrained:
-            _fail("pretrained", "kind=pretrained needs the local path of the weights, e.g. "
-                  "autoencoder.pretrained=/models/sd-vae-ft-ema (a diffusers folder) or an LDM .ckpt/.safetensors")
+            _fail(
+                "pretrained",
+                "kind=pretrained needs the local path of the weights, e.g. "
+                "autoencoder.pretrained=/models/sd-vae-ft-ema (a diffusers folder) or an LDM .ckpt/.safetensors",
+            )
         if self.kind != "pretrained" and (self.pretrained or self.pretrained_scaling_factor is not None):
             key = "pretrained" if self.pretrained else "pretrained_scaling_factor"
             _fail(key, f"only applies to kind=pretrained (kind is {self.kind})")
@@ -384,20 +401,26 @@ class DiTOptions(Section):
     """The user's choices for :class:`pipeline.networks.dit.DiTConfig`: its fields less the
     derived ones (a test keeps the two in step)."""
 
-    patch_size: int = option(2, "Side of the square patches that become tokens; must divide the latent side.",
-                             choices=(1, 2, 4, 8))
+    patch_size: int = option(
+        2, "Side of the square patches that become tokens; must divide the latent side.", choices=(1, 2, 4, 8)
+    )
     width: int = option(192, "Token width (the paper's hidden size); divisible by 4 and by num_heads.", min=4)
     depth: int = option(6, "Number of adaLN-Zero transformer blocks.", min=1)
     num_heads: int = option(3, "Attention heads per block; must divide width.", min=1)
     mlp_ratio: float = option(4.0, "Hidden width of each block's MLP, as a multiple of width.", above=0)
     learn_sigma: bool = option(False, "Also output the per-pixel variance interpolation (Nichol & Dhariwal 2021).")
     drop_path: float = option(0.0, "Stochastic-depth rate of the residual branches (0 in the paper).", min=0, below=1)
-    attention_backend: str = option("sdpa", "Attention kernels (pipeline.networks.layers); xformers is an extra.",
-                                    choices=BACKENDS)
-    gradient_checkpointing: bool = option(False, "Recompute each block's activations in backward instead of storing them.")
+    attention_backend: str = option(
+        "sdpa", "Attention kernels (pipeline.networks.layers); xformers is an extra.", choices=BACKENDS
+    )
+    gradient_checkpointing: bool = option(
+        False, "Recompute each block's activations in backward instead of storing them."
+    )
     time_embedding: Literal["dit", "diffusers"] = option(
-        "dit", "Timestep-frequency convention: the DiT paper's (dit) or diffusers' DiTTransformer2DModel's (diffusers); "
-        "set by the checkpoint a model is loaded from.")
+        "dit",
+        "Timestep-frequency convention: the DiT paper's (dit) or diffusers' DiTTransformer2DModel's (diffusers); "
+        "set by the checkpoint a model is loaded from.",
+    )
     mlp_norm_eps: float = option(1e-6, "Epsilon of the LayerNorm before each MLP (diffusers' DiT uses 1e-5).", above=0)
 
     derived: ClassVar[Mapping[str, str]] = DERIVED_NETWORK_KEYS
@@ -411,21 +434,26 @@ class UNetOptions(Section):
     """The user's choices for :class:`pipeline.networks.unet.UNetConfig`: its fields less the
     derived ones (a test keeps the two in step)."""
 
-    model_channels: int = option(64, "Channels of the first level; level i has model_channels * channel_mult[i].",
-                                 min=1)
+    model_channels: int = option(
+        64, "Channels of the first level; level i has model_channels * channel_mult[i].", min=1
+    )
     channel_mult: tuple[int, ...] = option(
-        (1, 2), "Channel multiplier per level; each level after the first halves the resolution.", min=1,
-        length=(1, 8))
+        (1, 2), "Channel multiplier per level; each level after the first halves the resolution.", min=1, length=(1, 8)
+    )
     num_res_blocks: int = option(2, "Residual blocks per level in the encoder (the decoder has one more).", min=1)
     attention_resolutions: tuple[int, ...] = option(
-        (4,), "Feature-map sides at which a self-attention block follows each residual block.", min=1)
+        (4,), "Feature-map sides at which a self-attention block follows each residual block.", min=1
+    )
     num_head_channels: int = option(64, "Channels per attention head (at least one head per block).", min=1)
     dropout: float = option(0.0, "Dropout inside residual blocks, before their last convolution.", min=0, below=1)
     learn_sigma: bool = option(False, "Also output the per-pixel variance interpolation (Nichol & Dhariwal 2021).")
     norm_groups: int = option(32, "GroupNorm groups; must divide every block's channel count.", min=1)
-    attention_backend: str = option("sdpa", "Attention kernels (pipeline.networks.layers); xformers is an extra.",
-                                    choices=BACKENDS)
-    gradient_checkpointing: bool = option(False, "Recompute each block's activations in backward instead of storing them.")
+    attention_backend: str = option(
+        "sdpa", "Attention kernels (pipeline.networks.layers); xformers is an extra.", choices=BACKENDS
+    )
+    gradient_checkpointing: bool = option(
+        False, "Recompute each block's activations in backward instead of storing them."
+    )
     channels_last: bool = option(True, "On CUDA, channels-last (NHWC) activations and weights (faster cuDNN kernels).")
 
     derived: ClassVar[Mapping[str, str]] = DERIVED_NETWORK_KEYS
@@ -442,37 +470,53 @@ class DiffusionConfig(Section):
     """The diffusion stage: a DiT or U-Net denoiser trained on the normalised continuous latents."""
 
     process: Literal["ddpm", "vp", "subvp", "ve"] = option(
-        "ddpm", "Forward process: discrete DDPM (Ho et al. 2020), or the VP / sub-VP / VE SDE (Song et al. 2021).")
+        "ddpm", "Forward process: discrete DDPM (Ho et al. 2020), or the VP / sub-VP / VE SDE (Song et al. 2021)."
+    )
     beta_schedule: Literal["linear", "cosine"] = option(
-        "linear", "ddpm: betas linear 1e-4..0.02 (at T = 1000; both ends scaled by 1000 / T) or the cosine schedule.")
+        "linear", "ddpm: betas linear 1e-4..0.02 (at T = 1000; both ends scaled by 1000 / T) or the cosine schedule."
+    )
     timesteps: int = option(1000, "ddpm: number of steps T.", min=1)
     beta_min: float = option(0.1, "vp/subvp: beta(0).", above=0)
     beta_max: float = option(20.0, "vp/subvp: beta(1).", above=0)
     sigma_min: float = option(0.01, "ve: smallest noise level.", above=0)
     sigma_max: float = option(50.0, "ve: largest noise level (about the largest distance between latents).", above=0)
     prediction: Literal["eps", "x0", "v", "score"] = option(
-        "v", "What the network predicts: eps (L_simple), x0, v, or the score (denoising score matching). v keeps "
-        "the denoiser's error bounded at high noise, where eps errors are multiplied by sigma (docs/benchmarks.md).")
-    backbone: Literal["dit", "unet"] = option("unet", "Denoiser network (the tiny default: a small U-Net, the fastest to train on CPU).")
+        "v",
+        "What the network predicts: eps (L_simple), x0, v, or the score (denoising score matching). v keeps "
+        "the denoiser's error bounded at high noise, where eps errors are multiplied by sigma (docs/benchmarks.md).",
+    )
+    backbone: Literal["dit", "unet"] = option(
+        "unet", "Denoiser network (the tiny default: a small U-Net, the fastest to train on CPU)."
+    )
     dit: DiTOptions = option(
-        DiTOptions(), "DiT options (pipeline.networks.dit); input_size, in_channels and num_classes come from the latents.")
+        DiTOptions(),
+        "DiT options (pipeline.networks.dit); input_size, in_channels and num_classes come from the latents.",
+    )
     unet: UNetOptions = option(
-        UNetOptions(), "U-Net options (pipeline.networks.unet); input_size, in_channels and num_classes come from the latents.")
+        UNetOptions(),
+        "U-Net options (pipeline.networks.unet); input_size, in_channels and num_classes come from the latents.",
+    )
     class_conditional: bool = option(True, "Condition on the class labels (needs labelled data).")
     label_dropout: float = option(
-        0.1, "Probability of replacing a label by the null class (for classifier-free guidance).", min=0, below=1)
+        0.1, "Probability of replacing a label by the null class (for classifier-free guidance).", min=0, below=1
+    )
     normalize: Literal["channel", "scale", "checkpoint"] = option(
-        "channel", "Latent normalisation: per-channel standardisation or the single scale factor (LDM's convention), "
+        "channel",
+        "Latent normalisation: per-channel standardisation or the single scale factor (LDM's convention), "
         "both from the encode stage's statistics, or the pretrained autoencoder's own scaling_factor (z * scale; "
-        "e.g. 0.18215 for the SD-VAE, as DiT trains).")
+        "e.g. 0.18215 for the SD-VAE, as DiT trains).",
+    )
     init_from: str | None = option(
-        None, "backbone=dit: start from this DiT checkpoint (a facebookresearch/DiT .pt/.safetensors or a diffusers "
+        None,
+        "backbone=dit: start from this DiT checkpoint (a facebookresearch/DiT .pt/.safetensors or a diffusers "
         "DiTTransformer2DModel/DiTPipeline folder; local path) instead of random weights. Its sha256 is part of "
-        "the stage's identity; a shape that differs from the configured DiT is refused naming the key.")
+        "the stage's identity; a shape that differs from the configured DiT is refused naming the key.",
+    )
     flip: bool = option(False, "Use the mirrored twin of each latent half of the time (off for digits).")
     batch_size: int = option(128, "Latents per rank per micro-batch.", min=1)
     gradient_accumulation_steps: int = option(
-        1, "Micro-batches per optimiser step (the effective batch is batch_size x ranks x this).", min=1)
+        1, "Micro-batches per optimiser step (the effective batch is batch_size x ranks x this).", min=1
+    )
     learning_rate: float = option(5e-4, "Peak AdamW learning rate.", above=0)
     betas: tuple[float, float] = option((0.9, 0.999), "AdamW betas.", min=0, below=1)
     weight_decay: float = option(0.0, "AdamW weight decay.", min=0)
@@ -481,19 +525,27 @@ class DiffusionConfig(Section):
     grad_clip: float = option(1.0, "Gradient norm clip (0: off).", min=0)
     max_steps: int = option(1500, "Optimiser steps in total.", min=1)
     time_budget_minutes: float | None = option(
-        None, "Stop (checkpoint, exit code 75) after this long in one job; rerunning resumes.", above=0)
+        None, "Stop (checkpoint, exit code 75) after this long in one job; rerunning resumes.", above=0
+    )
     mixed_precision: Literal["fp32", "bf16", "fp16"] = option("fp32", "Autocast precision (fp16 adds a grad scaler).")
     deepspeed: str | None = option(
-        None, "DeepSpeed JSON config (e.g. configs/deepspeed/zero2.json), read when training starts; None: DDP.")
+        None, "DeepSpeed JSON config (e.g. configs/deepspeed/zero2.json), read when training starts; None: DDP."
+    )
     ema_decay: float = option(
-        0.999, "Decay of the exponential moving average of the weights (used for sampling).", min=0, below=1)
+        0.999, "Decay of the exponential moving average of the weights (used for sampling).", min=0, below=1
+    )
     ema_warmup_steps: int = option(
-        9000, "Steps over which the EMA's averaging horizon grows linearly to 1/(1 - ema_decay); "
-        "9 * (1/(1 - decay) - 1) is ADM's (1 + t)/(10 + t) rule, which keeps the average young in short runs.", min=0)
+        9000,
+        "Steps over which the EMA's averaging horizon grows linearly to 1/(1 - ema_decay); "
+        "9 * (1/(1 - decay) - 1) is ADM's (1 + t)/(10 + t) rule, which keeps the average young in short runs.",
+        min=0,
+    )
     max_nonfinite_steps: int = option(5, "Non-finite losses in a row before rolling back (or stopping).", min=1)
     on_nonfinite: Literal["rollback", "stop"] = option(
-        "rollback", "After max_nonfinite_steps in a row: reload the last checkpoint with a lower learning "
-        "rate, or stop with an error.")
+        "rollback",
+        "After max_nonfinite_steps in a row: reload the last checkpoint with a lower learning "
+        "rate, or stop with an error.",
+    )
     rollback_lr_factor: float = option(0.5, "Learning-rate factor applied at each rollback.", above=0, below=1)
     max_rollbacks: int = option(3, "Rollbacks before giving up with an error.", min=0)
     num_workers: int = option(1, "DataLoader workers per rank.", min=0)
@@ -503,16 +555,20 @@ class DiffusionConfig(Section):
     checkpoint_every: int = option(500, "Steps between checkpoints.", min=1)
     keep_checkpoints: int = option(2, "Newest checkpoints kept.", min=1)
     peak_tflops: float | None = option(
-        None, "Peak TFLOP/s of one device for the MFU readout (e.g. 989 for an H100's dense bf16); None: no MFU.",
-        above=0)
+        None,
+        "Peak TFLOP/s of one device for the MFU readout (e.g. 989 for an H100's dense bf16); None: no MFU.",
+        above=0,
+    )
     compile: bool = option(False, "torch.compile the denoiser network (slower start, faster steps).")
     tf32: bool = option(True, "CUDA: TF32 for fp32 matmuls and convolutions (off: full fp32 products).")
     channels_last: bool = option(True, "CUDA, U-Net: channels_last (NHWC) weights and latent batches.")
 
     def check(self) -> None:
         if self.process == "ddpm" and self.prediction == "score":
-            _fail("prediction", "score prediction needs a continuous process (vp, subvp or ve); "
-                  "use eps, x0 or v with ddpm")
+            _fail(
+                "prediction",
+                "score prediction needs a continuous process (vp, subvp or ve); use eps, x0 or v with ddpm",
+            )
         if self.sigma_min >= self.sigma_max:
             _fail("sigma_min", f"need sigma_min < sigma_max, got {self.sigma_min}, {self.sigma_max}")
         if self.beta_min >= self.beta_max:
@@ -525,11 +581,13 @@ class DiffusionConfig(Section):
         latents dictate (channels x resolution x resolution, the number of classes)."""
         options = dataclasses.asdict(getattr(self, self.backbone))
         try:
-            return denoiser_config(self.backbone, **options, input_size=resolution, in_channels=channels,
-                                   num_classes=num_classes)
+            return denoiser_config(
+                self.backbone, **options, input_size=resolution, in_channels=channels, num_classes=num_classes
+            )
         except ValueError as err:
-            raise ConfigError(f"{err} (the latents are {channels}x{resolution}x{resolution})",
-                              f"diffusion.{self.backbone}") from None
+            raise ConfigError(
+                f"{err} (the latents are {channels}x{resolution}x{resolution})", f"diffusion.{self.backbone}"
+            ) from None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -537,18 +595,26 @@ class SampleConfig(Section):
     """The sample stage: latents from the EMA denoiser, decoded to images."""
 
     method: str = option(
-        "ipndm", "Sampler (pipeline.sampling.METHODS); ipndm has the lowest error at 20 steps on this grid "
-        "(docs/benchmarks.md, 'The few-step frontier').", choices=tuple(METHODS))
+        "ipndm",
+        "Sampler (pipeline.sampling.METHODS); ipndm has the lowest error at 20 steps on this grid "
+        "(docs/benchmarks.md, 'The few-step frontier').",
+        choices=tuple(METHODS),
+    )
     steps: int = option(20, "Number of noise levels of the grid (function evaluations for one-step solvers).", min=1)
     grid: Literal["karras", "process"] = option(
-        "karras", "Noise levels: Karras et al.'s rho-spaced grid, or the process's own (DDPM timesteps / SDE times).")
+        "karras", "Noise levels: Karras et al.'s rho-spaced grid, or the process's own (DDPM timesteps / SDE times)."
+    )
     eta: float = option(0.0, "ddim/ancestral samplers: stochasticity (0 = deterministic).", min=0)
     guidance_scale: float = option(2.0, "Classifier-free guidance weight w (1 = none): D_u + w (D_c - D_u).", min=0)
     guidance_interval: tuple[float, ...] = option(
-        (), "[sigma_lo, sigma_hi]: guide only for VE noise levels in (sigma_lo, sigma_hi], the conditional model "
-        "elsewhere (Kynkaanniemi et al. 2024); [] = at every level.", min=0)
+        (),
+        "[sigma_lo, sigma_hi]: guide only for VE noise levels in (sigma_lo, sigma_hi], the conditional model "
+        "elsewhere (Kynkaanniemi et al. 2024); [] = at every level.",
+        min=0,
+    )
     labels: Literal["all", "random", "given"] = option(
-        "all", "Class of sample i: i mod the number of classes, uniformly random, or cycling through given_labels.")
+        "all", "Class of sample i: i mod the number of classes, uniformly random, or cycling through given_labels."
+    )
     given_labels: tuple[int, ...] = option((), "labels=given: the classes to cycle through.", min=0)
     num_samples: int = option(1000, "Samples in total.", min=1)
     batch_size: int = option(250, "Samples per denoiser batch.", min=1)
@@ -558,16 +624,20 @@ class SampleConfig(Section):
     grid_rows: int = option(10, "Rows (and columns) of the PNG sample grid.", min=1)
     inpaint: bool = option(False, "Also inpaint masked validation images (posterior sampling in latent space).")
     inpaint_mask: Literal["left", "right", "top", "bottom", "center"] = option(
-        "right", "The region to fill in when inpainting.")
+        "right", "The region to fill in when inpainting."
+    )
     inpaint_count: int = option(16, "Validation images to inpaint.", min=1)
 
     def check(self) -> None:
         if self.labels == "given" and not self.given_labels:
             _fail("given_labels", "labels=given needs a list, e.g. sample.given_labels=[3,7]")
-        if self.guidance_interval and not (len(self.guidance_interval) == 2
-                                           and self.guidance_interval[0] < self.guidance_interval[1]):
-            _fail("guidance_interval", "must be [] or [sigma_lo, sigma_hi] with sigma_lo < sigma_hi, "
-                  f"got {list(self.guidance_interval)}")
+        if self.guidance_interval and not (
+            len(self.guidance_interval) == 2 and self.guidance_interval[0] < self.guidance_interval[1]
+        ):
+            _fail(
+                "guidance_interval",
+                f"must be [] or [sigma_lo, sigma_hi] with sigma_lo < sigma_hi, got {list(self.guidance_interval)}",
+            )
         if self.eta and "eta" not in SOLVERS[self.method].options:
             _fail("eta", f"{self.method} takes no eta; use ddim or dpmpp_3m_sde, or eta=0")
 
@@ -581,16 +651,23 @@ class EvaluateConfig(Section):
     kid_subsets: int = option(50, "KID subsets averaged.", min=1)
     nearest_k: int = option(3, "k of the k-NN manifolds of precision/recall (Kynkaanniemi et al. 2019).", min=1)
     classifier: bool = option(
-        True, "Accuracy of a small classifier trained on the real train images (labelled data, class-conditional "
-        "samples; pipeline.metrics.classifier).")
+        True,
+        "Accuracy of a small classifier trained on the real train images (labelled data, class-conditional "
+        "samples; pipeline.metrics.classifier).",
+    )
     classifier_steps: int = option(
-        400, "Training steps (batch 128) of that classifier; trained once per shard set and cached.", min=1)
+        400, "Training steps (batch 128) of that classifier; trained once per shard set and cached.", min=1
+    )
     reconstruction: bool = option(True, "Autoencoder reconstruction metrics on the validation images, rFID included.")
     likelihood_count: int = option(
-        16, "Validation latents whose bits/dim the PF-ODE estimates (0: skip); each costs ~100 network VJPs.", min=0)
+        16, "Validation latents whose bits/dim the PF-ODE estimates (0: skip); each costs ~100 network VJPs.", min=0
+    )
     likelihood_rtol: float = option(
-        1e-3, "Relative (and absolute) tolerance of the adaptive ODE solver for the likelihood; 1e-4 costs ~2.5x "
-        "the evaluations (bits/dim moved by 0.004 on the tiny default).", above=0)
+        1e-3,
+        "Relative (and absolute) tolerance of the adaptive ODE solver for the likelihood; 1e-4 costs ~2.5x "
+        "the evaluations (bits/dim moved by 0.004 on the tiny default).",
+        above=0,
+    )
     batch_size: int = option(100, "Images per feature-extractor batch.", min=1)
 
 

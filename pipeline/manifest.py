@@ -63,8 +63,10 @@ def verify_file(path: Path, size: int, sha256: str | None, stage: str) -> Path:
         return path
     if found.st_size != size or (sha256 is not None and sha256_file(path) != sha256):
         what = f"size {found.st_size}, recorded {size}" if found.st_size != size else "sha256 differs"
-        raise StageInputError(f"{path} is not the file stage '{stage}' recorded ({what}): it changed after the stage "
-                              f"finished; rerun `latentpipe {stage}`")
+        raise StageInputError(
+            f"{path} is not the file stage '{stage}' recorded ({what}): it changed after the stage "
+            f"finished; rerun `latentpipe {stage}`"
+        )
     _VERIFIED[key] = None
     return path
 
@@ -72,8 +74,11 @@ def verify_file(path: Path, size: int, sha256: str | None, stage: str) -> Path:
 def describe_file(path: Path, root: Path, **extra: Any) -> dict:
     """An output entry: path relative to the stage directory, size and sha256 (every later
     reader checks both, :func:`verify_file`)."""
-    entry: dict[str, Any] = {"path": str(path.relative_to(root)), "bytes": path.stat().st_size,
-                             "sha256": sha256_file(path)}
+    entry: dict[str, Any] = {
+        "path": str(path.relative_to(root)),
+        "bytes": path.stat().st_size,
+        "sha256": sha256_file(path),
+    }
     return {**entry, **extra}
 
 
@@ -96,16 +101,16 @@ def git_commit() -> str | None:
     """The commit of the latentpipe checkout in use (None when installed from a wheel)."""
     here = Path(__file__).resolve().parent
     try:
-        out = subprocess.run(
-            ["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
-        )
+        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return None
     if out.returncode != 0:
         return None
     dirty = subprocess.run(
         ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-        capture_output=True, text=True, timeout=10,
+        capture_output=True,
+        text=True,
+        timeout=10,
     ).stdout.strip()
     return out.stdout.strip() + ("+dirty" if dirty else "")
 
@@ -259,8 +264,10 @@ def stage_lock(directory: Path, stage: str) -> Iterator[None]:
             if err.errno not in (errno.EACCES, errno.EAGAIN):
                 raise
             holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
-            raise StageBusyError(f"stage '{stage}' in {directory} is locked by {holder}: another run of it is in "
-                                 f"progress; wait for it to end (or stop it) and rerun") from None
+            raise StageBusyError(
+                f"stage '{stage}' in {directory} is locked by {holder}: another run of it is in "
+                f"progress; wait for it to end (or stop it) and rerun"
+            ) from None
         if stale := os.pread(fd, 4096, 0).decode(errors="replace").strip():
             log.warning("%s: taking over the lock of %s, which ended without releasing it", directory / LOCK, stale)
         os.ftruncate(fd, 0)
@@ -330,11 +337,21 @@ def stage_run(
             raise
         except BaseException as err:
             status = INTERRUPTED if isinstance(err, (StageInterrupted, KeyboardInterrupt)) else FAILED
-            manifest.update(status=status, error=f"{type(err).__name__}: {err}", finished_at=_now(),
-                            damaged_shards=record.damaged_shards())
+            manifest.update(
+                status=status,
+                error=f"{type(err).__name__}: {err}",
+                finished_at=_now(),
+                damaged_shards=record.damaged_shards(),
+            )
             write(directory, manifest)
             raise
-        manifest.update(status=COMPLETE, outputs=record.outputs, metrics=record.metrics, finished_at=_now(),
-                        damaged_shards=record.damaged_shards(), **record.extra)
+        manifest.update(
+            status=COMPLETE,
+            outputs=record.outputs,
+            metrics=record.metrics,
+            finished_at=_now(),
+            damaged_shards=record.damaged_shards(),
+            **record.extra,
+        )
         write(directory, manifest)
         log.info("%s: complete (%s)", stage, directory / MANIFEST)

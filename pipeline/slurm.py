@@ -27,9 +27,9 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from pipeline import config, manifest, stage_registry
 from pipeline.errors import LatentpipeError
@@ -56,8 +56,15 @@ def slurm_dir() -> Path:
     return Path(os.environ.get("LATENTPIPE_SLURM_DIR", SLURM_DIR))
 
 
-def plan(cfg: config.Config, config_path: str | None, overrides: Sequence[str], only: Sequence[str] = (),
-         force: Sequence[str] = (), sample_tasks: int = 1, sbatch_args: Sequence[str] = ()) -> tuple[list[Job], dict]:
+def plan(
+    cfg: config.Config,
+    config_path: str | None,
+    overrides: Sequence[str],
+    only: Sequence[str] = (),
+    force: Sequence[str] = (),
+    sample_tasks: int = 1,
+    sbatch_args: Sequence[str] = (),
+) -> tuple[list[Job], dict]:
     """The jobs to submit, in order, and why each stage is (not) submitted."""
     unknown = [name for name in only if name not in stage_registry.STAGES]
     if unknown:
@@ -81,11 +88,28 @@ def plan(cfg: config.Config, config_path: str | None, overrides: Sequence[str], 
         name = f"{cfg.experiment.name}-{spec.name}"
         common = ["sbatch", "--parsable", "--kill-on-invalid-dep=yes", f"--job-name={name}"]
         if spec.name == "sample" and sample_tasks > 1:
-            jobs.append(Job(spec.name, [*common, f"--array=0-{sample_tasks - 1}", f"--output={log_dir}/%x-%A_%a.out",
-                                        *sbatch_args, script, *tail], array=True,
-                            depends_on=len(jobs) - 1 if jobs else None))
-        jobs.append(Job(spec.name, [*common, f"--output={log_dir}/%x-%j.out", *sbatch_args, script, *tail],
-                        depends_on=len(jobs) - 1 if jobs else None))
+            jobs.append(
+                Job(
+                    spec.name,
+                    [
+                        *common,
+                        f"--array=0-{sample_tasks - 1}",
+                        f"--output={log_dir}/%x-%A_%a.out",
+                        *sbatch_args,
+                        script,
+                        *tail,
+                    ],
+                    array=True,
+                    depends_on=len(jobs) - 1 if jobs else None,
+                )
+            )
+        jobs.append(
+            Job(
+                spec.name,
+                [*common, f"--output={log_dir}/%x-%j.out", *sbatch_args, script, *tail],
+                depends_on=len(jobs) - 1 if jobs else None,
+            )
+        )
     return jobs, reasons
 
 
@@ -96,20 +120,28 @@ def _argv(job: Job, jobs: Sequence[Job]) -> list[str]:
 
 
 def dry_run_script(cfg: config.Config, jobs: Sequence[Job]) -> str:
-    lines = ["#!/bin/bash", "set -e", f"export LATENTPIPE_SLURM_DIR={shlex.quote(str(slurm_dir()))}",
-             f"mkdir -p {shlex.quote(str(cfg.run_dir.resolve() / 'slurm'))}"]
+    lines = [
+        "#!/bin/bash",
+        "set -e",
+        f"export LATENTPIPE_SLURM_DIR={shlex.quote(str(slurm_dir()))}",
+        f"mkdir -p {shlex.quote(str(cfg.run_dir.resolve() / 'slurm'))}",
+    ]
     for number, job in enumerate(jobs):
         shown = [shlex.quote(a) for a in job.argv]
         if job.depends_on is not None:
             shown.insert(2, f"--dependency=afterok:${{job{job.depends_on}}}")
-        lines.append(f"job{number}=$({' '.join(shown)} | cut -d';' -f1)   # {job.stage}{' (array)' if job.array else ''}")
+        lines.append(
+            f"job{number}=$({' '.join(shown)} | cut -d';' -f1)   # {job.stage}{' (array)' if job.array else ''}"
+        )
     return "\n".join(lines)
 
 
 def submit(cfg: config.Config, jobs: list[Job], reasons: dict) -> Path:
     if shutil.which("sbatch") is None:
-        raise LatentpipeError("sbatch not found: run on a SLURM login node (or start tools/local_slurm), "
-                              "or use --dry-run to see the commands")
+        raise LatentpipeError(
+            "sbatch not found: run on a SLURM login node (or start tools/local_slurm), "
+            "or use --dry-run to see the commands"
+        )
     directory = cfg.run_dir.resolve() / "slurm"
     directory.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, LATENTPIPE_SLURM_DIR=str(slurm_dir()))
@@ -119,18 +151,30 @@ def submit(cfg: config.Config, jobs: list[Job], reasons: dict) -> Path:
         done = subprocess.run(argv, capture_output=True, text=True, env=env)
         if done.returncode != 0:
             _record(directory, jobs, reasons)
-            raise LatentpipeError(f"sbatch failed for stage {job.stage} ({done.stderr.strip() or done.stdout.strip()}): "
-                                  f"{shlex.join(argv)}")
+            raise LatentpipeError(
+                f"sbatch failed for stage {job.stage} ({done.stderr.strip() or done.stdout.strip()}): "
+                f"{shlex.join(argv)}"
+            )
         job.job_id = done.stdout.strip().split(";")[0]
     return _record(directory, jobs, reasons)
 
 
 def _record(directory: Path, jobs: Sequence[Job], reasons: dict) -> Path:
     path = directory / JOBS_FILE
-    record = {"submitted": time.strftime("%Y-%m-%dT%H:%M:%S"), "stages": reasons,
-              "jobs": [{"stage": j.stage, "job_id": j.job_id, "array": j.array,
-                        "depends_on": None if j.depends_on is None else jobs[j.depends_on].job_id,
-                        "command": shlex.join(_argv(j, jobs)) if j.job_id else None} for j in jobs]}
+    record = {
+        "submitted": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "stages": reasons,
+        "jobs": [
+            {
+                "stage": j.stage,
+                "job_id": j.job_id,
+                "array": j.array,
+                "depends_on": None if j.depends_on is None else jobs[j.depends_on].job_id,
+                "command": shlex.join(_argv(j, jobs)) if j.job_id else None,
+            }
+            for j in jobs
+        ],
+    }
     path.write_text(json.dumps(record, indent=2) + "\n")
     return path
 
@@ -193,8 +237,11 @@ def status(cfg: config.Config) -> str:
                     counts[task.get("JobState", "?")] = counts.get(task.get("JobState", "?"), 0) + 1
                 text = ", ".join(f"{n} {s}" if len(tasks) > 1 else s for s, n in counts.items())
                 first = tasks[0]
-                extra = [f"{k}={first[k]}" for k in ("Reason", "ExitCode", "Restarts")
-                         if first.get(k) not in (None, "None", "0", "0:0")]
+                extra = [
+                    f"{k}={first[k]}"
+                    for k in ("Reason", "ExitCode", "Restarts")
+                    if first.get(k) not in (None, "None", "0", "0:0")
+                ]
                 if extra:
                     text += f" ({' '.join(extra)})"
             kind = "array " if job["array"] else ""
@@ -204,13 +251,24 @@ def status(cfg: config.Config) -> str:
 
 def add_parsers(commands) -> None:
     """`submit` and `status` subcommands for pipeline.cli."""
-    sub = commands.add_parser("submit", help="submit the pipeline to SLURM as a chain of dependent jobs",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = commands.add_parser(
+        "submit",
+        help="submit the pipeline to SLURM as a chain of dependent jobs",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub.add_argument("--stages", default="", help="comma-separated stages to submit (default: all)")
-    sub.add_argument("--sample-tasks", type=int, default=1, help="array tasks for the sample stage (default 1: no array)")
+    sub.add_argument(
+        "--sample-tasks", type=int, default=1, help="array tasks for the sample stage (default 1: no array)"
+    )
     sub.add_argument("--force", action="append", default=[], metavar="STAGE", help="submit STAGE even if up to date")
-    sub.add_argument("--sbatch", action="append", default=[], metavar="OPT",
-                     help="extra sbatch option for every job, e.g. --sbatch=--partition=gpu (repeatable)")
+    sub.add_argument(
+        "--sbatch",
+        action="append",
+        default=[],
+        metavar="OPT",
+        help="extra sbatch option for every job, e.g. --sbatch=--partition=gpu (repeatable)",
+    )
     sub.add_argument("--dry-run", action="store_true", help="print the sbatch commands, submit nothing")
     sub.add_argument("--config", help="experiment YAML (default: the embedded tiny experiment)")
     sub.add_argument("overrides", nargs="*", metavar="key=value")

@@ -53,15 +53,35 @@ class StageSpec:
 PIPELINE = (
     StageSpec("prepare", ("data",), (), checkpoints=False, module="stages.prepare"),
     # experiment: its seed
-    StageSpec("autoencoder", ("experiment", "data", "autoencoder"), ("prepare",), checkpoints=True,
-              module="stages.autoencoder"),
+    StageSpec(
+        "autoencoder",
+        ("experiment", "data", "autoencoder"),
+        ("prepare",),
+        checkpoints=True,
+        module="stages.autoencoder",
+    ),
     StageSpec("encode", ("encode",), ("prepare", "autoencoder"), checkpoints=False, module="stages.encode"),
-    StageSpec("diffusion", ("experiment", "diffusion"), ("prepare", "autoencoder", "encode"), checkpoints=True,
-              module="stages.diffusion"),
-    StageSpec("sample", ("experiment", "sample"), ("prepare", "autoencoder", "encode", "diffusion"),
-              checkpoints=False, module="stages.sample"),
-    StageSpec("evaluate", ("experiment", "evaluate"), ("prepare", "autoencoder", "encode", "diffusion", "sample"),
-              checkpoints=False, module="stages.evaluate"),
+    StageSpec(
+        "diffusion",
+        ("experiment", "diffusion"),
+        ("prepare", "autoencoder", "encode"),
+        checkpoints=True,
+        module="stages.diffusion",
+    ),
+    StageSpec(
+        "sample",
+        ("experiment", "sample"),
+        ("prepare", "autoencoder", "encode", "diffusion"),
+        checkpoints=False,
+        module="stages.sample",
+    ),
+    StageSpec(
+        "evaluate",
+        ("experiment", "evaluate"),
+        ("prepare", "autoencoder", "encode", "diffusion", "sample"),
+        checkpoints=False,
+        module="stages.evaluate",
+    ),
 )
 STAGES = {spec.name: spec for spec in PIPELINE}
 

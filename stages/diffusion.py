@@ -43,10 +43,26 @@ from pipeline.seeding import derive_seed, generator
 SPEC = stage_registry.get("diffusion")
 NAME, SECTIONS, INPUTS = SPEC.name, SPEC.sections, SPEC.inputs
 # Changing these continues training from a checkpoint; any other change starts afresh.
-RESUMABLE_CHANGES = tuple(f"diffusion.{key}" for key in (
-    "max_steps", "time_budget_minutes", "log_every", "image_every", "checkpoint_every", "keep_checkpoints",
-    "num_workers", "max_nonfinite_steps", "on_nonfinite", "rollback_lr_factor", "max_rollbacks", "peak_tflops",
-    "compile", "tf32", "channels_last"))
+RESUMABLE_CHANGES = tuple(
+    f"diffusion.{key}"
+    for key in (
+        "max_steps",
+        "time_budget_minutes",
+        "log_every",
+        "image_every",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "num_workers",
+        "max_nonfinite_steps",
+        "on_nonfinite",
+        "rollback_lr_factor",
+        "max_rollbacks",
+        "peak_tflops",
+        "compile",
+        "tf32",
+        "channels_last",
+    )
+)
 # The periodic sample grids: a fast, good sampler (tools/bench_samplers.py) at a fixed setting,
 # so grids of different steps and runs compare.
 PREVIEW_METHOD, PREVIEW_STEPS, PREVIEW_GUIDANCE, PREVIEW_ROWS = "dpmpp_2m", 20, 2.0, 10
@@ -59,9 +75,11 @@ def _num_classes(cfg: config.Config, prepared: artifacts.PreparedShards) -> int:
         return 0
     classes = prepared.classes
     if not classes:
-        raise LatentpipeError("diffusion.class_conditional=true needs labelled images, but the prepare stage found "
-                              "no classes: set diffusion.class_conditional=false or label the data "
-                              "(data.labels_from_subfolders=true)")
+        raise LatentpipeError(
+            "diffusion.class_conditional=true needs labelled images, but the prepare stage found "
+            "no classes: set diffusion.class_conditional=false or label the data "
+            "(data.labels_from_subfolders=true)"
+        )
     return len(classes)
 
 
@@ -73,9 +91,17 @@ def _preview(net, ema: EMA, cfg: config.Config, space: LatentSpace, process, num
     count = PREVIEW_ROWS * PREVIEW_ROWS
     labels = (torch.arange(count, device=device) // PREVIEW_ROWS) % num_classes if num_classes else None
     generators = [generator(cfg.experiment.seed, "preview", i) for i in range(count)]
-    latents = generate(Denoiser(ema_net, process, cfg.diffusion.prediction), shape,
-                       sampling_sigmas(process, "karras", PREVIEW_STEPS), generators, method=PREVIEW_METHOD,
-                       labels=labels, null_class=num_classes, guidance_scale=PREVIEW_GUIDANCE, device=device)
+    latents = generate(
+        Denoiser(ema_net, process, cfg.diffusion.prediction),
+        shape,
+        sampling_sigmas(process, "karras", PREVIEW_STEPS),
+        generators,
+        method=PREVIEW_METHOD,
+        labels=labels,
+        null_class=num_classes,
+        guidance_scale=PREVIEW_GUIDANCE,
+        device=device,
+    )
     autoencoder = artifacts.load_autoencoder(cfg, device)
     return autoencoder.decode(space.to_decoder(latents, snap=True)).clamp(-1, 1)
 
@@ -89,16 +115,23 @@ def _init_from(net, path: str) -> dict:
 
 def run(cfg: config.Config) -> Path:
     d = cfg.diffusion
-    runtime = Runtime(precision=d.mixed_precision, deepspeed=d.deepspeed, grad_clip=d.grad_clip, batch_size=d.batch_size,
-                      gradient_accumulation_steps=d.gradient_accumulation_steps)
+    runtime = Runtime(
+        precision=d.mixed_precision,
+        deepspeed=d.deepspeed,
+        grad_clip=d.grad_clip,
+        batch_size=d.batch_size,
+        gradient_accumulation_steps=d.gradient_accumulation_steps,
+    )
     configure_backends(runtime.device, d.tf32)
     with manifest.stage_run(cfg, NAME, SECTIONS, INPUTS, is_main=runtime.is_main) as record:
         prepared, encoded = artifacts.PreparedShards.from_stage_dir(cfg), artifacts.EncodedLatents.from_stage_dir(cfg)
         space, num_classes = encoded.latent_space(d.normalize), _num_classes(cfg, prepared)
         shape = (encoded.latent.channels, encoded.latent.resolution, encoded.latent.resolution)
         if d.flip and not encoded.latent.has_mirrors:
-            raise LatentpipeError("diffusion.flip=true needs the mirrored latents: set encode.flip_twin=true and "
-                                  "rerun `latentpipe encode`, or diffusion.flip=false")
+            raise LatentpipeError(
+                "diffusion.flip=true needs the mirrored latents: set encode.flip_twin=true and "
+                "rerun `latentpipe encode`, or diffusion.flip=false"
+            )
         process = build_process(d)
         torch.manual_seed(derive_seed(cfg.experiment.seed, "diffusion-init"))  # modules draw init weights globally
         channels_last = d.channels_last and d.backbone == "unet"  # NHWC helps convolutions, not a DiT's linears
@@ -110,23 +143,45 @@ def run(cfg: config.Config) -> Path:
         scheduler = lr_schedule(optimizer, warmup_steps=d.warmup_steps, total_steps=d.max_steps, kind=d.lr_schedule)
         model, optimizer = runtime.prepare(net, optimizer)
         loader = ShardLoader(
-            [str(path) for path in encoded.files("train")], batch_size=d.batch_size,
-            rank=runtime.rank, world_size=runtime.world_size, num_workers=d.num_workers, seed=cfg.experiment.seed,
-            samples_per_epoch=prepared.count("train"), shuffle_buffer=d.shuffle_buffer,
+            [str(path) for path in encoded.files("train")],
+            batch_size=d.batch_size,
+            rank=runtime.rank,
+            world_size=runtime.world_size,
+            num_workers=d.num_workers,
+            seed=cfg.experiment.seed,
+            samples_per_epoch=prepared.count("train"),
+            shuffle_buffer=d.shuffle_buffer,
         )
         record.watch(loader)
-        resume_key = (config.section_hash(cfg, SECTIONS, ignore=RESUMABLE_CHANGES)
-                      + json.dumps(record.inputs, sort_keys=True) + (json.dumps(init, sort_keys=True) if init else ""))
-        state = TrainState(runtime, record.directory / "checkpoints", resume_key=resume_key, keep=d.keep_checkpoints,
-                           loader=loader, pairs={"model": (model, optimizer)}, scheduler=scheduler, ema=ema)
+        resume_key = (
+            config.section_hash(cfg, SECTIONS, ignore=RESUMABLE_CHANGES)
+            + json.dumps(record.inputs, sort_keys=True)
+            + (json.dumps(init, sort_keys=True) if init else "")
+        )
+        state = TrainState(
+            runtime,
+            record.directory / "checkpoints",
+            resume_key=resume_key,
+            keep=d.keep_checkpoints,
+            loader=loader,
+            pairs={"model": (model, optimizer)},
+            scheduler=scheduler,
+            ema=ema,
+        )
         state.resume(NAME)
-        metrics_log = MetricsLog(record.directory, enabled=runtime.is_main, start_step=state.progress.step,
-                                 wandb_project=cfg.experiment.wandb_project, config=config.to_dict(cfg))
+        metrics_log = MetricsLog(
+            record.directory,
+            enabled=runtime.is_main,
+            start_step=state.progress.step,
+            wandb_project=cfg.experiment.wandb_project,
+            config=config.to_dict(cfg),
+        )
         loss_fn, flops_per_sample = LOSSES[d.prediction], training_flops(net.config)
         # grad_clip 0 measures without clipping (DeepSpeed: its config's gradient_clipping 0)
         max_norm = d.grad_clip or (0.0 if runtime.zero_stage else math.inf)
-        with TrainingLoop(state, d, NAME, metrics_log=metrics_log, flops_per_sample=flops_per_sample,
-                          peak_tflops=d.peak_tflops) as loop:
+        with TrainingLoop(
+            state, d, NAME, metrics_log=metrics_log, flops_per_sample=flops_per_sample, peak_tflops=d.peak_tflops
+        ) as loop:
             for step in loop.steps():
                 for micro in range(d.gradient_accumulation_steps):  # one optimiser step
                     batch = loop.next_batch()
@@ -135,8 +190,9 @@ def run(cfg: config.Config) -> Path:
                     x0 = to_device(space.from_batch(batch, mirrored, step_generator), runtime.device, channels_last)
                     cond = {}
                     if num_classes:
-                        cond["y"] = to_device(drop_labels(batch["label"], d.label_dropout, num_classes, step_generator),
-                                              runtime.device)
+                        cond["y"] = to_device(
+                            drop_labels(batch["label"], d.label_dropout, num_classes, step_generator), runtime.device
+                        )
                     with runtime.accumulate(model):
                         with runtime.autocast():
                             loss = loss_fn(model, process, x0, step_generator, **cond)
@@ -155,13 +211,29 @@ def run(cfg: config.Config) -> Path:
             weights_path = record.directory / artifacts.TrainedDenoiser.WEIGHTS_FILE
             atomic.write_bytes(weights_path, safetensors_bytes(ema.averaged_state_dict()))
             record.add_output(weights_path)
-            record.metrics.update(steps=state.progress.step, skipped_steps=state.progress.skipped_steps,
-                                  rollbacks=state.progress.rollbacks, parameters=sum(p.numel() for p in net.parameters()))
+            record.metrics.update(
+                steps=state.progress.step,
+                skipped_steps=state.progress.skipped_steps,
+                rollbacks=state.progress.rollbacks,
+                parameters=sum(p.numel() for p in net.parameters()),
+            )
             if loop.last_loss is not None:  # None when the job resumed from its final checkpoint
                 record.metrics["final_loss"] = loop.last_loss.item()
-            record.publish(artifacts.TrainedDenoiser(directory=record.directory, denoiser=artifacts.DenoiserInfo(
-                backbone=d.backbone, network=asdict(net.config), num_classes=num_classes, latent_shape=shape,
-                process=d.process, prediction=d.prediction, sigma_range=sigma_range(process),
-                training_flops_per_sample=flops_per_sample, init_from=init)))
+            record.publish(
+                artifacts.TrainedDenoiser(
+                    directory=record.directory,
+                    denoiser=artifacts.DenoiserInfo(
+                        backbone=d.backbone,
+                        network=asdict(net.config),
+                        num_classes=num_classes,
+                        latent_shape=shape,
+                        process=d.process,
+                        prediction=d.prediction,
+                        sigma_range=sigma_range(process),
+                        training_flops_per_sample=flops_per_sample,
+                        init_from=init,
+                    ),
+                )
+            )
         runtime.barrier()
     return record.directory

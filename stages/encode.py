@@ -72,7 +72,12 @@ def _encode_shard(url: Path, out_dir: Path, model, kind: str, cfg: config.Config
                 if "label" in batch:
                     sample["cls"] = str(int(batch["label"][i])).encode()
                 writer.write(sample)
-    return {"count": count, "sum": sums.tolist(), "sq_sum": sq_sums.tolist(), "images": count // (c.shape[2] * c.shape[3])}
+    return {
+        "count": count,
+        "sum": sums.tolist(),
+        "sq_sum": sq_sums.tolist(),
+        "images": count // (c.shape[2] * c.shape[3]),
+    }
 
 
 def _drop_foreign_outputs(out_dir: Path, stems: set[str], made_from: dict) -> None:
@@ -97,8 +102,11 @@ def run(cfg: config.Config) -> Path:
         prepared = artifacts.PreparedShards.from_stage_dir(cfg)
         out_dir = record.directory / artifacts.EncodedLatents.LATENT_DIR
         inputs = sorted(prepared.files("train") + prepared.files("val"))
-        made_from = {"inputs": record.inputs, "config": config.section_hash(cfg, SECTIONS),
-                     "autoencoder_sha256": trained.weights_sha256}
+        made_from = {
+            "inputs": record.inputs,
+            "config": config.section_hash(cfg, SECTIONS),
+            "autoencoder_sha256": trained.weights_sha256,
+        }
         if runtime.is_main:
             _drop_foreign_outputs(out_dir, {url.stem for url in inputs}, made_from)
         runtime.barrier()
@@ -120,19 +128,33 @@ def run(cfg: config.Config) -> Path:
             if kind == "vq":
                 codebook = model.codebook
                 table = codebook.embed(torch.arange(codebook.num_codes).view(1, -1, 1)).squeeze(-1)[0].T
-                atomic.write_bytes(record.directory / artifacts.EncodedLatents.CODEBOOK_FILE,
-                                   safetensors_bytes({"embeddings": table.detach().cpu().contiguous()}))
+                atomic.write_bytes(
+                    record.directory / artifacts.EncodedLatents.CODEBOOK_FILE,
+                    safetensors_bytes({"embeddings": table.detach().cpu().contiguous()}),
+                )
                 record.add_output(record.directory / artifacts.EncodedLatents.CODEBOOK_FILE)
             for url in inputs:
                 record.add_output(out_dir / url.name, split=url.stem.rsplit("-", 1)[0], count=stats[url.stem]["images"])
             fields = ["codes"] if kind == "vq" else ["mean", "logvar"]
             fields += [f"{name}_flip" for name in fields] if cfg.encode.flip_twin else []
             shape = trained.latent
-            record.publish(artifacts.EncodedLatents(directory=record.directory, latent=artifacts.LatentStats(
-                channels=shape.channels, resolution=shape.resolution, kind=shape.kind, fields=tuple(fields),
-                channel_mean=tuple(mean.tolist()), channel_std=tuple(np.sqrt(var).tolist()), scale=1.0 / overall_std,
-                autoencoder_sha256=trained.weights_sha256, checkpoint_scale=trained.scaling_factor,
-                checkpoint_shift=trained.shift_factor)))
+            record.publish(
+                artifacts.EncodedLatents(
+                    directory=record.directory,
+                    latent=artifacts.LatentStats(
+                        channels=shape.channels,
+                        resolution=shape.resolution,
+                        kind=shape.kind,
+                        fields=tuple(fields),
+                        channel_mean=tuple(mean.tolist()),
+                        channel_std=tuple(np.sqrt(var).tolist()),
+                        scale=1.0 / overall_std,
+                        autoencoder_sha256=trained.weights_sha256,
+                        checkpoint_scale=trained.scaling_factor,
+                        checkpoint_shift=trained.shift_factor,
+                    ),
+                )
+            )
             record.metrics.update(latent_scale=1.0 / overall_std, train_images=sum(s["images"] for s in train))
         runtime.barrier()
     return record.directory

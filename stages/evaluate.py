@@ -69,14 +69,15 @@ def _features(inception, images: np.ndarray | torch.Tensor, batch_size: int, wha
     """Inception features of uint8 (N, H, W, C) or float (N, C, H, W) images, in batches."""
     progress, features = Countdown(f"evaluate: Inception features of the {what}", len(images), "images"), []
     for i in range(0, len(images), batch_size):
-        features.append(inception(as_network_input(images[i:i + batch_size])).cpu())
+        features.append(inception(as_network_input(images[i : i + batch_size])).cpu())
         progress.update(i + len(features[-1]))
     progress.finish()
     return torch.cat(features)
 
 
-def _real_reference(cfg: config.Config, inception, prepared: artifacts.PreparedShards, split: str, cache: Path,
-                    count: int | None = None) -> Reference:
+def _real_reference(
+    cfg: config.Config, inception, prepared: artifacts.PreparedShards, split: str, cache: Path, count: int | None = None
+) -> Reference:
     """Cached features of ``count`` (None: all) real images of a split, spread evenly over it
     (image floor(i * total / count)): shards written in source order can hold one class each,
     so the first ``count`` would not be a fair sample."""
@@ -99,41 +100,63 @@ def _real_reference(cfg: config.Config, inception, prepared: artifacts.PreparedS
     return reference_features(cache, source, inception, batches)
 
 
-def _sample_quality(cfg: config.Config, inception, images: np.ndarray, val: Reference, prepared: artifacts.PreparedShards,
-                    cache: Path) -> dict:
+def _sample_quality(
+    cfg: config.Config, inception, images: np.ndarray, val: Reference, prepared: artifacts.PreparedShards, cache: Path
+) -> dict:
     e = cfg.evaluate
     real, generated = torch.from_numpy(val.features), _features(inception, images, e.batch_size, "samples")
-    kid, kid_std = kernel_inception_distance(generated, real, generator=generator(cfg.experiment.seed, "kid"),
-                                             subsets=e.kid_subsets, subset_size=e.kid_subset_size)
+    kid, kid_std = kernel_inception_distance(
+        generated,
+        real,
+        generator=generator(cfg.experiment.seed, "kid"),
+        subsets=e.kid_subsets,
+        subset_size=e.kid_subset_size,
+    )
     precision, recall = precision_recall(real, generated, k=e.nearest_k)
     floor_count = min(len(images), prepared.count("train"))
     train = _real_reference(cfg, inception, prepared, "train", cache, floor_count)
-    return {"fid": frechet_distance(FeatureStats.of(generated), val.stats), "kid": kid, "kid_std": kid_std,
-            "precision": precision, "recall": recall, "fid_train_vs_val": frechet_distance(train.stats, val.stats),
-            "fid_train_images": floor_count, "fid_val_images": len(real)}
+    return {
+        "fid": frechet_distance(FeatureStats.of(generated), val.stats),
+        "kid": kid,
+        "kid_std": kid_std,
+        "precision": precision,
+        "recall": recall,
+        "fid_train_vs_val": frechet_distance(train.stats, val.stats),
+        "fid_train_images": floor_count,
+        "fid_val_images": len(real),
+    }
 
 
-def _classifier_accuracy(cfg: config.Config, images: np.ndarray, labels: np.ndarray,
-                         prepared: artifacts.PreparedShards, cache: Path) -> dict:
+def _classifier_accuracy(
+    cfg: config.Config, images: np.ndarray, labels: np.ndarray, prepared: artifacts.PreparedShards, cache: Path
+) -> dict:
     source = {"train": _shards(prepared, "train"), "val": _shards(prepared, "val")}
     train, val = ([str(path) for path in prepared.files(split)] for split in ("train", "val"))
-    progress = Countdown("evaluate: classifier (trained on the real train images once, then cached)",
-                         cfg.evaluate.classifier_steps, "steps at most")
-    trained = classifier.load_or_train(cache, source, train, val, len(prepared.classes),
-                                       classifier.Settings(steps=cfg.evaluate.classifier_steps))
+    progress = Countdown(
+        "evaluate: classifier (trained on the real train images once, then cached)",
+        cfg.evaluate.classifier_steps,
+        "steps at most",
+    )
+    trained = classifier.load_or_train(
+        cache, source, train, val, len(prepared.classes), classifier.Settings(steps=cfg.evaluate.classifier_steps)
+    )
     scores = classifier.accuracy(trained.model, images, torch.from_numpy(labels))
     progress.finish(f"accuracy {scores['accuracy']:.3f} on the samples, {trained.val_accuracy:.3f} on real val")
-    return {"classifier_accuracy": scores["accuracy"], "classifier_real_val_accuracy": trained.val_accuracy,
-            "classifier_accuracy_per_class": {str(c): a for c, a in sorted(scores["per_class"].items())}}
+    return {
+        "classifier_accuracy": scores["accuracy"],
+        "classifier_real_val_accuracy": trained.val_accuracy,
+        "classifier_accuracy_per_class": {str(c): a for c, a in sorted(scores["per_class"].items())},
+    }
 
 
 @torch.no_grad()
-def _reconstruction(cfg: config.Config, inception, val: Reference, prepared: artifacts.PreparedShards,
-                    device) -> dict:
+def _reconstruction(cfg: config.Config, inception, val: Reference, prepared: artifacts.PreparedShards, device) -> dict:
     trained = artifacts.TrainedAutoencoder.from_stage_dir(cfg)
     autoencoder = trained.load_model(cfg.autoencoder, device)
-    reconstructions, progress = [], Countdown("evaluate: autoencoder reconstructions", prepared.count("val"),
-                                              "val images")
+    reconstructions, progress = (
+        [],
+        Countdown("evaluate: autoencoder reconstructions", prepared.count("val"), "val images"),
+    )
     for batch in sequential_batches([str(path) for path in prepared.files("val")], cfg.evaluate.batch_size):
         encoded = autoencoder.encode(batch["image"].to(device))
         x_hat = autoencoder.decode(encoded.z_q if trained.latent.kind == "vq" else encoded.mean)
@@ -141,8 +164,11 @@ def _reconstruction(cfg: config.Config, inception, val: Reference, prepared: art
         progress.update(sum(map(len, reconstructions)))
     progress.finish()
     features = _features(inception, np.concatenate(reconstructions), cfg.evaluate.batch_size, "reconstructions")
-    from_manifest = {f"autoencoder_{k}": v for k, v in trained.metrics.items()
-                     if k.startswith("val_") and isinstance(v, (int, float))}
+    from_manifest = {
+        f"autoencoder_{k}": v
+        for k, v in trained.metrics.items()
+        if k.startswith("val_") and isinstance(v, (int, float))
+    }
     return {"rfid": frechet_distance(FeatureStats.of(features), val.stats), **from_manifest}
 
 
@@ -162,20 +188,34 @@ def _bits_per_dim(cfg: config.Config, device) -> dict:
     # The N latents travel through one adaptive ODE solve together, so progress is its position
     # in log sigma (from sigma_min to sigma_max), read off the noise levels the solver asks for.
     span = math.log(trained.sigma_max / trained.sigma_min)
-    progress = Countdown(f"evaluate: likelihood of {len(x)} val latents (PF-ODE from sigma_min to sigma_max)", 1.0,
-                         "of the log-sigma range")
+    progress = Countdown(
+        f"evaluate: likelihood of {len(x)} val latents (PF-ODE from sigma_min to sigma_max)",
+        1.0,
+        "of the log-sigma range",
+    )
 
     def denoiser(x_t, sigma, **cond):
         progress.update(math.log(float(sigma.reshape(-1)[0]) / trained.sigma_min) / span)
         return trained.denoiser(x_t, sigma, **cond)
 
-    logp = log_likelihood(denoiser, x, trained.sigma_min, trained.sigma_max,
-                          generator=generator(cfg.experiment.seed, "likelihood"),
-                          rtol=cfg.evaluate.likelihood_rtol, atol=cfg.evaluate.likelihood_rtol, info=info)
+    logp = log_likelihood(
+        denoiser,
+        x,
+        trained.sigma_min,
+        trained.sigma_max,
+        generator=generator(cfg.experiment.seed, "likelihood"),
+        rtol=cfg.evaluate.likelihood_rtol,
+        atol=cfg.evaluate.likelihood_rtol,
+        info=info,
+    )
     progress.finish(f"{info.get('nfe', 0)} network evaluations")
     bits = -logp.double().cpu() / (x[0].numel() * math.log(2))
-    return {"latent_bits_per_dim": float(bits.mean()), "latent_bits_per_dim_sem": float(bits.std() / math.sqrt(len(bits))),
-            "likelihood_latents": len(bits), "likelihood_nfe": int(info.get("nfe", 0))}
+    return {
+        "latent_bits_per_dim": float(bits.mean()),
+        "latent_bits_per_dim_sem": float(bits.std() / math.sqrt(len(bits))),
+        "likelihood_latents": len(bits),
+        "likelihood_nfe": int(info.get("nfe", 0)),
+    }
 
 
 def run(cfg: config.Config) -> Path:
@@ -200,8 +240,12 @@ def run(cfg: config.Config) -> Path:
                 metrics.update(_reconstruction(cfg, inception, val, prepared, device))
             if e.likelihood_count:
                 metrics.update(_bits_per_dim(cfg, device))
-            metrics["sampler"] = {k: getattr(sampled.samples, k) for k in ("method", "steps", "guidance_scale", "snap", "nfe")}
-            atomic.write_text(record.directory / artifacts.Evaluation.METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
+            metrics["sampler"] = {
+                k: getattr(sampled.samples, k) for k in ("method", "steps", "guidance_scale", "snap", "nfe")
+            }
+            atomic.write_text(
+                record.directory / artifacts.Evaluation.METRICS_FILE, json.dumps(metrics, indent=2) + "\n"
+            )
             record.add_output(record.directory / artifacts.Evaluation.METRICS_FILE)
             # a view of recorded files, not an output: `latentpipe report` may rewrite it
             log.info("evaluate: report in %s", report.build(cfg.run_dir))

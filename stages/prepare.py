@@ -76,8 +76,10 @@ def _load_progress(directory: Path, config_hash: str) -> dict:
         if stale.name not in kept:
             stale.unlink()
     if progress is previous:
-        log.info("prepare: continuing an interrupted run (%s)",
-                 ", ".join(f"{s}: {len(v['shards'])} shards" for s, v in progress["splits"].items()))
+        log.info(
+            "prepare: continuing an interrupted run (%s)",
+            ", ".join(f"{s}: {len(v['shards'])} shards" for s, v in progress["splits"].items()),
+        )
     return progress
 
 
@@ -92,10 +94,19 @@ def _write_split(split: str, items: list, data: config.DataConfig, directory: Pa
         state["skipped"] = [s for s in state["skipped"] if s["position"] < written_upto]
         atomic.write_text(directory / PROGRESS, json.dumps(progress))
 
-    writer = shards.ShardWriter(directory, split, max_count=data.shard_max_count, max_bytes=data.shard_max_bytes,
-                                first_index=len(state["shards"]), on_shard=published)
+    writer = shards.ShardWriter(
+        directory,
+        split,
+        max_count=data.shard_max_count,
+        max_bytes=data.shard_max_bytes,
+        first_index=len(state["shards"]),
+        on_shard=published,
+    )
     results = pool.imap(_Converter(data), items[start:], chunksize=8) if pool else map(_Converter(data), items[start:])
-    with writer, tqdm(total=len(items), initial=start, desc=f"prepare {split}", unit="img", leave=False, disable=None) as bar:
+    with (
+        writer,
+        tqdm(total=len(items), initial=start, desc=f"prepare {split}", unit="img", leave=False, disable=None) as bar,
+    ):
         for position, (item, (sample, error)) in enumerate(zip(items[start:], results), start):
             bar.update()
             if error is not None:
@@ -112,16 +123,23 @@ def _write_split(split: str, items: list, data: config.DataConfig, directory: Pa
         atomic.write_text(directory / PROGRESS, json.dumps(progress))
 
 
-def _warn_empty_classes(classes: list[str], summary: dict[str, artifacts.SplitSummary],
-                        data: config.DataConfig) -> None:
+def _warn_empty_classes(
+    classes: list[str], summary: dict[str, artifacts.SplitSummary], data: config.DataConfig
+) -> None:
     """A class with no image in a split is still a class the model is conditioned on (and that
     sample draws), so say so: it happens with a small data.limit or data.val_fraction."""
     for split, found in summary.items():
         empty = [name for name in classes if not found.class_counts.get(name)]
         if empty and found.count:
-            log.warning("prepare: %d of %d classes have no %s images (data.limit=%s, data.val_fraction=%s): %s",
-                        len(empty), len(classes), split, data.limit, data.val_fraction,
-                        ", ".join(empty[:10]) + (", ..." if len(empty) > 10 else ""))
+            log.warning(
+                "prepare: %d of %d classes have no %s images (data.limit=%s, data.val_fraction=%s): %s",
+                len(empty),
+                len(classes),
+                split,
+                data.limit,
+                data.val_fraction,
+                ", ".join(empty[:10]) + (", ..." if len(empty) > 10 else ""),
+            )
 
 
 def run(cfg: config.Config) -> Path:
@@ -136,7 +154,8 @@ def run(cfg: config.Config) -> Path:
         if empty := [s for s in SPLITS if not by_split[s]]:  # the autoencoder would fail only after training
             raise config.ConfigError(
                 f"data: {len(ordered)} image(s) give an empty {' and '.join(empty)} split with data.val_fraction="
-                f"{data.val_fraction}: add images or change data.val_fraction")
+                f"{data.val_fraction}: add images or change data.val_fraction"
+            )
         progress = _load_progress(directory, config.section_hash(cfg, SECTIONS))
         pool = multiprocessing.get_context("fork").Pool(data.workers) if data.workers > 1 else None
         try:
@@ -163,10 +182,16 @@ def run(cfg: config.Config) -> Path:
         if skipped:
             log.warning("prepare: skipped %d unreadable image(s); they are listed in the manifest", len(skipped))
         record.metrics.update({f"{s}_count": summary[s].count for s in SPLITS}, skipped=len(skipped))
-        record.publish(artifacts.PreparedShards(
-            directory=directory, splits=summary, classes=tuple(source.classes), skipped=tuple(skipped),
-            image=artifacts.ImageSpec(resolution=data.resolution, channels=1 if data.color == "gray" else 3,
-                                      format=data.image_format),
-        ))
+        record.publish(
+            artifacts.PreparedShards(
+                directory=directory,
+                splits=summary,
+                classes=tuple(source.classes),
+                skipped=tuple(skipped),
+                image=artifacts.ImageSpec(
+                    resolution=data.resolution, channels=1 if data.color == "gray" else 3, format=data.image_format
+                ),
+            )
+        )
         (directory / PROGRESS).unlink()
     return directory

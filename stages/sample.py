@@ -42,8 +42,14 @@ from pipeline.seeding import generator
 SPEC = stage_registry.get("sample")
 NAME, SECTIONS, INPUTS = SPEC.name, SPEC.sections, SPEC.inputs
 # The result of a chunk depends on these keys only (not on batch or chunk bookkeeping).
-RENDER_IRRELEVANT = ("sample.batch_size", "sample.write_shards", "sample.grid_rows", "sample.inpaint",
-                     "sample.inpaint_mask", "sample.inpaint_count")
+RENDER_IRRELEVANT = (
+    "sample.batch_size",
+    "sample.write_shards",
+    "sample.grid_rows",
+    "sample.inpaint",
+    "sample.inpaint_mask",
+    "sample.inpaint_count",
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,16 +62,27 @@ def array_task() -> tuple[int, int]:
     return int(os.environ["SLURM_ARRAY_TASK_ID"]) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0")), count
 
 
-def _render(trained: artifacts.TrainedDiffusion, autoencoder, cfg: config.Config, indices: range, device, info: dict) -> tuple[np.ndarray, np.ndarray]:
+def _render(
+    trained: artifacts.TrainedDiffusion, autoencoder, cfg: config.Config, indices: range, device, info: dict
+) -> tuple[np.ndarray, np.ndarray]:
     s = cfg.sample
     labels = labels_for(s, indices, trained.num_classes, cfg.experiment.seed)
     generators = [generator(cfg.experiment.seed, "sample", i) for i in indices]
     options = {"eta": s.eta} if "eta" in SOLVERS[s.method].options else {}
-    latents = generate(trained.denoiser, trained.shape, sampling_sigmas(trained.process, s.grid, s.steps), generators,
-                       method=s.method, labels=None if labels is None else labels.to(device),
-                       null_class=trained.num_classes, guidance_scale=s.guidance_scale,
-                       guidance_interval=tuple(s.guidance_interval) or None, device=device, info=info,
-                       **options)
+    latents = generate(
+        trained.denoiser,
+        trained.shape,
+        sampling_sigmas(trained.process, s.grid, s.steps),
+        generators,
+        method=s.method,
+        labels=None if labels is None else labels.to(device),
+        null_class=trained.num_classes,
+        guidance_scale=s.guidance_scale,
+        guidance_interval=tuple(s.guidance_interval) or None,
+        device=device,
+        info=info,
+        **options,
+    )
     with torch.no_grad():
         images = autoencoder.decode(trained.space.to_decoder(latents, snap=s.snap))
     return to_uint8(images), (labels if labels is not None else torch.full((len(indices),), -1)).numpy()
@@ -94,9 +111,13 @@ def _inpaint(trained: artifacts.TrainedDiffusion, autoencoder, cfg: config.Confi
     known = trained.space.to_model(z)
     mask = torch.zeros_like(known)
     h, w = known.shape[-2:]
-    region = {"left": (slice(None), slice(0, w // 2)), "right": (slice(None), slice(w // 2, None)),
-              "top": (slice(0, h // 2), slice(None)), "bottom": (slice(h // 2, None), slice(None)),
-              "center": (slice(h // 4, h - h // 4), slice(w // 4, w - w // 4))}[s.inpaint_mask]
+    region = {
+        "left": (slice(None), slice(0, w // 2)),
+        "right": (slice(None), slice(w // 2, None)),
+        "top": (slice(0, h // 2), slice(None)),
+        "bottom": (slice(h // 2, None), slice(None)),
+        "center": (slice(h // 4, h - h // 4), slice(w // 4, w - w // 4)),
+    }[s.inpaint_mask]
     mask[..., region[0], region[1]] = 1
     mask = 1 - mask  # 1 where the latent is known
     denoiser = trained.denoiser
@@ -151,9 +172,21 @@ def run(cfg: config.Config) -> Path:
                 grid = _inpaint(trained, artifacts.load_autoencoder(cfg, runtime.device), cfg, runtime.device)
                 _save_grid(record.directory / artifacts.Samples.INPAINT_FILE, to_uint8(grid), 3)
                 record.add_output(record.directory / artifacts.Samples.INPAINT_FILE)
-            record.publish(artifacts.Samples(directory=record.directory, samples=artifacts.SamplerInfo(
-                count=len(images), method=s.method, steps=s.steps, grid=s.grid, guidance_scale=s.guidance_scale,
-                snap=s.snap, nfe=info.get("nfe"), labels=s.labels)))
+            record.publish(
+                artifacts.Samples(
+                    directory=record.directory,
+                    samples=artifacts.SamplerInfo(
+                        count=len(images),
+                        method=s.method,
+                        steps=s.steps,
+                        grid=s.grid,
+                        guidance_scale=s.guidance_scale,
+                        snap=s.snap,
+                        nfe=info.get("nfe"),
+                        labels=s.labels,
+                    ),
+                )
+            )
             record.metrics.update(samples=len(images), nfe=info.get("nfe"))
         runtime.barrier()
     return record.directory
@@ -167,29 +200,43 @@ def _made_from(cfg: config.Config) -> dict:
     autoencoder = artifacts.TrainedAutoencoder.from_stage_dir(cfg)
     denoiser = artifacts.TrainedDenoiser.from_stage_dir(cfg)
     artifacts.EncodedLatents.from_stage_dir(cfg)
-    return {"inputs": manifest.check_inputs(cfg, INPUTS),
-            "config": config.section_hash(cfg, SECTIONS, ignore=RENDER_IRRELEVANT),
-            "upstream_config": {name: config.section_hash(cfg, stage_registry.get(name).sections)
-                                for name in ("autoencoder", "encode", "diffusion")},
-            "weights": {"autoencoder": autoencoder.weights_sha256,
-                        "diffusion": denoiser.output(denoiser.WEIGHTS_FILE).sha256}}
+    return {
+        "inputs": manifest.check_inputs(cfg, INPUTS),
+        "config": config.section_hash(cfg, SECTIONS, ignore=RENDER_IRRELEVANT),
+        "upstream_config": {
+            name: config.section_hash(cfg, stage_registry.get(name).sections)
+            for name in ("autoencoder", "encode", "diffusion")
+        },
+        "weights": {
+            "autoencoder": autoencoder.weights_sha256,
+            "diffusion": denoiser.output(denoiser.WEIGHTS_FILE).sha256,
+        },
+    }
 
 
 def _render_chunks(cfg: config.Config, chunk_dir: Path, runtime: Runtime, worker: int, workers: int) -> dict:
     """Render this worker's missing chunks (chunk c belongs to worker c mod workers)."""
     s = cfg.sample
-    mine = [(c, r) for c, r in enumerate(_chunks(s)) if c % workers == worker
-            and not (chunk_dir / f"chunk-{c:06d}.npz").is_file()]
+    mine = [
+        (c, r)
+        for c, r in enumerate(_chunks(s))
+        if c % workers == worker and not (chunk_dir / f"chunk-{c:06d}.npz").is_file()
+    ]
     info: dict = {}
     if not mine:
         return info
     trained = artifacts.load_trained(cfg, runtime.device)
     autoencoder = artifacts.load_autoencoder(cfg, runtime.device)
     for c, indices in tqdm(mine, desc="sample", unit="chunk", disable=None if runtime.is_main else True, leave=False):
-        parts = [_render(trained, autoencoder, cfg, indices[i : i + s.batch_size], runtime.device, info)
-                 for i in range(0, len(indices), s.batch_size)]
-        _write_chunk(chunk_dir / f"chunk-{c:06d}.npz", np.concatenate([p[0] for p in parts]),
-                     np.concatenate([p[1] for p in parts]))
+        parts = [
+            _render(trained, autoencoder, cfg, indices[i : i + s.batch_size], runtime.device, info)
+            for i in range(0, len(indices), s.batch_size)
+        ]
+        _write_chunk(
+            chunk_dir / f"chunk-{c:06d}.npz",
+            np.concatenate([p[0] for p in parts]),
+            np.concatenate([p[1] for p in parts]),
+        )
     return info
 
 
@@ -208,5 +255,6 @@ def _write_shards(directory: Path, images: np.ndarray, labels: np.ndarray) -> No
         for i, (image, label) in enumerate(zip(images, labels)):
             buffer = io.BytesIO()
             Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buffer, format="png")
-            writer.write(make_sample(f"{i:08d}", buffer.getvalue(), "png", None if label < 0 else int(label),
-                                     {"index": i}))
+            writer.write(
+                make_sample(f"{i:08d}", buffer.getvalue(), "png", None if label < 0 else int(label), {"index": i})
+            )

@@ -36,7 +36,9 @@ def pytest_collection_modifyitems(config, items):
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
-        if item.get_closest_marker("gpu") is not None:  # not `in item.keywords`: that also matches a directory named gpu
+        if (
+            item.get_closest_marker("gpu") is not None
+        ):  # not `in item.keywords`: that also matches a directory named gpu
             item.add_marker(skip_gpu)
 
 

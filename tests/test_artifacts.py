@@ -28,43 +28,111 @@ def _npz() -> bytes:
 
 
 ARTIFACTS = {  # stage -> (the artifact as its stage publishes it, its files: name -> (bytes, output extras))
-    "prepare": (artifacts.PreparedShards(
-        directory=None, splits={"train": artifacts.SplitSummary(3, ("train-000000.tar", "train-000001.tar"),
-                                                                {"0": 2, "1": 1}),
-                                "val": artifacts.SplitSummary(1, ("val-000000.tar",), {"0": 1})},
-        classes=("0", "1"), skipped=({"position": 4, "key": "k4", "source": "x.png", "error": "OSError: bad"},),
-        image=artifacts.ImageSpec(resolution=16, channels=1, format="png")),
-        {"train-000000.tar": (b"t0" * 8, {"split": "train", "count": 2}),
-         "train-000001.tar": (b"t1" * 4, {"split": "train", "count": 1}),
-         "val-000000.tar": (b"v0" * 4, {"split": "val", "count": 1})}),
-    "autoencoder": (artifacts.TrainedAutoencoder(
-        directory=None, latent=artifacts.LatentShape(channels=4, resolution=4, kind="vq"),
-        image=artifacts.ImageShape(channels=1, resolution=16)),
-        {"autoencoder.safetensors": (b"weights", {})}),
-    "encode": (artifacts.EncodedLatents(directory=None, latent=artifacts.LatentStats(
-        channels=4, resolution=4, kind="vq", fields=("codes", "codes_flip"), channel_mean=(0.1, -0.2, 0.3, 0.0),
-        channel_std=(1.0, 0.5, 2.0, 1.5), scale=0.75, autoencoder_sha256=SHA)),
-        {"codebook.safetensors": (b"table", {}), "latents/train-000000.tar": (b"l0", {"split": "train", "count": 2}),
-         "latents/val-000000.tar": (b"l1", {"split": "val", "count": 1})}),
-    "diffusion": (artifacts.TrainedDenoiser(directory=None, denoiser=artifacts.DenoiserInfo(
-        backbone="dit", network={"depth": 2, "patch_size": 1, "mlp": [1, 2]}, num_classes=2, latent_shape=(4, 4, 4),
-        process="ddpm", prediction="v", sigma_range=(0.002, 80.0), training_flops_per_sample=12345)),
-        {"denoiser.safetensors": (b"ema weights", {})}),
-    "sample": (artifacts.Samples(directory=None, samples=artifacts.SamplerInfo(
-        count=2, method="ddpm", steps=6, grid="process", guidance_scale=2.0, snap=True, nfe=12.0, labels="all")),
-        {"samples.npz": (_npz(), {"count": 2}), "grid.png": (b"png", {})}),
-    "evaluate": (artifacts.Evaluation(directory=None),
-                 {"metrics.json": (b"{}", {}), "report.md": (b"# report", {})}),
+    "prepare": (
+        artifacts.PreparedShards(
+            directory=None,
+            splits={
+                "train": artifacts.SplitSummary(3, ("train-000000.tar", "train-000001.tar"), {"0": 2, "1": 1}),
+                "val": artifacts.SplitSummary(1, ("val-000000.tar",), {"0": 1}),
+            },
+            classes=("0", "1"),
+            skipped=({"position": 4, "key": "k4", "source": "x.png", "error": "OSError: bad"},),
+            image=artifacts.ImageSpec(resolution=16, channels=1, format="png"),
+        ),
+        {
+            "train-000000.tar": (b"t0" * 8, {"split": "train", "count": 2}),
+            "train-000001.tar": (b"t1" * 4, {"split": "train", "count": 1}),
+            "val-000000.tar": (b"v0" * 4, {"split": "val", "count": 1}),
+        },
+    ),
+    "autoencoder": (
+        artifacts.TrainedAutoencoder(
+            directory=None,
+            latent=artifacts.LatentShape(channels=4, resolution=4, kind="vq"),
+            image=artifacts.ImageShape(channels=1, resolution=16),
+        ),
+        {"autoencoder.safetensors": (b"weights", {})},
+    ),
+    "encode": (
+        artifacts.EncodedLatents(
+            directory=None,
+            latent=artifacts.LatentStats(
+                channels=4,
+                resolution=4,
+                kind="vq",
+                fields=("codes", "codes_flip"),
+                channel_mean=(0.1, -0.2, 0.3, 0.0),
+                channel_std=(1.0, 0.5, 2.0, 1.5),
+                scale=0.75,
+                autoencoder_sha256=SHA,
+            ),
+        ),
+        {
+            "codebook.safetensors": (b"table", {}),
+            "latents/train-000000.tar": (b"l0", {"split": "train", "count": 2}),
+            "latents/val-000000.tar": (b"l1", {"split": "val", "count": 1}),
+        },
+    ),
+    "diffusion": (
+        artifacts.TrainedDenoiser(
+            directory=None,
+            denoiser=artifacts.DenoiserInfo(
+                backbone="dit",
+                network={"depth": 2, "patch_size": 1, "mlp": [1, 2]},
+                num_classes=2,
+                latent_shape=(4, 4, 4),
+                process="ddpm",
+                prediction="v",
+                sigma_range=(0.002, 80.0),
+                training_flops_per_sample=12345,
+            ),
+        ),
+        {"denoiser.safetensors": (b"ema weights", {})},
+    ),
+    "sample": (
+        artifacts.Samples(
+            directory=None,
+            samples=artifacts.SamplerInfo(
+                count=2, method="ddpm", steps=6, grid="process", guidance_scale=2.0, snap=True, nfe=12.0, labels="all"
+            ),
+        ),
+        {"samples.npz": (_npz(), {"count": 2}), "grid.png": (b"png", {})},
+    ),
+    "evaluate": (artifacts.Evaluation(directory=None), {"metrics.json": (b"{}", {}), "report.md": (b"# report", {})}),
 }
 
 LEGACY_KEYS = {  # the manifest keys (and nested keys) the stages wrote before artifacts were typed
-    "prepare": {"splits": {"train": ["count", "shards", "class_counts"]}, "classes": None, "skipped": None,
-                "image": ["resolution", "channels", "format"]},
+    "prepare": {
+        "splits": {"train": ["count", "shards", "class_counts"]},
+        "classes": None,
+        "skipped": None,
+        "image": ["resolution", "channels", "format"],
+    },
     "autoencoder": {"latent": ["channels", "resolution", "kind"], "image": ["channels", "resolution"]},
-    "encode": {"latent": ["channels", "resolution", "kind", "fields", "channel_mean", "channel_std", "scale",
-                          "autoencoder_sha256"]},
-    "diffusion": {"denoiser": ["backbone", "network", "num_classes", "latent_shape", "process", "prediction",
-                               "sigma_range", "training_flops_per_sample"]},
+    "encode": {
+        "latent": [
+            "channels",
+            "resolution",
+            "kind",
+            "fields",
+            "channel_mean",
+            "channel_std",
+            "scale",
+            "autoencoder_sha256",
+        ]
+    },
+    "diffusion": {
+        "denoiser": [
+            "backbone",
+            "network",
+            "num_classes",
+            "latent_shape",
+            "process",
+            "prediction",
+            "sigma_range",
+            "training_flops_per_sample",
+        ]
+    },
     "sample": {"samples": ["count", "method", "steps", "grid", "guidance_scale", "snap", "nfe", "labels"]},
     "evaluate": {},
 }
@@ -81,8 +149,12 @@ def _publish(cfg, stage: str):
             record.add_output(record.directory / name, **extra)
         record.metrics.update(score=0.5)
         record.publish(artifact)
-    return dataclasses.replace(artifact, directory=cfg.stage_dir(stage), metrics={"score": 0.5},
-                               outputs=tuple(OutputFile.from_manifest(o) for o in record.outputs))
+    return dataclasses.replace(
+        artifact,
+        directory=cfg.stage_dir(stage),
+        metrics={"score": 0.5},
+        outputs=tuple(OutputFile.from_manifest(o) for o in record.outputs),
+    )
 
 
 def _publish_up_to(cfg, last: str) -> dict:
@@ -127,8 +199,9 @@ def test_files_come_from_the_manifest_in_its_order(tmp_path):
     (cfg.stage_dir("prepare") / "train-000009.tar").write_bytes(b"stray")  # on disk, never recorded
     prepared = artifacts.PreparedShards.from_stage_dir(cfg)
     assert [p.name for p in prepared.files("train")] == ["train-000000.tar", "train-000001.tar"]
-    assert prepared.count("train") == 3 and prepared.shard_hashes("val") == [manifest.sha256_file(
-        cfg.stage_dir("prepare") / "val-000000.tar")]
+    assert prepared.count("train") == 3 and prepared.shard_hashes("val") == [
+        manifest.sha256_file(cfg.stage_dir("prepare") / "val-000000.tar")
+    ]
     encoded = artifacts.EncodedLatents.from_stage_dir(cfg)
     assert encoded.files("val") == [cfg.stage_dir("encode") / "latents" / "val-000000.tar"]
     assert encoded.latent.has_mirrors

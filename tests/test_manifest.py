@@ -26,7 +26,9 @@ def test_complete_manifest_records_config_outputs_and_provenance(tmp_path):
     found = manifest.read(cfg.stage_dir("a"))
     assert found["status"] == "complete"
     assert found["config_hash"] == config.section_hash(cfg, ["data"])
-    assert found["outputs"] == [{"path": "out.bin", "bytes": 10, "sha256": manifest.sha256_file(cfg.stage_dir("a") / "out.bin"), "count": 1}]
+    assert found["outputs"] == [
+        {"path": "out.bin", "bytes": 10, "sha256": manifest.sha256_file(cfg.stage_dir("a") / "out.bin"), "count": 1}
+    ]
     assert found["metrics"] == {"loss": 0.5}
     assert found["versions"]["torch"] and found["started_at"] and found["finished_at"]
     assert config.load(cfg.stage_dir("a") / "config.yaml") == cfg

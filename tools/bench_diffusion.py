@@ -26,8 +26,9 @@ from pipeline.data.stream import ShardLoader
 def loader_rate(pattern: str, workers: int, batch_size: int, count: int) -> tuple[float, float]:
     """(samples/s over a whole epoch, samples/s after the first batch): the difference is the
     start-up of the epoch's worker processes."""
-    loader = ShardLoader(pattern, batch_size=batch_size, num_workers=workers, seed=0, samples_per_epoch=count,
-                         shuffle_buffer=1000)
+    loader = ShardLoader(
+        pattern, batch_size=batch_size, num_workers=workers, seed=0, samples_per_epoch=count, shuffle_buffer=1000
+    )
     start, seen, first = time.perf_counter(), 0, None
     for batch in loader:
         if first is None:
@@ -53,8 +54,10 @@ def main() -> None:
     for workers in args.workers:
         rates = [loader_rate(pattern, workers, args.batch_size, count) for _ in range(args.repeats)]
         epoch, steady = statistics.median(r[0] for r in rates), statistics.median(r[1] for r in rates)
-        print(f"  ShardLoader, {workers} worker(s): {epoch:,.0f} samples/s per epoch incl. worker start-up, "
-              f"{steady:,.0f} after the first batch ({steady / max(workers, 1):,.0f} per worker)")
+        print(
+            f"  ShardLoader, {workers} worker(s): {epoch:,.0f} samples/s per epoch incl. worker start-up, "
+            f"{steady:,.0f} after the first batch ({steady / max(workers, 1):,.0f} per worker)"
+        )
 
     log = args.run / "diffusion" / "metrics.jsonl"
     if log.is_file():
@@ -62,10 +65,12 @@ def main() -> None:
         trained = yaml.safe_load((args.run / "diffusion" / "config.yaml").read_text())["diffusion"]
         rate = statistics.median(r["images_per_s"] for r in rows)
         batch = trained["batch_size"]
-        print(f"diffusion stage ({trained['backbone']}, {len(rows)} logged windows after the first): "
-              f"{rate:,.0f} images/s, step {batch / rate * 1000:.0f} ms at batch {batch} per rank, "
-              f"data wait {statistics.median(r['data_wait_fraction'] for r in rows):.2%} of step time, "
-              f"{statistics.median(r['model_tflops'] for r in rows) * 1000:.0f} model GFLOP/s")
+        print(
+            f"diffusion stage ({trained['backbone']}, {len(rows)} logged windows after the first): "
+            f"{rate:,.0f} images/s, step {batch / rate * 1000:.0f} ms at batch {batch} per rank, "
+            f"data wait {statistics.median(r['data_wait_fraction'] for r in rows):.2%} of step time, "
+            f"{statistics.median(r['model_tflops'] for r in rows) * 1000:.0f} model GFLOP/s"
+        )
 
 
 if __name__ == "__main__":

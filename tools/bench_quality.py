@@ -30,12 +30,31 @@ from pipeline.metrics.kid import kernel_inception_distance
 from pipeline.sampling.generate import generate
 from pipeline.seeding import generator
 
-DEFAULT_SETTINGS = ("ddpm:process:1000", "ddim:process:10", "ddim:process:20", "ddim:process:50", "ddim:process:100",
-                    "heun:karras:10", "heun:karras:20", "dpmpp_2m:karras:10", "dpmpp_2m:karras:20")
+DEFAULT_SETTINGS = (
+    "ddpm:process:1000",
+    "ddim:process:10",
+    "ddim:process:20",
+    "ddim:process:50",
+    "ddim:process:100",
+    "heun:karras:10",
+    "heun:karras:20",
+    "dpmpp_2m:karras:10",
+    "dpmpp_2m:karras:20",
+)
 
 
-def render(trained, autoencoder, cfg, method: str, grid: str, steps: int, count: int, snap: bool, info: dict,
-           data_absmax: float):
+def render(
+    trained,
+    autoencoder,
+    cfg,
+    method: str,
+    grid: str,
+    steps: int,
+    count: int,
+    snap: bool,
+    info: dict,
+    data_absmax: float,
+):
     """(decoded images, their labels, the fraction of samples off the data: a latent entry beyond
     twice the largest magnitude of the real validation latents)."""
     images, batch, off = [], 250, 0
@@ -43,9 +62,17 @@ def render(trained, autoencoder, cfg, method: str, grid: str, steps: int, count:
         indices = range(start, min(start + batch, count))
         labels = labels_for(cfg.sample, indices, trained.num_classes, cfg.experiment.seed)
         generators = [generator(cfg.experiment.seed, "sample", i) for i in indices]
-        latents = generate(trained.denoiser, trained.shape, sampling_sigmas(trained.process, grid, steps), generators,
-                           method=method, labels=labels, null_class=trained.num_classes,
-                           guidance_scale=cfg.sample.guidance_scale, info=info)
+        latents = generate(
+            trained.denoiser,
+            trained.shape,
+            sampling_sigmas(trained.process, grid, steps),
+            generators,
+            method=method,
+            labels=labels,
+            null_class=trained.num_classes,
+            guidance_scale=cfg.sample.guidance_scale,
+            info=info,
+        )
         off += int((latents.flatten(1).abs().max(1).values > 2 * data_absmax).sum())
         with torch.no_grad():
             images.append(autoencoder.decode(trained.space.to_decoder(latents, snap=snap)).clamp(-1, 1))
@@ -77,8 +104,10 @@ def main() -> None:
     digits = classifier.load_or_train(args.cache, source, train, val, trained.num_classes)
     latents = [str(path) for path in encoded.files("val")]
     data_absmax = max(float(trained.latents_from_batch(b).abs().max()) for b in sequential_batches(latents, 500))
-    print(f"{args.samples} samples vs {len(real)} real val images; prediction {cfg.diffusion.prediction}; guidance "
-          f"{cfg.sample.guidance_scale}; classifier accuracy on real val {digits.val_accuracy:.1%}\n")
+    print(
+        f"{args.samples} samples vs {len(real)} real val images; prediction {cfg.diffusion.prediction}; guidance "
+        f"{cfg.sample.guidance_scale}; classifier accuracy on real val {digits.val_accuracy:.1%}\n"
+    )
     print("| sampler | grid | steps | NFE/sample | snap | FID | KID x1e3 | accuracy | off-data | s/sample |")
     print("|---|---|---:|---:|---|---:|---:|---:|---:|---:|")
     runs = [(s, True) for s in args.settings] + [(s, False) for s in args.snap_off]
@@ -86,16 +115,20 @@ def main() -> None:
         method, grid, steps = setting.split(":")
         info: dict = {}
         start = time.perf_counter()
-        images, labels, off = render(trained, autoencoder, cfg, method, grid, int(steps), args.samples, snap, info,
-                                     data_absmax)
+        images, labels, off = render(
+            trained, autoencoder, cfg, method, grid, int(steps), args.samples, snap, info, data_absmax
+        )
         seconds = (time.perf_counter() - start) / args.samples
-        features = torch.cat([inception(images[i:i + 250]) for i in range(0, len(images), 250)])
+        features = torch.cat([inception(images[i : i + 250]) for i in range(0, len(images), 250)])
         fid = frechet_distance(FeatureStats.of(features), real_stats)
         kid, _ = kernel_inception_distance(features, real, generator=torch.Generator().manual_seed(0), subsets=50)
         accuracy = classifier.accuracy(digits.model, images, labels)["accuracy"]
         nfe = info["nfe"]  # denoiser calls per batch = per sample (a guided call evaluates both branches)
-        print(f"| {method} | {grid} | {steps} | {nfe:.0f} | {'on' if snap else 'off'} | {fid:.2f} | {kid * 1e3:.2f} | "
-              f"{accuracy:.1%} | {off:.1%} | {seconds:.3f} |", flush=True)
+        print(
+            f"| {method} | {grid} | {steps} | {nfe:.0f} | {'on' if snap else 'off'} | {fid:.2f} | {kid * 1e3:.2f} | "
+            f"{accuracy:.1%} | {off:.1%} | {seconds:.3f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -236,8 +236,16 @@ class _EpochSlice(torch.utils.data.IterableDataset):
     """One rank's batches of one epoch from batch ``start`` on; DataLoader worker w serves slot
     (start + w) mod W so that the DataLoader's round-robin order is the rank's batch order."""
 
-    def __init__(self, urls, layout: Layout, epoch: int, start: int, failures: list[int], options: dict,
-                 rest: _Rest | None = None):
+    def __init__(
+        self,
+        urls,
+        layout: Layout,
+        epoch: int,
+        start: int,
+        failures: list[int],
+        options: dict,
+        rest: _Rest | None = None,
+    ):
         self.urls, self.layout, self.epoch, self.start = urls, layout, epoch, start
         self.failures, self.options, self.rest = failures, options, rest
         self.damage: list[tuple[str, str]] = []  # (url, error) found since the last batch
@@ -525,12 +533,15 @@ class ShardLoader:
         changed = {k: (old[k], mine[k]) for k in fixed if old[k] != mine[k]}
         if changed:
             detail = ", ".join(f"{k}: {was} -> {now}" for k, (was, now) in changed.items())
-            raise StreamError(f"cannot continue the data stream: only the number of ranks and workers may change "
-                              f"between runs ({detail}); restore the original settings")
+            raise StreamError(
+                f"cannot continue the data stream: only the number of ranks and workers may change "
+                f"between runs ({detail}); restore the original settings"
+            )
         history = [dict(segment) for segment in states[0].get("history", [])]
         if states[0]["batches"]:
-            history.append({"layout": old, "ranks": [{"batches": s["batches"], "failures": list(s["failures"])}
-                                                     for s in states]})
+            history.append(
+                {"layout": old, "ranks": [{"batches": s["batches"], "failures": list(s["failures"])} for s in states]}
+            )
         self.epoch, self.batches, self.failures = states[0]["epoch"], 0, [0] * lay.slots_per_rank
         # damaged shards, counted per rank, go to rank 0: the stage sums them over ranks
         self.damaged_shards = {}
@@ -539,8 +550,13 @@ class ShardLoader:
                 mine_seen = self.damaged_shards.setdefault(url, {"error": seen["error"], "reads": 0})
                 mine_seen["reads"] += seen["reads"]
         self._continue(history)
-        log.info("data stream: epoch %d continues on %d rank(s) x %d worker(s) with %d batches per rank",
-                 self.epoch, lay.world_size, lay.num_workers, self.batches_in_epoch)
+        log.info(
+            "data stream: epoch %d continues on %d rank(s) x %d worker(s) with %d batches per rank",
+            self.epoch,
+            lay.world_size,
+            lay.num_workers,
+            self.batches_in_epoch,
+        )
 
     def _continue(self, history: list[dict]) -> None:
         """Set the epoch's earlier segments (none: the epoch runs under this layout from its start)."""

@@ -19,7 +19,17 @@ from pipeline.interop.pretrained import (
 )
 
 __all__ = [
-    "PretrainedAutoencoder", "PretrainedKL", "PretrainedVQ", "VQCodes", "checkpoint_config", "checkpoint_sha256",
-    "export_autoencoder_kl", "export_dit_pipeline", "export_dit_transformer", "export_reference_dit",
-    "load_dit", "load_pretrained_autoencoder", "scheduler_config",
+    "PretrainedAutoencoder",
+    "PretrainedKL",
+    "PretrainedVQ",
+    "VQCodes",
+    "checkpoint_config",
+    "checkpoint_sha256",
+    "export_autoencoder_kl",
+    "export_dit_pipeline",
+    "export_dit_transformer",
+    "export_reference_dit",
+    "load_dit",
+    "load_pretrained_autoencoder",
+    "scheduler_config",
 ]

@@ -41,8 +41,10 @@ from pipeline.interop.pretrained import PretrainedKL, diffusers_module
 from pipeline.latents import LatentSpace
 from pipeline.networks.dit import DiT
 
-BETA_SCHEDULES: dict[str, dict[str, Any]] = {"linear": dict(beta_schedule="linear", beta_start=1e-4, beta_end=0.02),
-                  "cosine": dict(beta_schedule="squaredcos_cap_v2")}
+BETA_SCHEDULES: dict[str, dict[str, Any]] = {
+    "linear": dict(beta_schedule="linear", beta_start=1e-4, beta_end=0.02),
+    "cosine": dict(beta_schedule="squaredcos_cap_v2"),
+}
 """Our DDPM betas (pipeline.diffusion.schedules.DDPM.linear / .cosine) in diffusers' names."""
 PREDICTION_TYPES = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
 
@@ -52,16 +54,26 @@ def scheduler_config(*, process: str, beta_schedule: str, timesteps: int, predic
     DDIM with eta = 0 on the "leading" timesteps and alphabar = 1 after the last step is
     latentpipe's ``ddim`` on ``ddpm_timesteps(T, n)`` (tests/sampling/test_diffusers_equivalence)."""
     if process != "ddpm":
-        raise LatentpipeError(f"a {process!r} process has no diffusers scheduler that DiTPipeline drives with "
-                              f"integer timesteps; only process=ddpm exports")
+        raise LatentpipeError(
+            f"a {process!r} process has no diffusers scheduler that DiTPipeline drives with "
+            f"integer timesteps; only process=ddpm exports"
+        )
     if prediction not in PREDICTION_TYPES:
-        raise LatentpipeError(f"prediction={prediction!r} has no diffusers prediction_type; "
-                              f"exportable: {sorted(PREDICTION_TYPES)}")
+        raise LatentpipeError(
+            f"prediction={prediction!r} has no diffusers prediction_type; exportable: {sorted(PREDICTION_TYPES)}"
+        )
     if beta_schedule not in BETA_SCHEDULES:
         raise LatentpipeError(f"beta_schedule={beta_schedule!r} is not one of {sorted(BETA_SCHEDULES)}")
-    return dict(num_train_timesteps=timesteps, **BETA_SCHEDULES[beta_schedule],
-                prediction_type=PREDICTION_TYPES[prediction], clip_sample=False, set_alpha_to_one=True,
-                steps_offset=0, timestep_spacing="leading", thresholding=False)
+    return dict(
+        num_train_timesteps=timesteps,
+        **BETA_SCHEDULES[beta_schedule],
+        prediction_type=PREDICTION_TYPES[prediction],
+        clip_sample=False,
+        set_alpha_to_one=True,
+        steps_offset=0,
+        timestep_spacing="leading",
+        thresholding=False,
+    )
 
 
 def latent_scale(latents: LatentSpace) -> float:
@@ -69,8 +81,10 @@ def latent_scale(latents: LatentSpace) -> float:
     if latents.kind != "kl":
         raise LatentpipeError("DiTPipeline decodes KL latents only; a VQ latent space does not export")
     if latents.shift.abs().max() > 0 or latents.scale.min() != latents.scale.max():
-        raise LatentpipeError("the latents are normalised per channel; DiTPipeline only divides by one "
-                              "scaling_factor. Train with diffusion.normalize=scale or checkpoint to export a pipeline")
+        raise LatentpipeError(
+            "the latents are normalised per channel; DiTPipeline only divides by one "
+            "scaling_factor. Train with diffusion.normalize=scale or checkpoint to export a pipeline"
+        )
     return float(latents.scale[0])
 
 
@@ -109,8 +123,10 @@ def _diffusers_vae(autoencoder, scaling_factor: float | None):
     AutoencoderKL = diffusers_module().AutoencoderKL
     if isinstance(autoencoder, KLAutoencoder):
         if scaling_factor is None:
-            raise LatentpipeError("latentpipe's own autoencoder has no latent scale of its own: pass the one the "
-                                  "encode stage measured (its manifest's latent.scale)")
+            raise LatentpipeError(
+                "latentpipe's own autoencoder has no latent scale of its own: pass the one the "
+                "encode stage measured (its manifest's latent.scale)"
+            )
         config, state = kl_to_diffusers(autoencoder, scaling_factor)
     elif isinstance(autoencoder, PretrainedKL):
         config = {**autoencoder.config, **({} if scaling_factor is None else {"scaling_factor": scaling_factor})}
@@ -119,7 +135,8 @@ def _diffusers_vae(autoencoder, scaling_factor: float | None):
         raise LatentpipeError(
             f"a {type(autoencoder).__name__} does not export to diffusers: only KL autoencoders map exactly "
             f"(a pretrained AutoencoderKL, or latentpipe's own KL with channel_mult[0] == 1); no diffusers "
-            f"pipeline decodes the VQ latents of a diffusion model")
+            f"pipeline decodes the VQ latents of a diffusion model"
+        )
     vae = AutoencoderKL.from_config(config)
     vae.load_state_dict(state)
     return vae.eval()
@@ -138,18 +155,30 @@ def export_autoencoder_kl(autoencoder, out: str | Path, scaling_factor: float | 
     return _write_folder(Path(out), lambda tmp: vae.save_pretrained(tmp, safe_serialization=True))
 
 
-def export_dit_pipeline(net: DiT, autoencoder, latents: LatentSpace, out: str | Path, *, process: str,
-                        beta_schedule: str, timesteps: int, prediction: str,
-                        id2label: Mapping[int, str] | None = None) -> Path:
+def export_dit_pipeline(
+    net: DiT,
+    autoencoder,
+    latents: LatentSpace,
+    out: str | Path,
+    *,
+    process: str,
+    beta_schedule: str,
+    timesteps: int,
+    prediction: str,
+    id2label: Mapping[int, str] | None = None,
+) -> Path:
     """A DiTPipeline folder: the DiT, the autoencoder's decoder with our latent scale, a DDIM scheduler
     of our process. Everything is checked before anything is written."""
     diffusers = diffusers_module()
-    scheduler = diffusers.DDIMScheduler.from_config(scheduler_config(
-        process=process, beta_schedule=beta_schedule, timesteps=timesteps, prediction=prediction))
+    scheduler = diffusers.DDIMScheduler.from_config(
+        scheduler_config(process=process, beta_schedule=beta_schedule, timesteps=timesteps, prediction=prediction)
+    )
     vae = _diffusers_vae(autoencoder, latent_scale(latents))
     if vae.config.latent_channels != net.config.in_channels:
-        raise LatentpipeError(f"the DiT takes {net.config.in_channels} latent channels, the autoencoder makes "
-                              f"{vae.config.latent_channels}")
+        raise LatentpipeError(
+            f"the DiT takes {net.config.in_channels} latent channels, the autoencoder makes "
+            f"{vae.config.latent_channels}"
+        )
     if id2label is not None and set(map(int, id2label)) != set(range(net.config.num_classes)):
         raise LatentpipeError(f"id2label must name the classes 0..{net.config.num_classes - 1}")
     pipeline = diffusers.DiTPipeline(transformer=diffusers_transformer(net), vae=vae, scheduler=scheduler)

@@ -20,8 +20,10 @@ def existing(path: str | Path, what: str) -> Path:
     """``path`` as a Path, or an error naming ``what`` was expected there."""
     path = Path(path).expanduser()
     if not path.exists():
-        raise LatentpipeError(f"{path} does not exist: expected {what} (weights are never downloaded at run "
-                              f"time; copy them to this machine and pass their local path)")
+        raise LatentpipeError(
+            f"{path} does not exist: expected {what} (weights are never downloaded at run "
+            f"time; copy them to this machine and pass their local path)"
+        )
     return path
 
 
@@ -31,15 +33,17 @@ def read_state_dict(path: Path, nested: tuple[str, ...] = ("state_dict",)) -> di
     if path.suffix == ".safetensors":
         return load_file(path)
     if path.suffix not in PICKLE_SUFFIXES:
-        raise LatentpipeError(f"{path}: unknown weight file type {path.suffix!r}; expected .safetensors "
-                              f"or one of {PICKLE_SUFFIXES}")
+        raise LatentpipeError(
+            f"{path}: unknown weight file type {path.suffix!r}; expected .safetensors or one of {PICKLE_SUFFIXES}"
+        )
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # an unpickling refusal names the offending global
         raise LatentpipeError(
             f"{path} cannot be read with weights-only loading ({error}). It holds pickled objects "
             f"besides tensors; on a machine you trust, save just its tensors as .safetensors "
-            f"(safetensors.torch.save_file) and pass that file") from error
+            f"(safetensors.torch.save_file) and pass that file"
+        ) from error
     if isinstance(data, dict):
         data = next((data[key] for key in nested if isinstance(data.get(key), dict)), data)
     if not isinstance(data, dict) or not all(isinstance(v, Tensor) for v in data.values()):

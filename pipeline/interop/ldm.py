@@ -43,10 +43,12 @@ def ldm_name(name: str, levels: int) -> str:
         name = re.sub(pattern, replacement, name)
     name = re.sub(r"\.mid_block\.resnets\.(\d+)\.", lambda m: f".mid.block_{int(m[1]) + 1}.", name)
     # diffusers counts decoder levels from the lowest resolution up, LDM from the highest down.
-    name = re.sub(r"^decoder\.up_blocks\.(\d+)\.resnets\.",
-                  lambda m: f"decoder.up.{levels - 1 - int(m[1])}.block.", name)
-    return re.sub(r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
-                  lambda m: f"decoder.up.{levels - 1 - int(m[1])}.upsample.", name)
+    name = re.sub(
+        r"^decoder\.up_blocks\.(\d+)\.resnets\.", lambda m: f"decoder.up.{levels - 1 - int(m[1])}.block.", name
+    )
+    return re.sub(
+        r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"decoder.up.{levels - 1 - int(m[1])}.upsample.", name
+    )
 
 
 def _is_attention_matrix(ldm: str) -> bool:
@@ -57,12 +59,16 @@ def first_stage(checkpoint: dict[str, Tensor]) -> tuple[dict[str, Tensor], str, 
     """(the first-stage tensors without prefix, the prefix they had, the checkpoint's own
     ``scale_factor`` when it stores one: LatentDiffusion keeps it as a buffer with scale_by_std)."""
     prefix = PREFIX if any(key.startswith(PREFIX) for key in checkpoint) else ""
-    tensors = {key[len(prefix):]: value for key, value in checkpoint.items()
-               if key.startswith(prefix) and key[len(prefix):].startswith(PARTS)}
+    tensors = {
+        key[len(prefix) :]: value
+        for key, value in checkpoint.items()
+        if key.startswith(prefix) and key[len(prefix) :].startswith(PARTS)
+    }
     if not tensors:
         raise LatentpipeError(
             f"the checkpoint holds no autoencoder weights: expected keys starting with {PREFIX!r} (a CompVis "
-            f"latent-diffusion checkpoint) or with {', '.join(PARTS)} (a first-stage checkpoint)")
+            f"latent-diffusion checkpoint) or with {', '.join(PARTS)} (a first-stage checkpoint)"
+        )
     scale = checkpoint.get("scale_factor")
     return tensors, prefix, None if scale is None else float(scale)
 
@@ -79,7 +85,8 @@ def diffusers_config(tensors: dict[str, Tensor], prefix: str = "") -> tuple[str,
         if re.match(r"(encoder\.down|decoder\.up)\.\d+\.attn\.", key):
             raise LatentpipeError(
                 f"{prefix}{key}: attention inside the resolution levels (LDM attn_resolutions) has no "
-                f"equivalent in diffusers' DownEncoderBlock2D/UpDecoderBlock2D autoencoders")
+                f"equivalent in diffusers' DownEncoderBlock2D/UpDecoderBlock2D autoencoders"
+            )
         if key == "quantize.used":
             raise LatentpipeError(f"{prefix}{key}: a VQ codebook with index remapping is not supported")
     levels = 1 + max((int(m[1]) for key in tensors if (m := re.match(r"encoder\.down\.(\d+)\.", key))), default=-1)
@@ -87,16 +94,22 @@ def diffusers_config(tensors: dict[str, Tensor], prefix: str = "") -> tuple[str,
         raise LatentpipeError(f"the autoencoder checkpoint lacks {prefix}encoder.down.0.block.0.conv1.weight")
     widths = [_shape(tensors, f"encoder.down.{i}.block.0.conv1.weight", prefix)[0] for i in range(levels)]
     if any(width % LDM_GROUPS for width in widths):
-        raise LatentpipeError(f"widths {widths} of {prefix}encoder.down.*: an LDM autoencoder normalises with "
-                              f"{LDM_GROUPS} groups, which must divide every width")
+        raise LatentpipeError(
+            f"widths {widths} of {prefix}encoder.down.*: an LDM autoencoder normalises with "
+            f"{LDM_GROUPS} groups, which must divide every width"
+        )
     layers = len({m[1] for key in tensors if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", key))})
     latent = _shape(tensors, "decoder.conv_in.weight", prefix)[1]
     config: dict[str, Any] = dict(
         in_channels=_shape(tensors, "encoder.conv_in.weight", prefix)[1],
         out_channels=_shape(tensors, "decoder.conv_out.weight", prefix)[0],
-        down_block_types=["DownEncoderBlock2D"] * levels, up_block_types=["UpDecoderBlock2D"] * levels,
-        block_out_channels=widths, layers_per_block=layers, latent_channels=latent,
-        norm_num_groups=LDM_GROUPS, mid_block_add_attention="encoder.mid.attn_1.q.weight" in tensors,
+        down_block_types=["DownEncoderBlock2D"] * levels,
+        up_block_types=["UpDecoderBlock2D"] * levels,
+        block_out_channels=widths,
+        layers_per_block=layers,
+        latent_channels=latent,
+        norm_num_groups=LDM_GROUPS,
+        mid_block_add_attention="encoder.mid.attn_1.q.weight" in tensors,
     )
     if "quantize.embedding.weight" in tensors:
         codes, dim = _shape(tensors, "quantize.embedding.weight", prefix)
@@ -105,12 +118,14 @@ def diffusers_config(tensors: dict[str, Tensor], prefix: str = "") -> tuple[str,
     if quant[0] != 2 * latent:
         raise LatentpipeError(
             f"{prefix}quant_conv.weight has shape {quant}: an LDM embed_dim ({quant[0] // 2}) different from "
-            f"z_channels ({latent}) has no equivalent in diffusers' AutoencoderKL")
+            f"z_channels ({latent}) has no equivalent in diffusers' AutoencoderKL"
+        )
     return "kl", config
 
 
-def to_diffusers(tensors: dict[str, Tensor], expected: dict[str, Tensor], levels: int,
-                 prefix: str = "") -> dict[str, Tensor]:
+def to_diffusers(
+    tensors: dict[str, Tensor], expected: dict[str, Tensor], levels: int, prefix: str = ""
+) -> dict[str, Tensor]:
     """LDM-named ``tensors`` -> the names and shapes of ``expected`` (a diffusers state dict).
 
     Refuses, naming the LDM keys, a checkpoint that lacks parameters, has ones the diffusers
@@ -119,20 +134,26 @@ def to_diffusers(tensors: dict[str, Tensor], expected: dict[str, Tensor], levels
     missing = sorted(set(names) - set(tensors))
     if missing:
         listed = ", ".join(prefix + key for key in missing[:8])
-        raise LatentpipeError(f"the autoencoder checkpoint lacks {len(missing)} key(s) its architecture needs: "
-                              f"{listed}{' ...' if len(missing) > 8 else ''}")
+        raise LatentpipeError(
+            f"the autoencoder checkpoint lacks {len(missing)} key(s) its architecture needs: "
+            f"{listed}{' ...' if len(missing) > 8 else ''}"
+        )
     unexpected = sorted(set(tensors) - set(names))
     if unexpected:
-        raise LatentpipeError(f"the autoencoder checkpoint has key(s) diffusers' model has no place for: "
-                              f"{', '.join(prefix + key for key in unexpected[:8])}")
+        raise LatentpipeError(
+            f"the autoencoder checkpoint has key(s) diffusers' model has no place for: "
+            f"{', '.join(prefix + key for key in unexpected[:8])}"
+        )
     out = {}
     for ldm, name in names.items():
         value = tensors[ldm]
         if _is_attention_matrix(ldm) and value.dim() == 4:
             value = value[:, :, 0, 0]  # LDM's 1x1 conv is diffusers' linear layer
         if value.shape != expected[name].shape:
-            raise LatentpipeError(f"{prefix}{ldm} has shape {tuple(value.shape)}, the autoencoder read off "
-                                  f"the other tensors needs {tuple(expected[name].shape)}")
+            raise LatentpipeError(
+                f"{prefix}{ldm} has shape {tuple(value.shape)}, the autoencoder read off "
+                f"the other tensors needs {tuple(expected[name].shape)}"
+            )
         out[name] = value
     return out
 

@@ -58,7 +58,7 @@ def _levels(layers: nn.Sequential, prefix: str, out: dict[str, Tensor], resample
             _copy(out, layer, f"{prefix}.{level}.{'downsamplers' if resample is Downsample else 'upsamplers'}.0.")
             widths.append(width)
             level, index = level + 1, 0
-    return widths + [width]
+    return [*widths, width]
 
 
 def kl_to_diffusers(model: KLAutoencoder, scaling_factor: float) -> tuple[dict[str, Any], dict[str, Tensor]]:
@@ -69,7 +69,8 @@ def kl_to_diffusers(model: KLAutoencoder, scaling_factor: float) -> tuple[dict[s
     if encoder.conv_in.out_channels != widths[0]:
         raise LatentpipeError(
             f"this autoencoder's stem has {encoder.conv_in.out_channels} channels and its first level "
-            f"{widths[0]} (channel_mult[0] != 1); diffusers' AutoencoderKL has no such layer, so it does not export")
+            f"{widths[0]} (channel_mult[0] != 1); diffusers' AutoencoderKL has no such layer, so it does not export"
+        )
     _levels(decoder.up, "decoder.up_blocks", out, Upsample)
     for prefix, trunk in (("encoder.", encoder), ("decoder.", decoder)):
         _copy(out, trunk.conv_in, f"{prefix}conv_in.")
@@ -77,10 +78,18 @@ def kl_to_diffusers(model: KLAutoencoder, scaling_factor: float) -> tuple[dict[s
         _copy(out, trunk.norm_out, f"{prefix}conv_norm_out.")
         _mid(out, trunk.mid, prefix)
     layers_per_block = sum(isinstance(layer, ResnetBlock) for layer in encoder.down) // len(widths)
-    config = dict(in_channels=encoder.in_channels, out_channels=decoder.conv_out.out_channels,
-                  down_block_types=["DownEncoderBlock2D"] * len(widths), up_block_types=["UpDecoderBlock2D"] * len(widths),
-                  block_out_channels=widths, layers_per_block=layers_per_block,
-                  latent_channels=decoder.conv_in.in_channels, norm_num_groups=encoder.norm_out.num_groups,
-                  scaling_factor=scaling_factor, use_quant_conv=False, use_post_quant_conv=False,
-                  mid_block_add_attention=isinstance(encoder.mid[1], AttnBlock))
+    config = dict(
+        in_channels=encoder.in_channels,
+        out_channels=decoder.conv_out.out_channels,
+        down_block_types=["DownEncoderBlock2D"] * len(widths),
+        up_block_types=["UpDecoderBlock2D"] * len(widths),
+        block_out_channels=widths,
+        layers_per_block=layers_per_block,
+        latent_channels=decoder.conv_in.in_channels,
+        norm_num_groups=encoder.norm_out.num_groups,
+        scaling_factor=scaling_factor,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        mid_block_add_attention=isinstance(encoder.mid[1], AttnBlock),
+    )
     return config, out

@@ -40,8 +40,9 @@ def diffusers_module() -> Any:
     try:
         import diffusers
     except ImportError as error:
-        raise LatentpipeError("pretrained autoencoders and diffusers export need diffusers: "
-                              "pip install 'latentpipe[pretrained]'") from error
+        raise LatentpipeError(
+            "pretrained autoencoders and diffusers export need diffusers: pip install 'latentpipe[pretrained]'"
+        ) from error
     return diffusers
 
 
@@ -86,8 +87,15 @@ class PretrainedAutoencoder(nn.Module):
 
     kind: Literal["kl", "vq"]
 
-    def __init__(self, model: Any, *, source: str, weights: dict[str, str],
-                 scaling_factor: float | None, shift_factor: float | None = None):
+    def __init__(
+        self,
+        model: Any,
+        *,
+        source: str,
+        weights: dict[str, str],
+        scaling_factor: float | None,
+        shift_factor: float | None = None,
+    ):
         super().__init__()
         self.model: Any = model.eval().requires_grad_(False)
         self.source = source
@@ -125,17 +133,26 @@ class PretrainedAutoencoder(nn.Module):
             problems.append(f"it takes {self.image_channels}-channel images, the data has {channels} ({fix})")
         if resolution % self.factor:
             fit = max(self.factor, resolution // self.factor * self.factor)
-            problems.append(f"its downsampling factor {self.factor} does not divide the image side {resolution} "
-                            f"(set data.resolution to a multiple of {self.factor}, e.g. {fit})")
+            problems.append(
+                f"its downsampling factor {self.factor} does not divide the image side {resolution} "
+                f"(set data.resolution to a multiple of {self.factor}, e.g. {fit})"
+            )
         if problems:
             raise LatentpipeError(f"the autoencoder {self.source} cannot encode these images: " + "; ".join(problems))
 
     def describe(self) -> dict[str, Any]:
         """The manifest entry: kind, source, geometry, own scale, weight hashes."""
-        return {"kind": self.kind, "source": self.source, "class": type(self.model).__name__,
-                "factor": self.factor, "image_channels": self.image_channels,
-                "latent_channels": self.latent_channels, "scaling_factor": self.scaling_factor,
-                "shift_factor": self.shift_factor, "weights_sha256": dict(self.weights)}
+        return {
+            "kind": self.kind,
+            "source": self.source,
+            "class": type(self.model).__name__,
+            "factor": self.factor,
+            "image_channels": self.image_channels,
+            "latent_channels": self.latent_channels,
+            "scaling_factor": self.scaling_factor,
+            "shift_factor": self.shift_factor,
+            "weights_sha256": dict(self.weights),
+        }
 
 
 class PretrainedKL(PretrainedAutoencoder):
@@ -159,8 +176,10 @@ class PretrainedVQ(PretrainedAutoencoder):
     def __init__(self, model: Any, **kwargs):
         super().__init__(model, **kwargs)
         if model.config.get("lookup_from_codebook"):
-            raise LatentpipeError(f"{self.source}: a VQModel with lookup_from_codebook=true decodes indices, "
-                                  f"not codebook vectors; it is not supported")
+            raise LatentpipeError(
+                f"{self.source}: a VQModel with lookup_from_codebook=true decodes indices, "
+                f"not codebook vectors; it is not supported"
+            )
         self.codebook = PretrainedCodebook(model.quantize)
 
     @property
@@ -186,13 +205,17 @@ ADAPTERS = {"kl": PretrainedKL, "vq": PretrainedVQ}
 def _read_folder_config(folder: Path) -> tuple[str, dict]:
     config_file = folder / "config.json"
     if not config_file.is_file():
-        raise LatentpipeError(f"{folder} has no config.json: expected a diffusers AutoencoderKL or VQModel "
-                              f"folder (save_pretrained), or an LDM checkpoint file")
+        raise LatentpipeError(
+            f"{folder} has no config.json: expected a diffusers AutoencoderKL or VQModel "
+            f"folder (save_pretrained), or an LDM checkpoint file"
+        )
     config = json.loads(config_file.read_text())
     cls = config.get("_class_name")
     if cls not in AUTOENCODER_CLASSES:
-        raise LatentpipeError(f"{folder} holds a diffusers {cls}, not an autoencoder: expected "
-                              f"{' or '.join(AUTOENCODER_CLASSES)} (for a pipeline folder, pass its vae/ sub-folder)")
+        raise LatentpipeError(
+            f"{folder} holds a diffusers {cls}, not an autoencoder: expected "
+            f"{' or '.join(AUTOENCODER_CLASSES)} (for a pipeline folder, pass its vae/ sub-folder)"
+        )
     return cls, config
 
 
@@ -207,22 +230,29 @@ def _load_folder(folder: Path) -> PretrainedAutoencoder:
     _check_keys(state, model.state_dict(), str(weights[0]))
     model.load_state_dict(state)
     return ADAPTERS[AUTOENCODER_CLASSES[cls]](
-        model, source=str(folder), weights=weight_hashes(weights[:1]),
-        scaling_factor=config.get("scaling_factor"), shift_factor=config.get("shift_factor"))
+        model,
+        source=str(folder),
+        weights=weight_hashes(weights[:1]),
+        scaling_factor=config.get("scaling_factor"),
+        shift_factor=config.get("shift_factor"),
+    )
 
 
 def _check_keys(state: dict[str, Tensor], expected: dict[str, Tensor], where: str) -> None:
     missing = sorted(set(expected) - set(state))
     if missing:
-        raise LatentpipeError(f"{where} lacks {len(missing)} key(s) its config.json needs: "
-                              f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+        raise LatentpipeError(
+            f"{where} lacks {len(missing)} key(s) its config.json needs: "
+            f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}"
+        )
     unexpected = sorted(set(state) - set(expected))
     if unexpected:
         raise LatentpipeError(f"{where} has key(s) its config.json has no place for: {', '.join(unexpected[:8])}")
     for name, value in expected.items():
         if state[name].shape != value.shape:
-            raise LatentpipeError(f"{where}: {name} has shape {tuple(state[name].shape)}, "
-                                  f"config.json needs {tuple(value.shape)}")
+            raise LatentpipeError(
+                f"{where}: {name} has shape {tuple(state[name].shape)}, config.json needs {tuple(value.shape)}"
+            )
 
 
 def _load_ldm(path: Path, scaling_factor: float | None) -> PretrainedAutoencoder:
@@ -234,8 +264,12 @@ def _load_ldm(path: Path, scaling_factor: float | None) -> PretrainedAutoencoder
     model = (diffusers.AutoencoderKL if kind == "kl" else diffusers.VQModel).from_config(config)
     levels = len(config["block_out_channels"])
     model.load_state_dict(ldm.to_diffusers(tensors, model.state_dict(), levels, prefix))
-    return ADAPTERS[kind](model, source=str(path), weights=weight_hashes([path]),
-                          scaling_factor=own_scale if own_scale is not None else scaling_factor)
+    return ADAPTERS[kind](
+        model,
+        source=str(path),
+        weights=weight_hashes([path]),
+        scaling_factor=own_scale if own_scale is not None else scaling_factor,
+    )
 
 
 def load_pretrained_autoencoder(path: str | Path, *, scaling_factor: float | None = None) -> PretrainedAutoencoder:
@@ -248,7 +282,8 @@ def load_pretrained_autoencoder(path: str | Path, *, scaling_factor: float | Non
     path = existing(path, "a diffusers AutoencoderKL/VQModel folder or an LDM autoencoder checkpoint file")
     if path.is_dir():
         if scaling_factor is not None:
-            raise LatentpipeError(f"{path}: a diffusers folder has its own scaling_factor in config.json; "
-                                  f"do not pass another")
+            raise LatentpipeError(
+                f"{path}: a diffusers folder has its own scaling_factor in config.json; do not pass another"
+            )
         return _load_folder(path)
     return _load_ldm(path, scaling_factor)

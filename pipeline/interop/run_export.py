@@ -31,8 +31,10 @@ PARTS = ("pipeline", "transformer", "autoencoder")
 def _dit(trained: artifacts.TrainedDiffusion) -> DiT:
     net = trained.denoiser.net
     if not isinstance(net, DiT):
-        raise LatentpipeError(f"the run's denoiser is a {type(net).__name__}; only a DiT (diffusion.backbone=dit) "
-                              f"exports to diffusers or the DiT format")
+        raise LatentpipeError(
+            f"the run's denoiser is a {type(net).__name__}; only a DiT (diffusion.backbone=dit) "
+            f"exports to diffusers or the DiT format"
+        )
     return net
 
 
@@ -53,6 +55,14 @@ def export_run(cfg: config.Config, format: str, out: str | Path, part: str = "pi
         return export_dit_transformer(_dit(diffusion), out)
     classes = artifacts.PreparedShards.from_stage_dir(cfg).classes if diffusion.num_classes else ()
     d = cfg.diffusion
-    return export_dit_pipeline(_dit(diffusion), artifacts.load_autoencoder(cfg, "cpu"), diffusion.space, out,
-                               process=d.process, beta_schedule=d.beta_schedule, timesteps=d.timesteps,
-                               prediction=d.prediction, id2label=dict(enumerate(classes)) or None)
+    return export_dit_pipeline(
+        _dit(diffusion),
+        artifacts.load_autoencoder(cfg, "cpu"),
+        diffusion.space,
+        out,
+        process=d.process,
+        beta_schedule=d.beta_schedule,
+        timesteps=d.timesteps,
+        prediction=d.prediction,
+        id2label=dict(enumerate(classes)) or None,
+    )

@@ -18,9 +18,9 @@ import io
 import json
 import logging
 import zipfile
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 import numpy as np
@@ -79,7 +79,8 @@ def reference_features(
     features = torch.cat([extractor(images).cpu() for images in batches()]).float().numpy()
     stats = FeatureStats.of(features)
     buffer = io.BytesIO()
-    np.savez(buffer, features=features, mean=stats.mean, cov=stats.cov, count=np.int64(stats.count),
-             inputs=np.array(inputs))
+    np.savez(
+        buffer, features=features, mean=stats.mean, cov=stats.cov, count=np.int64(stats.count), inputs=np.array(inputs)
+    )
     atomic.write_bytes(file, buffer.getvalue())
     return Reference(features=features, stats=stats)

@@ -48,16 +48,19 @@ def _write(path: Path, state: dict[str, Any]) -> None:
             writer = _WriteErrors(handle)
             torch.save(state, cast(IO[bytes], writer))  # torch needs only write and flush
     except (pickle.PicklingError, TypeError, AttributeError) as err:
-        raise CheckpointError(f"cannot write checkpoint {path}: the state holds an object torch cannot save "
-                              f"({type(err).__name__}: {err})") from err
+        raise CheckpointError(
+            f"cannot write checkpoint {path}: the state holds an object torch cannot save ({type(err).__name__}: {err})"
+        ) from err
     except (OSError, RuntimeError) as err:
         cause = writer.error if isinstance(err, RuntimeError) and writer is not None and writer.error else err
         if not isinstance(cause, OSError):
             raise
         full = cause.errno in atomic.NO_SPACE
-        raise CheckpointError(f"cannot write checkpoint {path}: {cause.strerror or cause}; "
-                              + ("free space there (or lower keep_checkpoints) and " if full else "")
-                              + "rerun the same command to resume from the last checkpoint") from cause
+        raise CheckpointError(
+            f"cannot write checkpoint {path}: {cause.strerror or cause}; "
+            + ("free space there (or lower keep_checkpoints) and " if full else "")
+            + "rerun the same command to resume from the last checkpoint"
+        ) from cause
 
 
 class _WriteErrors:
@@ -78,8 +81,15 @@ class _WriteErrors:
         self.handle.flush()
 
 
-def save(directory: Path, step: int, shared: dict[str, Any], own: dict[str, Any], runtime: Runtime,
-         keep: int, resume_key: str) -> Path:
+def save(
+    directory: Path,
+    step: int,
+    shared: dict[str, Any],
+    own: dict[str, Any],
+    runtime: Runtime,
+    keep: int,
+    resume_key: str,
+) -> Path:
     """Write a checkpoint of ``step`` (collective: every rank calls it) and keep the newest ``keep``.
     ``resume_key`` identifies what the state was trained on (see :func:`set_aside_if_stale`)."""
     directory = Path(directory)
@@ -95,8 +105,10 @@ def save(directory: Path, step: int, shared: dict[str, Any], own: dict[str, Any]
     runtime.barrier()
     if runtime.is_main:
         files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.glob("*.pt"))}
-        atomic.write_text(tmp / "complete.json", json.dumps(
-            {"step": step, "world_size": runtime.world_size, "resume_key": resume_key, "files": files}))
+        atomic.write_text(
+            tmp / "complete.json",
+            json.dumps({"step": step, "world_size": runtime.world_size, "resume_key": resume_key, "files": files}),
+        )
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -118,8 +130,9 @@ def set_aside_if_stale(directory: Path, resume_key: str, runtime: Runtime) -> No
     stale = found is not None and json.loads((found / "complete.json").read_text()).get("resume_key") != resume_key
     if stale and runtime.is_main:
         aside = directory.with_name(directory.name + ".stale")
-        log.warning("checkpoints in %s come from another config or other inputs; moved to %s, starting afresh",
-                    directory, aside)
+        log.warning(
+            "checkpoints in %s come from another config or other inputs; moved to %s, starting afresh", directory, aside
+        )
         shutil.rmtree(aside, ignore_errors=True)
         os.replace(directory, aside)
     runtime.barrier()

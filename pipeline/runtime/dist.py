@@ -69,14 +69,23 @@ class Runtime:
     an older one must not be used after a newer one was made.
     """
 
-    def __init__(self, *, precision: str = "fp32", cpu: bool | None = None, deepspeed: str | Path | None = None,
-                 grad_clip: float = 0.0, batch_size: int | None = None, gradient_accumulation_steps: int = 1):
+    def __init__(
+        self,
+        *,
+        precision: str = "fp32",
+        cpu: bool | None = None,
+        deepspeed: str | Path | None = None,
+        grad_clip: float = 0.0,
+        batch_size: int | None = None,
+        gradient_accumulation_steps: int = 1,
+    ):
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
         if gradient_accumulation_steps < 1:
             raise ValueError(f"gradient_accumulation_steps must be >= 1, got {gradient_accumulation_steps}")
-        self.accelerator = _fresh_accelerator(precision, cpu, deepspeed, grad_clip, batch_size,
-                                              gradient_accumulation_steps)
+        self.accelerator = _fresh_accelerator(
+            precision, cpu, deepspeed, grad_clip, batch_size, gradient_accumulation_steps
+        )
         self.zero_stage = self.accelerator.state.deepspeed_plugin.zero_stage if deepspeed is not None else 0
         self.dtype = PRECISIONS[precision]
         self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" and not self.zero_stage else None
@@ -107,8 +116,10 @@ class Runtime:
         pass the model and its optimiser in one call. Learning-rate schedulers are stepped by the
         caller and not prepared (see :mod:`pipeline.runtime.optim`)."""
         if any(isinstance(o, torch.optim.lr_scheduler.LRScheduler) for o in objects):
-            raise TypeError("do not pass the learning-rate scheduler to Runtime.prepare: accelerate would step it "
-                            "once per process per step; call scheduler.step() after runtime.step() instead")
+            raise TypeError(
+                "do not pass the learning-rate scheduler to Runtime.prepare: accelerate would step it "
+                "once per process per step; call scheduler.step() after runtime.step() instead"
+            )
         return self.accelerator.prepare(*objects)
 
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -136,8 +147,10 @@ class Runtime:
         if self.zero_stage:
             configured = float(self.accelerator.deepspeed_config.get("gradient_clipping", 0.0))
             if configured != max_norm:
-                raise ValueError(f"DeepSpeed clips gradients at {configured} (its config's gradient_clipping) but the "
-                                 f"training loop asks for {max_norm}: pass grad_clip={max_norm} to Runtime(...)")
+                raise ValueError(
+                    f"DeepSpeed clips gradients at {configured} (its config's gradient_clipping) but the "
+                    f"training loop asks for {max_norm}: pass grad_clip={max_norm} to Runtime(...)"
+                )
             return torch.tensor(float(self.accelerator.clip_grad_norm_(parameters, max_norm)))
         if self.scaler is not None:
             self.scaler.unscale_(optimizer)
@@ -160,8 +173,12 @@ class Runtime:
         its step with ``update()``, which lowers the scale as a skipped ``scaler.step`` would."""
         optimizer.zero_grad(set_to_none=True)
         scaler = self.scaler
-        if scaler is not None and self.sync_gradients and not self.zero_stage and bool(
-                scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"]):
+        if (
+            scaler is not None
+            and self.sync_gradients
+            and not self.zero_stage
+            and bool(scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"])
+        ):
             scaler.update()
 
     def state_dict(self) -> dict:
@@ -185,8 +202,9 @@ class Runtime:
             return {"model": weights, "optimizer": optimizer.state_dict()}, {}
         return {"model": weights}, {"zero": zero.optimizer_state(model)}
 
-    def load_training_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, shared: dict,
-                            own: dict | None) -> None:
+    def load_training_state(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, shared: dict, own: dict | None
+    ) -> None:
         """Restore what :meth:`training_state` returned (from ``checkpoint.load``; ``own`` is None
         when the checkpoint was written by another number of ranks). DDP keeps the full optimiser
         state in ``shared``, so it resumes on any number of ranks."""
@@ -195,12 +213,16 @@ class Runtime:
             optimizer.load_state_dict(shared["optimizer"])
             return
         if own is None:
-            raise LatentpipeError("this checkpoint was written by another number of ranks and holds DeepSpeed ZeRO "
-                                  "optimizer partitions, which resume on the same number of ranks only: rerun "
-                                  "with the original number of processes (or without DeepSpeed from a DDP checkpoint)")
+            raise LatentpipeError(
+                "this checkpoint was written by another number of ranks and holds DeepSpeed ZeRO "
+                "optimizer partitions, which resume on the same number of ranks only: rerun "
+                "with the original number of processes (or without DeepSpeed from a DDP checkpoint)"
+            )
         if "zero" not in own:
-            raise ValueError("this checkpoint holds no DeepSpeed optimizer partitions (it was written without "
-                             "DeepSpeed): resume it without the deepspeed config, or start afresh")
+            raise ValueError(
+                "this checkpoint holds no DeepSpeed optimizer partitions (it was written without "
+                "DeepSpeed): resume it without the deepspeed config, or start afresh"
+            )
         if self.zero_stage < 3:  # ZeRO-3 rebuilds its weight partitions from the fp32 master copy
             self.unwrap(model).load_state_dict(shared["model"])
         zero.load_optimizer_state(model, own["zero"], self.rank, self.world_size)
@@ -276,8 +298,14 @@ def collective_timeout() -> timedelta:
     return timedelta(seconds=seconds)
 
 
-def _fresh_accelerator(precision: str, cpu: bool | None, deepspeed: str | Path | None, grad_clip: float,
-                       batch_size: int | None, gradient_accumulation_steps: int):
+def _fresh_accelerator(
+    precision: str,
+    cpu: bool | None,
+    deepspeed: str | Path | None,
+    grad_clip: float,
+    batch_size: int | None,
+    gradient_accumulation_steps: int,
+):
     """An ``Accelerator`` configured from scratch. accelerate's state is process-global and
     refuses changes once made, so it is reset first; the process group itself survives the reset
     (accelerate and DeepSpeed only create one when none exists)."""
@@ -291,18 +319,26 @@ def _fresh_accelerator(precision: str, cpu: bool | None, deepspeed: str | Path |
     # the timeout bounds every collective: a dead or hung peer ends the job instead of hanging it
     timeout = collective_timeout()
     if deepspeed is None:
-        return Accelerator(cpu=not torch.cuda.is_available() if cpu is None else cpu,
-                           gradient_accumulation_steps=gradient_accumulation_steps,
-                           kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)])
+        return Accelerator(
+            cpu=not torch.cuda.is_available() if cpu is None else cpu,
+            gradient_accumulation_steps=gradient_accumulation_steps,
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)],
+        )
     if cpu:
         raise ValueError("DeepSpeed picks its device itself: leave cpu unset (it uses CPU + gloo without CUDA)")
     config = _deepspeed_config(deepspeed, grad_clip, batch_size, gradient_accumulation_steps)
     _single_process_environment()
-    group = InitProcessGroupKwargs(timeout=timeout) if torch.cuda.is_available() else \
-        InitProcessGroupKwargs(backend="gloo", timeout=timeout)
-    return Accelerator(deepspeed_plugin=_deepspeed_plugin(config), kwargs_handlers=[group],
-                       mixed_precision=_ACCELERATE_PRECISION[precision],
-                       gradient_accumulation_steps=gradient_accumulation_steps)
+    group = (
+        InitProcessGroupKwargs(timeout=timeout)
+        if torch.cuda.is_available()
+        else InitProcessGroupKwargs(backend="gloo", timeout=timeout)
+    )
+    return Accelerator(
+        deepspeed_plugin=_deepspeed_plugin(config),
+        kwargs_handlers=[group],
+        mixed_precision=_ACCELERATE_PRECISION[precision],
+        gradient_accumulation_steps=gradient_accumulation_steps,
+    )
 
 
 def _deepspeed_plugin(config: dict[str, Any]):
@@ -318,8 +354,9 @@ def _deepspeed_plugin(config: dict[str, Any]):
     return Plugin(hf_ds_config=config)
 
 
-def _deepspeed_config(path: str | Path, grad_clip: float, batch_size: int | None,
-                      gradient_accumulation_steps: int) -> dict[str, Any]:
+def _deepspeed_config(
+    path: str | Path, grad_clip: float, batch_size: int | None, gradient_accumulation_steps: int
+) -> dict[str, Any]:
     """The JSON config with our "auto" keys filled in; explicit values are kept."""
     path = Path(path)
     if not path.is_file():
@@ -328,10 +365,15 @@ def _deepspeed_config(path: str | Path, grad_clip: float, batch_size: int | None
     if config.get("zero_optimization", {}).get("stage") not in (1, 2, 3):
         raise ValueError(f"{path}: zero_optimization.stage must be 1, 2 or 3 (plain DDP needs no DeepSpeed config)")
     if "optimizer" in config or "scheduler" in config:
-        raise ValueError(f"{path}: remove the optimizer/scheduler sections; the stage builds AdamW and its "
-                         f"schedule itself (pipeline.runtime.optim)")
-    ours = {"gradient_clipping": float(grad_clip), "train_micro_batch_size_per_gpu": batch_size or 1,
-            "gradient_accumulation_steps": gradient_accumulation_steps}
+        raise ValueError(
+            f"{path}: remove the optimizer/scheduler sections; the stage builds AdamW and its "
+            f"schedule itself (pipeline.runtime.optim)"
+        )
+    ours = {
+        "gradient_clipping": float(grad_clip),
+        "train_micro_batch_size_per_gpu": batch_size or 1,
+        "gradient_accumulation_steps": gradient_accumulation_steps,
+    }
     for key, value in ours.items():
         if config.get(key, "auto") == "auto":
             config[key] = value
@@ -345,5 +387,6 @@ def _single_process_environment() -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )

@@ -49,8 +49,9 @@ class EMA:
         self.decay, self.warmup_steps = float(decay), int(warmup_steps)
         self._averaged = _averaged_names(module)
         with torch.no_grad():
-            self.shadow = {name: _shadow_copy(value, name in self._averaged)
-                           for name, value in module.state_dict().items()}
+            self.shadow = {
+                name: _shadow_copy(value, name in self._averaged) for name, value in module.state_dict().items()
+            }
 
     def decay_at(self, step: int) -> float:
         """The decay used by the update after optimiser step ``step`` (counted from 1)."""
@@ -68,14 +69,18 @@ class EMA:
         weight = 1.0 - self.decay_at(step)
         state = module.state_dict()
         if state.keys() != self.shadow.keys():
-            raise ValueError(f"EMA.update got a module with other entries than the averaged one "
-                             f"(missing {sorted(self.shadow.keys() - state.keys())[:5]}, "
-                             f"unexpected {sorted(state.keys() - self.shadow.keys())[:5]}): pass the unwrapped model")
+            raise ValueError(
+                f"EMA.update got a module with other entries than the averaged one "
+                f"(missing {sorted(self.shadow.keys() - state.keys())[:5]}, "
+                f"unexpected {sorted(state.keys() - self.shadow.keys())[:5]}): pass the unwrapped model"
+            )
         for name, value in state.items():
             target = self.shadow[name]
             if value.shape != target.shape:
-                raise ValueError(f"EMA.update: {name} has shape {tuple(value.shape)}, the average "
-                                 f"{tuple(target.shape)}; under ZeRO-3 update inside runtime.full_parameters(model)")
+                raise ValueError(
+                    f"EMA.update: {name} has shape {tuple(value.shape)}, the average "
+                    f"{tuple(target.shape)}; under ZeRO-3 update inside runtime.full_parameters(model)"
+                )
             if name in self._averaged:
                 target.lerp_(value.to(device=target.device, dtype=torch.float32), weight)
             else:
@@ -95,14 +100,20 @@ class EMA:
 
     def state_dict(self) -> dict[str, Any]:
         """Tensors and plain data only (checkpoints load with ``weights_only=True``)."""
-        return {"decay": self.decay, "warmup_steps": self.warmup_steps, "averaged": sorted(self._averaged),
-                "shadow": self.averaged_state_dict()}
+        return {
+            "decay": self.decay,
+            "warmup_steps": self.warmup_steps,
+            "averaged": sorted(self._averaged),
+            "shadow": self.averaged_state_dict(),
+        }
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["shadow"].keys() != self.shadow.keys() or set(state["averaged"]) != self._averaged:
-            raise ValueError("EMA checkpoint was made for another model (its entries differ): "
-                             "resume with the same network configuration or start afresh")
+            raise ValueError(
+                "EMA checkpoint was made for another model (its entries differ): "
+                "resume with the same network configuration or start afresh"
+            )
         self.decay, self.warmup_steps = float(state["decay"]), int(state["warmup_steps"])
         for name, value in state["shadow"].items():
             self.shadow[name].copy_(value)

@@ -19,8 +19,16 @@ class MetricsLog:
     that went on past its last checkpoint (or by an earlier run, when starting afresh at 0), are
     dropped, so the log tells the history of the weights that exist."""
 
-    def __init__(self, directory: Path, *, enabled: bool, start_step: int = 0, tensorboard: bool = True,
-                 wandb_project: str | None = None, config: dict | None = None):
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        enabled: bool,
+        start_step: int = 0,
+        tensorboard: bool = True,
+        wandb_project: str | None = None,
+        config: dict | None = None,
+    ):
         self.directory = Path(directory)
         self.enabled = enabled
         self._writer = self._wandb = None
@@ -56,8 +64,9 @@ class MetricsLog:
         """Save a grid of images in [-1, 1] as ``images/<name>-<step>.png``."""
         if not self.enabled:
             return None
-        grid = torchvision.utils.make_grid(batch.detach().float().cpu().clamp(-1, 1), nrow=nrow,
-                                           normalize=True, value_range=(-1, 1))
+        grid = torchvision.utils.make_grid(
+            batch.detach().float().cpu().clamp(-1, 1), nrow=nrow, normalize=True, value_range=(-1, 1)
+        )
         path = self.directory / "images" / f"{name}-{step:08d}.png"
         with atomic.atomic_open(path) as handle:
             torchvision.utils.save_image(grid, handle, format="png")
@@ -84,8 +93,16 @@ def _wandb_run(directory: Path, project: str, config: dict):
     except ImportError:
         from pipeline.errors import LatentpipeError
 
-        raise LatentpipeError("experiment.wandb_project is set but wandb is not installed: "
-                              "pip install 'latentpipe[wandb]', or unset experiment.wandb_project") from None
+        raise LatentpipeError(
+            "experiment.wandb_project is set but wandb is not installed: "
+            "pip install 'latentpipe[wandb]', or unset experiment.wandb_project"
+        ) from None
     run_id = hashlib.sha256(str(directory.resolve()).encode()).hexdigest()[:16]
-    return wandb.init(project=project, name=f"{directory.parent.name}/{directory.name}", id=run_id, resume="allow",
-                      config=config, dir=str(directory))
+    return wandb.init(
+        project=project,
+        name=f"{directory.parent.name}/{directory.name}",
+        id=run_id,
+        resume="allow",
+        config=config,
+        dir=str(directory),
+    )

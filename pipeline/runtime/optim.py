@@ -23,8 +23,14 @@ from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 SCHEDULES = ("constant", "linear", "cosine")
 
 
-def build_optimizer(parameters: Iterable[torch.nn.Parameter], *, lr: float, betas: tuple[float, float],
-                    weight_decay: float, fused: bool | None = None) -> torch.optim.AdamW:
+def build_optimizer(
+    parameters: Iterable[torch.nn.Parameter],
+    *,
+    lr: float,
+    betas: tuple[float, float],
+    weight_decay: float,
+    fused: bool | None = None,
+) -> torch.optim.AdamW:
     """AdamW over ``parameters``. ``fused=None`` picks the fused kernel when torch has one for
     every parameter's device (CUDA, and CPU since torch 2.4); True insists, False never."""
     parameters = [p for p in parameters if p.requires_grad]
@@ -54,32 +60,35 @@ def lr_factor(step: int, *, warmup_steps: int, total_steps: int, kind: str, min_
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def lr_schedule(optimizer: torch.optim.Optimizer, *, warmup_steps: int, total_steps: int, kind: str,
-                min_lr_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
+def lr_schedule(
+    optimizer: torch.optim.Optimizer, *, warmup_steps: int, total_steps: int, kind: str, min_lr_ratio: float = 0.0
+) -> torch.optim.lr_scheduler.LambdaLR:
     """A ``LambdaLR`` following :func:`lr_factor`; call ``.step()`` after each optimiser step
     (not through ``Runtime.prepare``, see the module docstring)."""
     if kind not in SCHEDULES:
         raise ValueError(f"unknown learning-rate schedule {kind!r}: use one of {', '.join(SCHEDULES)}")
     if warmup_steps < 0 or total_steps < 1 or not 0.0 <= min_lr_ratio <= 1.0:
-        raise ValueError(f"learning-rate schedule needs warmup_steps >= 0, total_steps >= 1 and "
-                         f"0 <= min_lr_ratio <= 1; got {warmup_steps}, {total_steps}, {min_lr_ratio}")
+        raise ValueError(
+            f"learning-rate schedule needs warmup_steps >= 0, total_steps >= 1 and "
+            f"0 <= min_lr_ratio <= 1; got {warmup_steps}, {total_steps}, {min_lr_ratio}"
+        )
 
     def factor(step: int) -> float:
-        return lr_factor(step, warmup_steps=warmup_steps, total_steps=total_steps, kind=kind,
-                         min_lr_ratio=min_lr_ratio)
+        return lr_factor(step, warmup_steps=warmup_steps, total_steps=total_steps, kind=kind, min_lr_ratio=min_lr_ratio)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def scale_learning_rate(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
-                        factor: float) -> None:
+def scale_learning_rate(
+    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler, factor: float
+) -> None:
     """Multiply the learning rate by ``factor`` from now on: the scheduler's base rates (kept in
     its state dict, so later checkpoints carry the lower rate) and the current rates.
 
     For the NaN guard's roll-back: load the checkpoint first (it restores the old rates), then
     scale. The schedule's shape (warm-up, decay) is unchanged.
     """
-    if not 0.0 < factor:
+    if not factor > 0.0:
         raise ValueError(f"learning-rate factor must be positive, got {factor}")
     scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
     for group in optimizer.param_groups:

@@ -29,8 +29,11 @@ class Window:
 
     def rates(self, flops_per_sample: int | None, peak_tflops: float | None, world_size: int) -> dict[str, float]:
         elapsed = time.perf_counter() - self.start
-        rates = {"images_per_s": self.samples / elapsed, "step_time_ms": 1000 * elapsed / max(self.steps, 1),
-                 "data_wait_fraction": self.data_wait / elapsed}
+        rates = {
+            "images_per_s": self.samples / elapsed,
+            "step_time_ms": 1000 * elapsed / max(self.steps, 1),
+            "data_wait_fraction": self.data_wait / elapsed,
+        }
         if flops_per_sample:
             rates["model_tflops"] = flops_per_sample * self.samples / world_size / elapsed / 1e12
             if peak_tflops:
@@ -58,8 +61,12 @@ class ProgressDisplay:
 
     def log_step(self, step: int, values: dict[str, float]) -> None:
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{values['images_per_s']:.0f}",
-                                 wait=f"{values['data_wait_fraction']:.0%}", refresh=False)
+            self.bar.set_postfix(
+                loss=f"{values['loss']:.4f}",
+                img_s=f"{values['images_per_s']:.0f}",
+                wait=f"{values['data_wait_fraction']:.0%}",
+                refresh=False,
+            )
             self.update(step)
             return
         now = time.monotonic()
@@ -67,9 +74,17 @@ class ProgressDisplay:
             return
         self.last_line, elapsed = now, now - self.start
         eta = elapsed / max(step - self.initial, 1) * (self.total - step)
-        log.info("%s: step %d/%d, loss %.4g, %.1f images/s, data wait %.0f%%, elapsed %s, ETA %s", self.name, step,
-                 self.total, values["loss"], values["images_per_s"], 100 * values["data_wait_fraction"],
-                 clock(elapsed), clock(eta))
+        log.info(
+            "%s: step %d/%d, loss %.4g, %.1f images/s, data wait %.0f%%, elapsed %s, ETA %s",
+            self.name,
+            step,
+            self.total,
+            values["loss"],
+            values["images_per_s"],
+            100 * values["data_wait_fraction"],
+            clock(elapsed),
+            clock(eta),
+        )
 
     def close(self) -> None:
         if self.bar is not None:
@@ -94,8 +109,15 @@ class Countdown:
             return
         self.last_line, elapsed = now, now - self.start
         eta = elapsed / done * (self.total - done) if done > 0 else math.inf
-        log.info("%s: %s/%s %s, elapsed %s, ETA %s", self.name, _amount(done), _amount(self.total), self.unit,
-                 clock(elapsed), clock(eta) if math.isfinite(eta) else "?")
+        log.info(
+            "%s: %s/%s %s, elapsed %s, ETA %s",
+            self.name,
+            _amount(done),
+            _amount(self.total),
+            self.unit,
+            clock(elapsed),
+            clock(eta) if math.isfinite(eta) else "?",
+        )
 
     def finish(self, note: str = "") -> None:
         log.info("%s: done in %s%s", self.name, clock(time.monotonic() - self.start), f" ({note})" if note else "")

@@ -82,8 +82,9 @@ def configure_backends(device: torch.device, tf32: bool) -> None:
     torch.backends.cudnn.allow_tf32 = tf32
 
 
-def prepare_network(net: torch.nn.Module, device: torch.device, *, compile: bool,
-                    channels_last: bool) -> torch.nn.Module:
+def prepare_network(
+    net: torch.nn.Module, device: torch.device, *, compile: bool, channels_last: bool
+) -> torch.nn.Module:
     """``net`` on ``device`` for training: channels_last on CUDA when asked (for convolutional
     networks: cuDNN's fast NHWC kernels), compiled in place with ``torch.compile`` when asked
     (``Module.compile`` keeps the module and its state-dict keys, so checkpoints and the EMA
@@ -129,9 +130,18 @@ class TrainState:
     ``ShardLoader.resume``); under ZeRO on the same number only.
     """
 
-    def __init__(self, runtime: Runtime, directory: Path, *, resume_key: str, keep: int, loader: ShardLoader,
-                 pairs: dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]],
-                 scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, ema: EMA | None = None):
+    def __init__(
+        self,
+        runtime: Runtime,
+        directory: Path,
+        *,
+        resume_key: str,
+        keep: int,
+        loader: ShardLoader,
+        pairs: dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]],
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+        ema: EMA | None = None,
+    ):
         self.runtime, self.directory, self.keep = runtime, Path(directory), keep
         self.resume_key = f"{STATE_LAYOUT}:{resume_key}"
         self.loader, self.pairs, self.scheduler, self.ema = loader, pairs, scheduler, ema
@@ -148,8 +158,11 @@ class TrainState:
     def save(self) -> Path:
         """Checkpoint at the current step (collective: every rank calls it)."""
         # every rank's loader position in the shared state: a job on another number of ranks continues the epoch
-        shared: dict[str, Any] = {"progress": asdict(self.progress), "runtime": self.runtime.state_dict(),
-                                  "loaders": self.runtime.gather_objects(self.loader.state_dict())}
+        shared: dict[str, Any] = {
+            "progress": asdict(self.progress),
+            "runtime": self.runtime.state_dict(),
+            "loaders": self.runtime.gather_objects(self.loader.state_dict()),
+        }
         own: dict[str, Any] = {}
         for name, (model, optimizer) in self.pairs.items():
             shared[name], own[name] = self.runtime.training_state(model, optimizer)
@@ -157,8 +170,9 @@ class TrainState:
             shared["scheduler"] = self.scheduler.state_dict()
         if self.ema is not None:
             shared["ema"] = self.ema.state_dict()
-        return checkpoint.save(self.directory, self.progress.step, shared, own, self.runtime, self.keep,
-                               self.resume_key)
+        return checkpoint.save(
+            self.directory, self.progress.step, shared, own, self.runtime, self.keep, self.resume_key
+        )
 
     def resume(self, name: str) -> Path | None:
         """Continue from the newest readable checkpoint made under the same resume key (others
@@ -184,8 +198,10 @@ class TrainState:
         elif own is not None:  # written before the positions were shared
             self.loader.load_state_dict(own["loader"])
         else:
-            raise LatentpipeError(f"{path} predates elastic resume and was written by another number of ranks: "
-                                  f"rerun with its number of processes")
+            raise LatentpipeError(
+                f"{path} predates elastic resume and was written by another number of ranks: "
+                f"rerun with its number of processes"
+            )
         self.runtime.load_state_dict(shared["runtime"])
         self.progress = Progress(**shared["progress"])
         return path
@@ -219,8 +235,16 @@ class TrainingLoop:
     log steps only, so its device->host transfers do not slow the other steps.
     """
 
-    def __init__(self, state: TrainState, cfg: LoopConfig, name: str, *, metrics_log=None,
-                 flops_per_sample: int | None = None, peak_tflops: float | None = None):
+    def __init__(
+        self,
+        state: TrainState,
+        cfg: LoopConfig,
+        name: str,
+        *,
+        metrics_log=None,
+        flops_per_sample: int | None = None,
+        peak_tflops: float | None = None,
+    ):
         self.state, self.cfg, self.name, self.metrics_log = state, cfg, name, metrics_log
         self.runtime = state.runtime
         self.flops_per_sample, self.peak_tflops = flops_per_sample, peak_tflops
@@ -237,8 +261,9 @@ class TrainingLoop:
     def __enter__(self) -> TrainingLoop:
         budget = None if self.cfg.time_budget_minutes is None else self.cfg.time_budget_minutes * 60
         self._signal = StopSignal(budget).__enter__()
-        self._display = ProgressDisplay(self.name, self.cfg.max_steps, self.state.progress.step,
-                                         enabled=self.runtime.is_main)
+        self._display = ProgressDisplay(
+            self.name, self.cfg.max_steps, self.state.progress.step, enabled=self.runtime.is_main
+        )
         self._batches = endless(self.state.loader)
         self.state.model.train()
         return self
@@ -256,8 +281,11 @@ class TrainingLoop:
         while self.state.progress.step < self.cfg.max_steps:
             if self._stop is not None:
                 self.state.save()
-                raise StageInterrupted(f"{self.name} stopped at step {self.state.progress.step} ({self._stop}); "
-                                       f"rerun the same command to resume", preemption.exit_code(self._stop))
+                raise StageInterrupted(
+                    f"{self.name} stopped at step {self.state.progress.step} ({self._stop}); "
+                    f"rerun the same command to resume",
+                    preemption.exit_code(self._stop),
+                )
             self._losses, self._flags, self._reason_read = [], None, False
             yield self.state.progress.step
 
@@ -318,8 +346,12 @@ class TrainingLoop:
         self._nonfinite_in_a_row += 1
         state.progress.skipped_steps += 1
         step = state.progress.step
-        log.warning("%s: non-finite loss or gradient at step %d, step skipped (%d in a row)", self.name, step,
-                    self._nonfinite_in_a_row)
+        log.warning(
+            "%s: non-finite loss or gradient at step %d, step skipped (%d in a row)",
+            self.name,
+            step,
+            self._nonfinite_in_a_row,
+        )
         if self._nonfinite_in_a_row < cfg.max_nonfinite_steps:
             return
         rollbacks, skipped = state.progress.rollbacks + 1, state.progress.skipped_steps
@@ -327,14 +359,16 @@ class TrainingLoop:
             raise NonFiniteLossError(
                 f"{self._nonfinite_in_a_row} non-finite steps in a row at step {step} after {rollbacks - 1} "
                 f"rollback(s): lower {self.name}.learning_rate, use {self.name}.mixed_precision=fp32, "
-                f"or check the data")
+                f"or check the data"
+            )
         state.progress.rollbacks, state.progress.skipped_steps = rollbacks, skipped
         # the checkpoint may predate earlier rollbacks: the rate is factor**rollbacks in all
-        state.set_learning_rate(cfg.learning_rate * cfg.rollback_lr_factor ** rollbacks)
+        state.set_learning_rate(cfg.learning_rate * cfg.rollback_lr_factor**rollbacks)
         self._batches, self._nonfinite_in_a_row = endless(state.loader), 0
         self._display.reset(state.progress.step)
-        log.warning("%s: rolled back to %s with the learning rate x%g", self.name, found,
-                    cfg.rollback_lr_factor ** rollbacks)
+        log.warning(
+            "%s: rolled back to %s with the learning rate x%g", self.name, found, cfg.rollback_lr_factor**rollbacks
+        )
 
     # -- after the optimiser step
 

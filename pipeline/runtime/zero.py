@@ -40,7 +40,9 @@ def load_optimizer_state(engine, state: dict[str, Any], rank: int, world_size: i
     for name, value in restored["loss_scaler"].items():
         setattr(scaler, name, value)
     restored["loss_scaler"] = scaler
-    per_rank: list[dict | None] = [None] * world_size  # DeepSpeed reads entry [its data-parallel rank] of a per-rank list
+    per_rank: list[dict | None] = [
+        None
+    ] * world_size  # DeepSpeed reads entry [its data-parallel rank] of a per-rank list
     per_rank[rank] = restored
     engine.optimizer.load_state_dict(per_rank, load_optimizer_states=True, load_from_fp32_weights=True)
     for name, value in state["counters"].items():
@@ -56,5 +58,7 @@ def _plain(value: Any, where: str) -> Any:
         return {k: _plain(v, f"{where}.{k}") for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return type(value)(_plain(v, f"{where}[{i}]") for i, v in enumerate(value))
-    raise TypeError(f"DeepSpeed's optimizer state holds a {type(value).__name__} at {where}, which a weights_only "
-                    f"checkpoint cannot store: add its conversion to pipeline/runtime/zero.py")
+    raise TypeError(
+        f"DeepSpeed's optimizer state holds a {type(value).__name__} at {where}, which a weights_only "
+        f"checkpoint cannot store: add its conversion to pipeline/runtime/zero.py"
+    )

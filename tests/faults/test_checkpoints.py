@@ -17,15 +17,24 @@ from pipeline.runtime.dist import Runtime
 
 
 def _save(directory, step, value):
-    return checkpoint.save(directory, step, {"w": torch.full((64,), float(value)), "step": step},
-                           {"loader": {"position": step}}, Runtime(), keep=3, resume_key="k")
+    return checkpoint.save(
+        directory,
+        step,
+        {"w": torch.full((64,), float(value)), "step": step},
+        {"loader": {"position": step}},
+        Runtime(),
+        keep=3,
+        resume_key="k",
+    )
 
 
 def test_complete_json_records_every_file_with_its_sha256(tmp_path):
     path = _save(tmp_path, 1, 1.0)
     files = json.loads((path / "complete.json").read_text())["files"]
-    assert files == {name: {"bytes": (path / name).stat().st_size, "sha256": atomic.sha256_file(path / name)}
-                     for name in ("rank-00000.pt", "state.pt")}
+    assert files == {
+        name: {"bytes": (path / name).stat().st_size, "sha256": atomic.sha256_file(path / name)}
+        for name in ("rank-00000.pt", "state.pt")
+    }
 
 
 @pytest.mark.parametrize("name", ["state.pt", "rank-00000.pt"])
@@ -34,7 +43,7 @@ def test_four_flipped_bytes_in_the_newest_checkpoint_fall_back_to_the_previous_o
     newest = _save(tmp_path, 2, 2.0)
     data = bytearray((newest / name).read_bytes())
     at = len(data) // 2  # inside the tensor data: torch.load alone would not notice (no zip CRC check)
-    data[at:at + 4] = bytes(b ^ 0xFF for b in data[at:at + 4])
+    data[at : at + 4] = bytes(b ^ 0xFF for b in data[at : at + 4])
     (newest / name).write_bytes(bytes(data))
     with caplog.at_level(logging.WARNING):
         path, shared, _ = checkpoint.load_latest(tmp_path, Runtime())
@@ -59,8 +68,11 @@ def _full_disk(path, mode="wb"):
 
 def test_a_full_disk_while_checkpointing_is_a_message_naming_the_file(tmp_path, monkeypatch):
     monkeypatch.setattr(atomic, "atomic_open", _full_disk)
-    with pytest.raises(checkpoint.CheckpointError, match=r"cannot write checkpoint .*rank-00000\.pt: No space left "
-                                                         r"on device; free space there"):
+    with pytest.raises(
+        checkpoint.CheckpointError,
+        match=r"cannot write checkpoint .*rank-00000\.pt: No space left "
+        r"on device; free space there",
+    ):
         _save(tmp_path, 1, 1.0)
 
 
@@ -79,11 +91,17 @@ def test_a_full_disk_while_writing_shards_is_a_message():
 def test_a_full_disk_while_writing_a_shard_is_a_message(tmp_path, monkeypatch):
     """ShardWriter as prepare and encode use it, its shard file made a fault-injecting one (/dev/full)."""
     real_open = builtins.open
-    monkeypatch.setattr(shards, "open", lambda path, mode="r": real_open("/dev/full" if "w" in mode else path, mode),
-                        raising=False)
-    with pytest.raises(atomic.DiskFullError, match=rf"no space left writing latent shard train-000000\.tar in "
-                                                   rf"{tmp_path}"):
-        with atomic.disk_full_as_error("latent shard train-000000.tar", tmp_path):
-            with shards.ShardWriter(tmp_path, "train", max_count=10, max_bytes=1 << 20) as writer:
-                for i in range(50):
-                    writer.write({"__key__": f"{i:04d}", "npy": b"\0" * 8192})
+    monkeypatch.setattr(
+        shards, "open", lambda path, mode="r": real_open("/dev/full" if "w" in mode else path, mode), raising=False
+    )
+    with (
+        pytest.raises(
+            atomic.DiskFullError,
+            match=rf"no space left writing latent shard train-000000\.tar in "
+            rf"{tmp_path}",
+        ),
+        atomic.disk_full_as_error("latent shard train-000000.tar", tmp_path),
+    ):
+        with shards.ShardWriter(tmp_path, "train", max_count=10, max_bytes=1 << 20) as writer:
+            for i in range(50):
+                writer.write({"__key__": f"{i:04d}", "npy": b"\0" * 8192})

@@ -20,10 +20,21 @@ from tests.support import free_port
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
-ARGS = ["data.source=digits", "data.limit=200", "data.resolution=16", "data.shard_max_count=40", "data.workers=0",
-        "autoencoder.channels=8", "autoencoder.num_codes=32", "autoencoder.batch_size=4", "autoencoder.num_workers=0",
-        "autoencoder.checkpoint_every=2", "autoencoder.image_every=1000", "autoencoder.lpips=none",
-        "autoencoder.max_steps=400"]
+ARGS = [
+    "data.source=digits",
+    "data.limit=200",
+    "data.resolution=16",
+    "data.shard_max_count=40",
+    "data.workers=0",
+    "autoencoder.channels=8",
+    "autoencoder.num_codes=32",
+    "autoencoder.batch_size=4",
+    "autoencoder.num_workers=0",
+    "autoencoder.checkpoint_every=2",
+    "autoencoder.image_every=1000",
+    "autoencoder.lpips=none",
+    "autoencoder.max_steps=400",
+]
 TIMEOUT_S = 10
 
 
@@ -35,8 +46,21 @@ def prepared(tmp_path_factory):
 
 
 def _torchrun(root: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-            "-m", "pipeline.cli", "autoencoder", f"experiment.runs_dir={root}", *ARGS, *extra]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "pipeline.cli",
+        "autoencoder",
+        f"experiment.runs_dir={root}",
+        *ARGS,
+        *extra,
+    ]
 
 
 def _env() -> dict:
@@ -56,8 +80,14 @@ def _rank_pid(launcher: int, rank: int) -> int:
 def test_a_dead_peer_ends_the_job_and_the_rerun_resumes(prepared, tmp_path, how):
     shutil.copytree(prepared, tmp_path / "tiny" / "prepare")
     checkpoints = tmp_path / "tiny" / "autoencoder" / "checkpoints"
-    job = subprocess.Popen(_torchrun(tmp_path), start_new_session=True, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True, env=_env())
+    job = subprocess.Popen(
+        _torchrun(tmp_path),
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=_env(),
+    )
     try:
         deadline = time.monotonic() + 240
         while not list(checkpoints.glob("step-*")):
@@ -86,8 +116,13 @@ def test_a_dead_peer_ends_the_job_and_the_rerun_resumes(prepared, tmp_path, how)
     saved = sorted(checkpoints.glob("step-*"))[-1]
     step = int(saved.name.removeprefix("step-"))
 
-    rerun = subprocess.run(_torchrun(tmp_path, f"autoencoder.max_steps={step + 2}"),
-                           capture_output=True, text=True, timeout=240, env=_env())
+    rerun = subprocess.run(
+        _torchrun(tmp_path, f"autoencoder.max_steps={step + 2}"),
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=_env(),
+    )
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"resumed from {saved} (step {step})" in rerun.stderr, rerun.stderr[-3000:]
     found = manifest.read(tmp_path / "tiny" / "autoencoder")

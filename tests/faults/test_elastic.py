@@ -24,20 +24,47 @@ STEPS, GLOBAL_BATCH = 6, 8
 def _launch(processes: int, *args) -> list[str]:
     if processes == 1:
         return [sys.executable, *map(str, args)]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-            "--master_port", str(free_port()), *map(str, args)]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(processes),
+        "--master_port",
+        str(free_port()),
+        *map(str, args),
+    ]
 
 
 def _run(command: list[str]) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    result = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     return result
 
 
 def _toy(out: Path, processes: int, *args) -> dict:
-    _run(_launch(processes, WORKER, "--batch", GLOBAL_BATCH // processes, "--steps", STEPS, "--out", out,
-                 "--grad-clip", 0.5, *args))
+    _run(
+        _launch(
+            processes,
+            WORKER,
+            "--batch",
+            GLOBAL_BATCH // processes,
+            "--steps",
+            STEPS,
+            "--out",
+            out,
+            "--grad-clip",
+            0.5,
+            *args,
+        )
+    )
     return torch.load(out, weights_only=True)
 
 
@@ -57,14 +84,31 @@ def test_ddp_stopped_on_n_ranks_continues_on_m_like_one_uninterrupted_run(single
         assert torch.allclose(resumed["final"][name], value, rtol=1e-5, atol=1e-6), name
 
 
-ARGS = ["data.source=digits", "data.limit=200", "data.resolution=16", "data.shard_max_count=24", "data.workers=0",
-        "autoencoder.channels=8", "autoencoder.num_codes=32", "autoencoder.batch_size=4", "autoencoder.num_workers=1",
-        "autoencoder.checkpoint_every=3", "autoencoder.image_every=1000", "autoencoder.lpips=none"]
+ARGS = [
+    "data.source=digits",
+    "data.limit=200",
+    "data.resolution=16",
+    "data.shard_max_count=24",
+    "data.workers=0",
+    "autoencoder.channels=8",
+    "autoencoder.num_codes=32",
+    "autoencoder.batch_size=4",
+    "autoencoder.num_workers=1",
+    "autoencoder.checkpoint_every=3",
+    "autoencoder.image_every=1000",
+    "autoencoder.lpips=none",
+]
 
 
 def _stage(root: Path, processes: int, steps: int) -> str:
-    command = ["-m", "pipeline.cli", "autoencoder", f"experiment.runs_dir={root}", *ARGS,
-               f"autoencoder.max_steps={steps}"]
+    command = [
+        "-m",
+        "pipeline.cli",
+        "autoencoder",
+        f"experiment.runs_dir={root}",
+        *ARGS,
+        f"autoencoder.max_steps={steps}",
+    ]
     return _run(_launch(processes, *command)).stderr
 
 
@@ -78,4 +122,9 @@ def test_the_autoencoder_stage_continues_on_another_number_of_ranks(tmp_path):
     found = manifest.read(stage)
     assert found["status"] == "complete" and found["metrics"]["steps"] == 6
     assert sorted(p.name for p in (stage / "checkpoints" / "step-00000006").iterdir()) == [
-        "complete.json", "rank-00000.pt", "rank-00001.pt", "rank-00002.pt", "state.pt"]
+        "complete.json",
+        "rank-00000.pt",
+        "rank-00001.pt",
+        "rank-00002.pt",
+        "state.pt",
+    ]

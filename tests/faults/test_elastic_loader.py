@@ -15,8 +15,19 @@ SIZES = [12] * 12  # 144 samples: every layout below divides its share evenly
 
 
 def _loaders(urls, world_size, workers):
-    return [ShardLoader(urls, batch_size=BATCH, rank=rank, world_size=world_size, num_workers=workers, seed=3,
-                        shuffle_buffer=20, flip=True) for rank in range(world_size)]
+    return [
+        ShardLoader(
+            urls,
+            batch_size=BATCH,
+            rank=rank,
+            world_size=world_size,
+            num_workers=workers,
+            seed=3,
+            shuffle_buffer=20,
+            flip=True,
+        )
+        for rank in range(world_size)
+    ]
 
 
 def _take(loaders, batches, keys):
@@ -38,12 +49,15 @@ def _rest_of_epoch(loaders, keys):
     assert len({len(loader) for loader in loaders}) == 1
 
 
-@pytest.mark.parametrize("plan", [
-    [(2, 0, 6), (1, 0, None)],
-    [(1, 0, 12), (2, 2, None)],
-    [(2, 0, 6), (3, 0, None)],
-    [(2, 1, 6), (3, 2, 2), (1, 0, None)],  # two changes within one epoch, workers too
-])
+@pytest.mark.parametrize(
+    "plan",
+    [
+        [(2, 0, 6), (1, 0, None)],
+        [(1, 0, 12), (2, 2, None)],
+        [(2, 0, 6), (3, 0, None)],
+        [(2, 1, 6), (3, 2, 2), (1, 0, None)],  # two changes within one epoch, workers too
+    ],
+)
 def test_every_sample_once_per_epoch_across_changes_of_the_world_size(tmp_path, plan):
     urls = _write_shards(tmp_path, SIZES)
     keys: list[str] = []

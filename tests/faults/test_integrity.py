@@ -11,8 +11,15 @@ from pipeline.manifest import StageInputError
 from stages import diffusion, encode, sample
 from tests.stages.test_diffusion_stage import _cfg, _encoded
 
-SAMPLE_ARGS = ("sample.num_samples=4", "sample.chunk_size=4", "sample.batch_size=4", "sample.steps=3",
-               "sample.method=ddpm", "sample.grid=process", "sample.grid_rows=2")
+SAMPLE_ARGS = (
+    "sample.num_samples=4",
+    "sample.chunk_size=4",
+    "sample.batch_size=4",
+    "sample.steps=3",
+    "sample.method=ddpm",
+    "sample.grid=process",
+    "sample.grid_rows=2",
+)
 
 
 @pytest.fixture(scope="module")
@@ -51,21 +58,29 @@ def test_a_deleted_shard_refuses_encode_naming_it_and_leaves_encode_as_it_was(ru
 def test_a_shard_with_one_flipped_bit_is_refused_before_training(run):
     _flip_bit(run / "tiny" / "encode" / "latents" / "train-000000.tar", 700)
     before = _manifest_bytes(run, "diffusion")
-    with pytest.raises(StageInputError, match=r"latents/train-000000\.tar is not the file .*sha256 differs"
-                                              r".*`latentpipe encode`"):
+    with pytest.raises(
+        StageInputError,
+        match=r"latents/train-000000\.tar is not the file .*sha256 differs"
+        r".*`latentpipe encode`",
+    ):
         diffusion.run(_cfg(run))
     assert _manifest_bytes(run, "diffusion") == before
 
 
-@pytest.mark.parametrize("stage, weights", [("autoencoder", artifacts.TrainedAutoencoder.WEIGHTS_FILE),
-                                            ("diffusion", artifacts.TrainedDenoiser.WEIGHTS_FILE)])
+@pytest.mark.parametrize(
+    "stage, weights",
+    [("autoencoder", artifacts.TrainedAutoencoder.WEIGHTS_FILE), ("diffusion", artifacts.TrainedDenoiser.WEIGHTS_FILE)],
+)
 def test_a_flipped_bit_in_the_weights_is_refused_when_sampling(run, stage, weights):
     path = run / "tiny" / stage / weights
     _flip_bit(path, path.stat().st_size // 2)
     shutil.rmtree(run / "tiny" / "sample" / "chunks")  # even a run that must render reads verified weights
     before = _manifest_bytes(run, "sample")
-    with pytest.raises(StageInputError, match=rf"{weights} is not the file stage '{stage}' recorded "
-                                              rf"\(sha256 differs\).*`latentpipe {stage}`"):
+    with pytest.raises(
+        StageInputError,
+        match=rf"{weights} is not the file stage '{stage}' recorded "
+        rf"\(sha256 differs\).*`latentpipe {stage}`",
+    ):
         sample.run(_cfg(run, *SAMPLE_ARGS))
     assert _manifest_bytes(run, "sample") == before
 

@@ -25,8 +25,9 @@ HOLDER = textwrap.dedent("""
 @pytest.fixture
 def holder(tmp_path):
     """A process holding the lock of ``tmp_path/tiny/prepare`` until killed."""
-    process = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path / "tiny" / "prepare")],
-                               stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(tmp_path / "tiny" / "prepare")], stdout=subprocess.PIPE, text=True
+    )
     assert process.stdout.readline() == "locked\n"
     yield process
     process.kill()
@@ -41,10 +42,14 @@ def test_a_second_run_is_refused_naming_the_holder_and_changes_nothing(tmp_path,
     directory = tmp_path / "tiny" / "prepare"
     manifest.write(directory, {"status": manifest.COMPLETE})
     before = (directory / manifest.MANIFEST).read_bytes()
-    with pytest.raises(manifest.StageBusyError,
-                       match=rf"locked by host {socket.gethostname()} pid {holder.pid} since .*in progress"):
-        with manifest.stage_run(_cfg(tmp_path), "prepare", ("data",)):
-            raise AssertionError("the body must not run")
+    with (
+        pytest.raises(
+            manifest.StageBusyError,
+            match=rf"locked by host {socket.gethostname()} pid {holder.pid} since .*in progress",
+        ),
+        manifest.stage_run(_cfg(tmp_path), "prepare", ("data",)),
+    ):
+        raise AssertionError("the body must not run")
     assert (directory / manifest.MANIFEST).read_bytes() == before
 
 

@@ -14,8 +14,15 @@ def test_a_small_folder_with_no_validation_image_is_refused_naming_val_fraction(
     for i in range(3):
         (tmp_path / "imgs").mkdir(exist_ok=True)
         Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(tmp_path / "imgs" / f"{i}.png")
-    cfg = config.load(overrides=[f"experiment.runs_dir={tmp_path / 'runs'}", "data.workers=0", "data.source=folder",
-                                 f"data.path={tmp_path / 'imgs'}", "data.val_fraction=0.01"])
+    cfg = config.load(
+        overrides=[
+            f"experiment.runs_dir={tmp_path / 'runs'}",
+            "data.workers=0",
+            "data.source=folder",
+            f"data.path={tmp_path / 'imgs'}",
+            "data.val_fraction=0.01",
+        ]
+    )
     with pytest.raises(config.ConfigError, match=r"3 image\(s\) give an empty val split with data.val_fraction=0.01"):
         prepare.run(cfg)
     assert manifest.read(cfg.stage_dir("prepare")) is None  # refused: nothing marked, no shard written

@@ -22,17 +22,40 @@ from stages import autoencoder, diffusion, encode, prepare
 
 pytestmark = pytest.mark.slow
 
-ARGS = ["data.source=digits", "data.limit=200", "data.resolution=16", "data.shard_max_count=40", "data.workers=0",
-        "autoencoder.channels=8", "autoencoder.num_codes=32", "autoencoder.batch_size=8", "autoencoder.num_workers=1",
-        "autoencoder.max_steps=30", "autoencoder.lpips=none", "autoencoder.checkpoint_every=2",
-        "autoencoder.image_every=1000", "autoencoder.shuffle_buffer=50", "encode.batch_size=16",
-        "diffusion.backbone=dit", "diffusion.dit.width=32", "diffusion.dit.depth=2", "diffusion.dit.num_heads=2",
-        "diffusion.dit.patch_size=1", "diffusion.batch_size=8", "diffusion.max_steps=40", "diffusion.num_workers=1",
-        "diffusion.warmup_steps=2", "diffusion.checkpoint_every=2", "diffusion.image_every=1000",
-        "diffusion.shuffle_buffer=50"]
+ARGS = [
+    "data.source=digits",
+    "data.limit=200",
+    "data.resolution=16",
+    "data.shard_max_count=40",
+    "data.workers=0",
+    "autoencoder.channels=8",
+    "autoencoder.num_codes=32",
+    "autoencoder.batch_size=8",
+    "autoencoder.num_workers=1",
+    "autoencoder.max_steps=30",
+    "autoencoder.lpips=none",
+    "autoencoder.checkpoint_every=2",
+    "autoencoder.image_every=1000",
+    "autoencoder.shuffle_buffer=50",
+    "encode.batch_size=16",
+    "diffusion.backbone=dit",
+    "diffusion.dit.width=32",
+    "diffusion.dit.depth=2",
+    "diffusion.dit.num_heads=2",
+    "diffusion.dit.patch_size=1",
+    "diffusion.batch_size=8",
+    "diffusion.max_steps=40",
+    "diffusion.num_workers=1",
+    "diffusion.warmup_steps=2",
+    "diffusion.checkpoint_every=2",
+    "diffusion.image_every=1000",
+    "diffusion.shuffle_buffer=50",
+]
 UPSTREAM = {"autoencoder": ("prepare",), "diffusion": ("prepare", "autoencoder", "encode")}
-WEIGHTS = {"autoencoder": artifacts.TrainedAutoencoder.WEIGHTS_FILE,
-           "diffusion": artifacts.TrainedDenoiser.WEIGHTS_FILE}
+WEIGHTS = {
+    "autoencoder": artifacts.TrainedAutoencoder.WEIGHTS_FILE,
+    "diffusion": artifacts.TrainedDenoiser.WEIGHTS_FILE,
+}
 
 
 def _cfg(root: Path) -> config.Config:
@@ -65,8 +88,13 @@ def _signal_group_after_first_checkpoint(stage: str, target: Path, cfg: config.C
     """Start the stage in its own session (process group = the trainer and its workers), send
     ``sig`` to the whole group once its first checkpoint exists; (exit code, stderr)."""
     checkpoints = cfg.stage_dir(stage) / "checkpoints"
-    process = subprocess.Popen(_command(stage, target), start_new_session=True, stderr=subprocess.PIPE, text=True,
-                               env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2])))
+    process = subprocess.Popen(
+        _command(stage, target),
+        start_new_session=True,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2])),
+    )
     try:
         deadline = time.monotonic() + 240
         while not list(checkpoints.glob("step-*")):
@@ -89,14 +117,18 @@ def _children(pid: int) -> list[int]:
     return [int(child) for child in found.read_text().split()] if found.exists() else []
 
 
-@pytest.mark.parametrize("stage, sig, code", [
-    ("autoencoder", signal.SIGTERM, REQUEUE_EXIT_CODE),
-    ("diffusion", signal.SIGTERM, REQUEUE_EXIT_CODE),
-    ("autoencoder", signal.SIGINT, INTERRUPT_EXIT_CODE),
-    ("diffusion", signal.SIGINT, INTERRUPT_EXIT_CODE),
-])
+@pytest.mark.parametrize(
+    "stage, sig, code",
+    [
+        ("autoencoder", signal.SIGTERM, REQUEUE_EXIT_CODE),
+        ("diffusion", signal.SIGTERM, REQUEUE_EXIT_CODE),
+        ("autoencoder", signal.SIGINT, INTERRUPT_EXIT_CODE),
+        ("diffusion", signal.SIGINT, INTERRUPT_EXIT_CODE),
+    ],
+)
 def test_a_signal_to_the_process_group_checkpoints_and_the_rerun_ends_like_an_uninterrupted_run(
-        upstream, tmp_path, stage, sig, code):
+    upstream, tmp_path, stage, sig, code
+):
     root, expected = upstream
     cfg = _copy(root, stage, tmp_path)
     rc, stderr = _signal_group_after_first_checkpoint(stage, tmp_path, cfg, sig)
@@ -108,8 +140,13 @@ def test_a_signal_to_the_process_group_checkpoints_and_the_rerun_ends_like_an_un
     assert 0 < stopped_at < getattr(cfg, stage).max_steps
     assert (cfg.stage_dir(stage) / "checkpoints" / f"step-{stopped_at:08d}").is_dir()
 
-    rerun = subprocess.run(_command(stage, tmp_path), capture_output=True, text=True, timeout=300,
-                           env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2])))
+    rerun = subprocess.run(
+        _command(stage, tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2])),
+    )
     assert rerun.returncode == 0, rerun.stderr
     assert manifest.read(cfg.stage_dir(stage))["status"] == "complete"
     resumed = load_file(cfg.stage_dir(stage) / WEIGHTS[stage])

@@ -1,18 +1,35 @@
 """Tiny randomly initialised diffusers models, saved the way published ones are (save_pretrained).
 Their GroupNorms have 32 groups, as every LDM autoencoder's, so that they have an LDM form."""
 
+import diffusers  # in the test extra: a missing install fails rather than skips
 import pytest
 import torch
 
-diffusers = pytest.importorskip("diffusers")
-
-KL_CONFIG = dict(in_channels=3, out_channels=3, block_out_channels=(32, 64),
-                 down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                 layers_per_block=1, latent_channels=4, norm_num_groups=32, sample_size=16, scaling_factor=0.3)
-VQ_CONFIG = dict(in_channels=3, out_channels=3, block_out_channels=(32, 32, 64),
-                 down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-                 layers_per_block=1, latent_channels=3, vq_embed_dim=3, num_vq_embeddings=32, norm_num_groups=32,
-                 sample_size=16)
+KL_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    block_out_channels=(32, 64),
+    down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2,
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=16,
+    scaling_factor=0.3,
+)
+VQ_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    block_out_channels=(32, 32, 64),
+    down_block_types=("DownEncoderBlock2D",) * 3,
+    up_block_types=("UpDecoderBlock2D",) * 3,
+    layers_per_block=1,
+    latent_channels=3,
+    vq_embed_dim=3,
+    num_vq_embeddings=32,
+    norm_num_groups=32,
+    sample_size=16,
+)
 
 
 def randomise(module: torch.nn.Module, seed: int, scale: float = 0.2) -> torch.nn.Module:

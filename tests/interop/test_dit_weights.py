@@ -4,6 +4,7 @@ round-trips; mismatches are refused naming the key."""
 
 import dataclasses
 
+import diffusers  # in the test extra: a missing install fails rather than skips
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -21,8 +22,6 @@ from pipeline.networks.dit import DiT, DiTConfig
 
 from .conftest import randomise
 
-diffusers = pytest.importorskip("diffusers")
-
 TOL = dict(rtol=0, atol=1e-5)
 C, SIZE, CLASSES = 4, 8, 10
 
@@ -31,8 +30,16 @@ def _diffusers_dit(learn_sigma: bool, num_classes: int = CLASSES, seed: int = 0,
     """A random DiTTransformer2DModel whose blocks share one time/label embedder (as every DiT
     converted by diffusers' script does)."""
     model = diffusers.DiTTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=16, in_channels=C, out_channels=2 * C if learn_sigma else C,
-        num_layers=3, sample_size=SIZE, patch_size=2, num_embeds_ada_norm=num_classes, norm_eps=norm_eps)
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=C,
+        out_channels=2 * C if learn_sigma else C,
+        num_layers=3,
+        sample_size=SIZE,
+        patch_size=2,
+        num_embeds_ada_norm=num_classes,
+        norm_eps=norm_eps,
+    )
     randomise(model, seed)
     shared = model.transformer_blocks[0].norm1.emb.state_dict()
     for block in model.transformer_blocks[1:]:
@@ -77,8 +84,21 @@ def test_diffusers_dit_loads_with_identical_outputs_and_exports_back(tmp_path, l
 
 
 def test_unconditional_dit_exports_as_one_zero_label_row(tmp_path):
-    net = randomise(build_denoiser("dit", in_channels=C, input_size=SIZE, patch_size=2, width=32, depth=2,
-                                   num_heads=2, num_classes=0, time_embedding="diffusers", mlp_norm_eps=1e-5), 2)
+    net = randomise(
+        build_denoiser(
+            "dit",
+            in_channels=C,
+            input_size=SIZE,
+            patch_size=2,
+            width=32,
+            depth=2,
+            num_heads=2,
+            num_classes=0,
+            time_embedding="diffusers",
+            mlp_norm_eps=1e-5,
+        ),
+        2,
+    )
     x, t, _ = _inputs()
     export_dit_transformer(net, tmp_path / "out")
     theirs = diffusers.DiTTransformer2DModel.from_pretrained(tmp_path / "out").eval()
@@ -101,13 +121,25 @@ def test_the_two_time_conventions_really_differ():
 @pytest.mark.parametrize("learn_sigma", [False, True])
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
 def test_reference_format_round_trip(tmp_path, learn_sigma, suffix):
-    net = randomise(build_denoiser("dit", "S/2", in_channels=C, input_size=SIZE, depth=2, num_classes=CLASSES,
-                                   learn_sigma=learn_sigma), 3)
+    net = randomise(
+        build_denoiser(
+            "dit", "S/2", in_channels=C, input_size=SIZE, depth=2, num_classes=CLASSES, learn_sigma=learn_sigma
+        ),
+        3,
+    )
     path = export_reference_dit(net, tmp_path / f"DiT-S-2{suffix}")
     state = torch.load(path, weights_only=True) if suffix == ".pt" else load_file(path)
-    assert {"x_embedder.proj.weight", "pos_embed", "t_embedder.mlp.0.weight", "t_embedder.mlp.2.bias",
-            "y_embedder.embedding_table.weight", "blocks.1.attn.qkv.weight", "blocks.1.adaLN_modulation.1.weight",
-            "final_layer.adaLN_modulation.1.bias", "final_layer.linear.weight"} <= set(state)
+    assert {
+        "x_embedder.proj.weight",
+        "pos_embed",
+        "t_embedder.mlp.0.weight",
+        "t_embedder.mlp.2.bias",
+        "y_embedder.embedding_table.weight",
+        "blocks.1.attn.qkv.weight",
+        "blocks.1.adaLN_modulation.1.weight",
+        "final_layer.adaLN_modulation.1.bias",
+        "final_layer.linear.weight",
+    } <= set(state)
     assert state["y_embedder.embedding_table.weight"].shape[0] == CLASSES + 1
     assert state["final_layer.linear.weight"].shape[0] == 4 * (2 * C if learn_sigma else C)
     # S/2 at depth 2 is no paper size: the head count must come from the config
@@ -119,8 +151,9 @@ def test_reference_format_round_trip(tmp_path, learn_sigma, suffix):
 
 
 def test_reference_config_is_read_off_a_paper_size_checkpoint():
-    config = DiTConfig(input_size=16, in_channels=4, patch_size=4, width=384, depth=12, num_heads=6,
-                       num_classes=1000, learn_sigma=True)
+    config = DiTConfig(
+        input_size=16, in_channels=4, patch_size=4, width=384, depth=12, num_heads=6, num_classes=1000, learn_sigma=True
+    )
     with torch.device("meta"):
         state = to_reference(DiT(config))
     assert reference_config(state) == config
@@ -137,30 +170,43 @@ def test_training_checkpoint_gives_its_ema_weights(tmp_path):
 
 # -- refusals ------------------------------------------------------------------------------------
 
+
 def test_shape_mismatch_names_the_offending_key(tmp_path):
     net = build_denoiser("dit", "S/2", in_channels=C, input_size=SIZE, depth=2, num_classes=CLASSES)
     path = export_reference_dit(net, tmp_path / "dit.pt")
-    with pytest.raises(LatentpipeError, match=r"y_embedder.embedding_table.weight has shape \(11, 384\), the DiT "
-                                              r"config needs \(101, 384\)"):
+    with pytest.raises(
+        LatentpipeError,
+        match=r"y_embedder.embedding_table.weight has shape \(11, 384\), the DiT "
+        r"config needs \(101, 384\)",
+    ):
         load_dit(path, dataclasses.replace(net.config, num_classes=100))
-    with pytest.raises(LatentpipeError, match=r"final_layer.linear.weight has shape \(16, 384\), the DiT config "
-                                              r"needs \(32, 384\)"):
+    with pytest.raises(
+        LatentpipeError,
+        match=r"final_layer.linear.weight has shape \(16, 384\), the DiT config "
+        r"needs \(32, 384\)",
+    ):
         load_dit(path, dataclasses.replace(net.config, learn_sigma=True))
-    with pytest.raises(LatentpipeError, match=r"pos_embed has shape \(1, 16, 384\), the DiT config needs \(1, 64, 384\)"):
+    with pytest.raises(
+        LatentpipeError, match=r"pos_embed has shape \(1, 16, 384\), the DiT config needs \(1, 64, 384\)"
+    ):
         load_dit(path, dataclasses.replace(net.config, input_size=16))
 
 
 def test_diffusers_shape_mismatch_names_the_diffusers_key(tmp_path):
     _diffusers_dit(True).save_pretrained(tmp_path / "dit")
     found = checkpoint_config(tmp_path / "dit")
-    with pytest.raises(LatentpipeError, match=r"proj_out_2.weight has shape \(32, 32\), the DiT config needs \(16, 32\)"):
+    with pytest.raises(
+        LatentpipeError, match=r"proj_out_2.weight has shape \(32, 32\), the DiT config needs \(16, 32\)"
+    ):
         load_dit(tmp_path / "dit", dataclasses.replace(found, learn_sigma=False))
 
 
 def test_conventions_must_match_the_checkpoint(tmp_path):
     _diffusers_dit(False).save_pretrained(tmp_path / "dit")
     found = checkpoint_config(tmp_path / "dit")
-    with pytest.raises(LatentpipeError, match="computes time_embedding='diffusers'.*set diffusion.dit.time_embedding=diffusers"):
+    with pytest.raises(
+        LatentpipeError, match="computes time_embedding='diffusers'.*set diffusion.dit.time_embedding=diffusers"
+    ):
         load_dit(tmp_path / "dit", dataclasses.replace(found, time_embedding="dit"))
     net = build_denoiser("dit", "S/2", in_channels=C, input_size=SIZE, depth=1, num_classes=CLASSES)
     with pytest.raises(LatentpipeError, match="cannot hold it exactly. Export it with format 'dit'"):
@@ -175,8 +221,9 @@ def test_blocks_with_different_embedders_are_refused(tmp_path):
     with torch.no_grad():
         model.transformer_blocks[2].norm1.emb.timestep_embedder.linear_1.bias.add_(1.0)
     model.save_pretrained(tmp_path / "dit")
-    with pytest.raises(LatentpipeError, match="transformer_blocks.2.norm1.emb.timestep_embedder.linear_1.bias "
-                                              "differs from block 0's"):
+    with pytest.raises(
+        LatentpipeError, match="transformer_blocks.2.norm1.emb.timestep_embedder.linear_1.bias differs from block 0's"
+    ):
         load_dit(tmp_path / "dit")
 
 
@@ -191,5 +238,7 @@ def test_missing_keys_and_wrong_folders_are_named(tmp_path):
     with pytest.raises(LatentpipeError, match="does not exist: expected a diffusers DiTTransformer2DModel folder"):
         load_dit(tmp_path / "absent")
     diffusers.AutoencoderKL(block_out_channels=(32,), norm_num_groups=32).save_pretrained(tmp_path / "vae")
-    with pytest.raises(LatentpipeError, match="holds a diffusers AutoencoderKL, not a DiT: expected DiTTransformer2DModel"):
+    with pytest.raises(
+        LatentpipeError, match="holds a diffusers AutoencoderKL, not a DiT: expected DiTTransformer2DModel"
+    ):
         load_dit(tmp_path / "vae")

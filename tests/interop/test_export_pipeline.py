@@ -5,6 +5,7 @@ what diffusers cannot represent is refused before anything is written."""
 import functools
 import json
 
+import diffusers  # in the test extra: a missing install fails rather than skips
 import pytest
 import torch
 
@@ -25,16 +26,28 @@ from pipeline.sampling import ddpm_sigmas, ddpm_timesteps, sample
 
 from .conftest import randomise
 
-diffusers = pytest.importorskip("diffusers")
-
 C, SIZE, CLASSES, T = 4, 4, 10, 1000
 SCALE = 0.7
 
 
 def _dit(learn_sigma: bool, time_embedding: str = "diffusers"):
-    return randomise(build_denoiser("dit", in_channels=C, input_size=SIZE, patch_size=2, width=32, depth=2,
-                                    num_heads=2, num_classes=CLASSES, learn_sigma=learn_sigma,
-                                    time_embedding=time_embedding, mlp_norm_eps=1e-5), seed=7, scale=0.1)
+    return randomise(
+        build_denoiser(
+            "dit",
+            in_channels=C,
+            input_size=SIZE,
+            patch_size=2,
+            width=32,
+            depth=2,
+            num_heads=2,
+            num_classes=CLASSES,
+            learn_sigma=learn_sigma,
+            time_embedding=time_embedding,
+            mlp_norm_eps=1e-5,
+        ),
+        seed=7,
+        scale=0.1,
+    )
 
 
 def _latents(scale: float = SCALE) -> LatentSpace:
@@ -45,7 +58,10 @@ def _ours(net, process, prediction, noise_seed, labels, steps):
     """latentpipe's ddim from the noise DiTPipeline draws with the same generator (x_T ~ N(0, I))."""
     sigmas = ddpm_sigmas(process, ddpm_timesteps(T, steps))
     x_t = torch.randn(len(labels), C, SIZE, SIZE, generator=torch.Generator().manual_seed(noise_seed))
-    prediction_only = lambda x, t, y: net(x, t, y)[:, :C]
+
+    def prediction_only(x, t, y):
+        return net(x, t, y)[:, :C]
+
     denoiser = functools.partial(Denoiser(prediction_only, process, prediction), y=torch.tensor(labels))
     with torch.no_grad():
         return sample(denoiser, x_t * (1 + sigmas[0] ** 2).sqrt(), sigmas, method="ddim")  # VE frame x = x_t / alpha
@@ -60,26 +76,44 @@ def _own_kl():
     return randomise(build_autoencoder(cfg, 3), seed=5)
 
 
-@pytest.mark.parametrize("beta_schedule,prediction,learn_sigma,autoencoder", [
-    ("linear", "eps", True, "pretrained"), ("cosine", "v", False, "pretrained"), ("linear", "x0", False, "own")])
-def test_dit_pipeline_samples_the_latents_of_our_ddim(kl_folder, tmp_path, beta_schedule, prediction, learn_sigma,
-                                                      autoencoder):
+@pytest.mark.parametrize(
+    "beta_schedule,prediction,learn_sigma,autoencoder",
+    [("linear", "eps", True, "pretrained"), ("cosine", "v", False, "pretrained"), ("linear", "x0", False, "own")],
+)
+def test_dit_pipeline_samples_the_latents_of_our_ddim(
+    kl_folder, tmp_path, beta_schedule, prediction, learn_sigma, autoencoder
+):
     vae = load_pretrained_autoencoder(kl_folder[1]) if autoencoder == "pretrained" else _own_kl()
     net = _dit(learn_sigma).eval()
     labels, steps = [3, 1, 7], 10
-    out = export_dit_pipeline(net, vae, _latents(), tmp_path / "pipe", process="ddpm", beta_schedule=beta_schedule,
-                              timesteps=T, prediction=prediction,
-                              id2label={i: f"class {i}, c{i}" for i in range(CLASSES)})
+    out = export_dit_pipeline(
+        net,
+        vae,
+        _latents(),
+        tmp_path / "pipe",
+        process="ddpm",
+        beta_schedule=beta_schedule,
+        timesteps=T,
+        prediction=prediction,
+        id2label={i: f"class {i}, c{i}" for i in range(CLASSES)},
+    )
     pipe = diffusers.DiTPipeline.from_pretrained(out)
     pipe.set_progress_bar_config(disable=True)
     assert isinstance(pipe.scheduler, diffusers.DDIMScheduler)
-    assert pipe.vae.config.scaling_factor == float(torch.tensor(SCALE)) and pipe.labels["c7"] == 7  # the float32 scale latentpipe uses
+    assert (
+        pipe.vae.config.scaling_factor == float(torch.tensor(SCALE)) and pipe.labels["c7"] == 7
+    )  # the float32 scale latentpipe uses
     seen = []  # what DiTPipeline hands the autoencoder: its final latents / scaling_factor
     first = pipe.vae.post_quant_conv or pipe.vae.decoder  # the first layer AutoencoderKL.decode applies
     first.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
     with torch.no_grad():
-        images = pipe(labels, guidance_scale=1.0, num_inference_steps=steps, output_type="pt",
-                      generator=torch.Generator().manual_seed(11)).images
+        images = pipe(
+            labels,
+            guidance_scale=1.0,
+            num_inference_steps=steps,
+            output_type="pt",
+            generator=torch.Generator().manual_seed(11),
+        ).images
 
     process = DDPM.linear(T) if beta_schedule == "linear" else DDPM.cosine(T)
     ours = _ours(net, process, prediction, 11, labels, steps)
@@ -120,23 +154,39 @@ def test_autoencoder_kl_export_keeps_its_scale(kl_folder, tmp_path):
 
 # -- refusals, each before anything is written ---------------------------------------------------
 
-@pytest.mark.parametrize("change,message", [
-    (dict(process="ve"), "only process=ddpm exports"),
-    (dict(prediction="score"), "prediction='score' has no diffusers prediction_type"),
-    (dict(latents=LatentSpace("kl", "channel", torch.zeros(C), torch.tensor([1.0, 2.0, 1.0, 1.0]), None)),
-     "normalised per channel; DiTPipeline only divides by one scaling_factor"),
-    (dict(net="reference-time"), "cannot hold it exactly. Export it with format 'dit'"),
-    (dict(autoencoder="own-vq"), "a VQAutoencoder does not export to diffusers"),
-    (dict(id2label={0: "zero"}), "id2label must name the classes 0..9"),
-    (dict(latents=LatentSpace("vq", "scale", torch.zeros(C), torch.ones(C), torch.randn(8, C))),
-     "DiTPipeline decodes KL latents only"),
-])
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (dict(process="ve"), "only process=ddpm exports"),
+        (dict(prediction="score"), "prediction='score' has no diffusers prediction_type"),
+        (
+            dict(latents=LatentSpace("kl", "channel", torch.zeros(C), torch.tensor([1.0, 2.0, 1.0, 1.0]), None)),
+            "normalised per channel; DiTPipeline only divides by one scaling_factor",
+        ),
+        (dict(net="reference-time"), "cannot hold it exactly. Export it with format 'dit'"),
+        (dict(autoencoder="own-vq"), "a VQAutoencoder does not export to diffusers"),
+        (dict(id2label={0: "zero"}), "id2label must name the classes 0..9"),
+        (
+            dict(latents=LatentSpace("vq", "scale", torch.zeros(C), torch.ones(C), torch.randn(8, C))),
+            "DiTPipeline decodes KL latents only",
+        ),
+    ],
+)
 def test_what_diffusers_cannot_represent_is_refused(kl_folder, tmp_path, change, message):
     from pipeline.autoencoder.build import build_autoencoder
     from pipeline.config import AutoencoderConfig
 
-    args = dict(net=_dit(False), autoencoder=load_pretrained_autoencoder(kl_folder[1]), latents=_latents(),
-                process="ddpm", beta_schedule="linear", timesteps=T, prediction="eps", id2label=None)
+    args = dict(
+        net=_dit(False),
+        autoencoder=load_pretrained_autoencoder(kl_folder[1]),
+        latents=_latents(),
+        process="ddpm",
+        beta_schedule="linear",
+        timesteps=T,
+        prediction="eps",
+        id2label=None,
+    )
     args.update(change)
     if args["net"] == "reference-time":
         args["net"] = _dit(False, time_embedding="dit")
@@ -151,6 +201,14 @@ def test_a_non_empty_output_folder_is_refused(kl_folder, tmp_path):
     (tmp_path / "pipe").mkdir()
     (tmp_path / "pipe" / "keep.txt").write_text("mine")
     with pytest.raises(LatentpipeError, match="exists and is not an empty folder"):
-        export_dit_pipeline(_dit(False), load_pretrained_autoencoder(kl_folder[1]), _latents(), tmp_path / "pipe",
-                            process="ddpm", beta_schedule="linear", timesteps=T, prediction="eps")
+        export_dit_pipeline(
+            _dit(False),
+            load_pretrained_autoencoder(kl_folder[1]),
+            _latents(),
+            tmp_path / "pipe",
+            process="ddpm",
+            beta_schedule="linear",
+            timesteps=T,
+            prediction="eps",
+        )
     assert [p.name for p in (tmp_path / "pipe").iterdir()] == ["keep.txt"]

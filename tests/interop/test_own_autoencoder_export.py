@@ -1,6 +1,7 @@
 """latentpipe's own KL autoencoder exported as a diffusers AutoencoderKL computes the same
 posterior and reconstruction."""
 
+import diffusers  # in the test extra: a missing install fails rather than skips
 import pytest
 import torch
 
@@ -11,18 +12,19 @@ from pipeline.interop import export_autoencoder_kl
 
 from .conftest import images, randomise
 
-diffusers = pytest.importorskip("diffusers")
-
 
 def _own(**options):
     cfg = AutoencoderConfig(kind="kl", channels=16, norm_groups=8, latent_channels=4, **options)
     return randomise(build_autoencoder(cfg, 3), seed=4)
 
 
-@pytest.mark.parametrize("options", [
-    dict(channel_mult=(1, 2), num_res_blocks=1, attention=True),
-    dict(channel_mult=(1, 2, 2), num_res_blocks=2, attention=False),
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(channel_mult=(1, 2), num_res_blocks=1, attention=True),
+        dict(channel_mult=(1, 2, 2), num_res_blocks=2, attention=False),
+    ],
+)
 def test_own_kl_exports_as_an_equal_autoencoder_kl(tmp_path, options):
     ours = _own(**options)
     export_autoencoder_kl(ours, tmp_path / "vae", scaling_factor=0.4)

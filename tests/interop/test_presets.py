@@ -15,8 +15,9 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 SD_VAE_LATENTS = dict(channels=4, resolution=32, num_classes=1000)  # 256 / f8, ImageNet
 
 
-@pytest.mark.parametrize("name,size", [("imagenet256-sdvae-dit-xl2.yaml", (1152, 28, 16)),
-                                       ("imagenet256-sdvae-dit-b2.yaml", (768, 12, 12))])
+@pytest.mark.parametrize(
+    "name,size", [("imagenet256-sdvae-dit-xl2.yaml", (1152, 28, 16)), ("imagenet256-sdvae-dit-b2.yaml", (768, 12, 12))]
+)
 def test_preset_is_the_dit_recipe_with_its_counted_numbers(name, size):
     path = CONFIGS / name
     cfg = config.load(path)

@@ -5,8 +5,10 @@ mapping is checked against diffusers' own convert_ldm_vae_checkpoint)."""
 import argparse
 import json
 
+import diffusers  # in the test extra: a missing install fails rather than skips
 import pytest
 import torch
+from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 from safetensors.torch import load_file, save_file
 
 from pipeline.autoencoder.kl import DiagonalGaussian
@@ -21,9 +23,6 @@ from pipeline.latents import LatentSpace
 from pipeline.manifest import sha256_file
 
 from .conftest import KL_CONFIG, images, randomise
-
-diffusers = pytest.importorskip("diffusers")
-from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
 TOL = dict(rtol=0, atol=1e-5)
 
@@ -112,18 +111,27 @@ def test_ldm_first_stage_file_without_scale_takes_the_given_one(kl_folder, tmp_p
 
 # -- bad input: clear errors before any work -------------------------------------------------------
 
+
 def test_missing_path_is_named(tmp_path):
     with pytest.raises(LatentpipeError, match="does not exist: expected a diffusers AutoencoderKL/VQModel folder"):
         load_pretrained_autoencoder(tmp_path / "nowhere")
 
 
 def test_a_unet_folder_is_refused_naming_the_expected_classes(tmp_path):
-    unet = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16),
-                                 down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2,
-                                 norm_num_groups=4, layers_per_block=1)
+    unet = diffusers.UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D",) * 2,
+        up_block_types=("UpBlock2D",) * 2,
+        norm_num_groups=4,
+        layers_per_block=1,
+    )
     unet.save_pretrained(tmp_path / "unet")
-    with pytest.raises(LatentpipeError, match="holds a diffusers UNet2DModel, not an autoencoder: expected "
-                                              "AutoencoderKL or VQModel"):
+    with pytest.raises(
+        LatentpipeError, match="holds a diffusers UNet2DModel, not an autoencoder: expected AutoencoderKL or VQModel"
+    ):
         load_pretrained_autoencoder(tmp_path / "unet")
 
 
@@ -143,8 +151,11 @@ def test_ldm_checkpoint_with_missing_keys_names_them(kl_folder, tmp_path):
     del state["first_stage_model.decoder.up.0.block.1.conv2.bias"]
     del state["first_stage_model.encoder.mid.attn_1.q.bias"]
     save_file(state, tmp_path / "broken.safetensors")
-    with pytest.raises(LatentpipeError, match=r"lacks 2 key\(s\).*first_stage_model.decoder.up.0.block.1.conv2.bias, "
-                                              r"first_stage_model.encoder.mid.attn_1.q.bias"):
+    with pytest.raises(
+        LatentpipeError,
+        match=r"lacks 2 key\(s\).*first_stage_model.decoder.up.0.block.1.conv2.bias, "
+        r"first_stage_model.encoder.mid.attn_1.q.bias",
+    ):
         load_pretrained_autoencoder(tmp_path / "broken.safetensors")
 
 
@@ -168,9 +179,12 @@ def test_pickled_objects_are_never_unpickled(kl_folder, tmp_path):
 def test_image_check_says_the_fix(kl_folder):
     ours = load_pretrained_autoencoder(kl_folder[1])
     ours.check_images(3, 32)
-    with pytest.raises(LatentpipeError, match=r"3-channel images, the data has 1 \(set data.color=rgb\); its "
-                                              r"downsampling factor 2 does not divide the image side 31 "
-                                              r"\(set data.resolution to a multiple of 2, e.g. 30\)"):
+    with pytest.raises(
+        LatentpipeError,
+        match=r"3-channel images, the data has 1 \(set data.color=rgb\); its "
+        r"downsampling factor 2 does not divide the image side 31 "
+        r"\(set data.resolution to a multiple of 2, e.g. 30\)",
+    ):
         ours.check_images(1, 31)
 
 
@@ -211,8 +225,11 @@ def test_adapters_fit_the_latent_space_that_diffusion_and_sampling_use(kl_folder
         posterior = kl.encode(x)
         space = LatentSpace("kl", "scale", torch.zeros(4), torch.full((4,), kl.scaling_factor), None)
         model_space = space.from_batch({"mean": posterior.mean, "logvar": posterior.logvar}, sample_posterior=False)
-        torch.testing.assert_close(kl.decode(space.to_decoder(model_space, snap=False)),
-                                   kl_model.decode(kl_model.encode(x).latent_dist.mean).sample, **TOL)
+        torch.testing.assert_close(
+            kl.decode(space.to_decoder(model_space, snap=False)),
+            kl_model.decode(kl_model.encode(x).latent_dist.mean).sample,
+            **TOL,
+        )
 
         codes = vq.encode(x)
         space = LatentSpace("vq", "scale", torch.zeros(3), torch.full((3,), 0.5), vq.codebook.table)

@@ -34,8 +34,9 @@ def test_constant_decay_matches_closed_form():
     averaged = ema.averaged_state_dict()
     for index, (name, _) in enumerate(module.named_parameters()):
         # shadow_n = d^n p_0 + sum_k (1 - d) d^(n-k) p_k
-        expected = decay ** n * start[index] + sum((1 - decay) * decay ** (n - k) * history[k - 1][index]
-                                                   for k in range(1, n + 1))
+        expected = decay**n * start[index] + sum(
+            (1 - decay) * decay ** (n - k) * history[k - 1][index] for k in range(1, n + 1)
+        )
         torch.testing.assert_close(averaged[name], expected, rtol=1e-6, atol=1e-6)
     assert averaged["1.running_mean"].eq(n).all()  # buffers are copied, not averaged
     assert averaged["1.num_batches_tracked"].dtype == torch.long
@@ -45,7 +46,9 @@ def test_warmup_schedule():
     ema = EMA(_toy(), 0.99, warmup_steps=50)
     assert ema.decay_at(1) == 0.0  # the first update copies the weights
     horizons = [1 / (1 - ema.decay_at(s)) for s in range(1, 52)]
-    torch.testing.assert_close(torch.tensor(horizons, dtype=torch.float64), torch.linspace(1, 100, 51, dtype=torch.float64))
+    torch.testing.assert_close(
+        torch.tensor(horizons, dtype=torch.float64), torch.linspace(1, 100, 51, dtype=torch.float64)
+    )
     assert ema.decay_at(51) == pytest.approx(0.99) and ema.decay_at(10_000) == pytest.approx(0.99)
     assert EMA(_toy(), 0.99).decay_at(1) == 0.99
     with pytest.raises(ValueError, match="counted from 1"):

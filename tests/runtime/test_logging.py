@@ -36,8 +36,13 @@ def test_weights_and_biases_offline_gets_the_scalars(tmp_path, monkeypatch):
     wandb = pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    log = MetricsLog(tmp_path / "diffusion", enabled=True, tensorboard=False, wandb_project="latentpipe-test",
-                     config={"diffusion": {"batch_size": 8}})
+    log = MetricsLog(
+        tmp_path / "diffusion",
+        enabled=True,
+        tensorboard=False,
+        wandb_project="latentpipe-test",
+        config={"diffusion": {"batch_size": 8}},
+    )
     log.scalars(1, {"loss": 0.5})
     log.images(1, "samples", torch.zeros(1, 1, 4, 4), nrow=1)
     log.close()

@@ -54,7 +54,9 @@ def test_fused_and_unfused_agree(fused):
 def test_schedule_shapes():
     base = 2.0
     optimizer = _optimizer(lr=base)
-    cosine = _lrs(optimizer, lr_schedule(optimizer, warmup_steps=4, total_steps=14, kind="cosine", min_lr_ratio=0.1), 16)
+    cosine = _lrs(
+        optimizer, lr_schedule(optimizer, warmup_steps=4, total_steps=14, kind="cosine", min_lr_ratio=0.1), 16
+    )
     assert cosine[:4] == pytest.approx([0.5, 1.0, 1.5, 2.0])  # the first step already moves
     assert cosine[4 + 5] == pytest.approx(base * (0.1 + 0.9 * 0.5))  # half-way: the mean of max and min
     assert cosine[14:] == pytest.approx([0.2, 0.2])  # stays at the floor after total_steps
@@ -63,9 +65,12 @@ def test_schedule_shapes():
     linear = _lrs(optimizer, lr_schedule(optimizer, warmup_steps=0, total_steps=10, kind="linear"), 11)
     assert linear == pytest.approx([base * (1 - s / 10) for s in range(11)])
     optimizer = _optimizer(lr=base)
-    assert _lrs(optimizer, lr_schedule(optimizer, warmup_steps=2, total_steps=5, kind="constant"), 5) == \
-        pytest.approx([1.0, 2.0, 2.0, 2.0, 2.0])
-    assert lr_factor(3, warmup_steps=0, total_steps=6, kind="cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi / 2)))
+    assert _lrs(optimizer, lr_schedule(optimizer, warmup_steps=2, total_steps=5, kind="constant"), 5) == pytest.approx(
+        [1.0, 2.0, 2.0, 2.0, 2.0]
+    )
+    assert lr_factor(3, warmup_steps=0, total_steps=6, kind="cosine") == pytest.approx(
+        0.5 * (1 + math.cos(math.pi / 2))
+    )
     with pytest.raises(ValueError, match="unknown learning-rate schedule"):
         lr_schedule(optimizer, warmup_steps=0, total_steps=5, kind="step")
 

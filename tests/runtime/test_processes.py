@@ -34,18 +34,32 @@ pytestmark = pytest.mark.slow
 needs_deepspeed = pytest.mark.skipif(
     importlib.util.find_spec("deepspeed") is None and not os.environ.get("LATENTPIPE_REQUIRE_DEEPSPEED"),
     reason="deepspeed is not installed: pip install -c tools/constraints.txt -e '.[test]' (or set "
-           "LATENTPIPE_REQUIRE_DEEPSPEED=1 to fail instead)")
-
+    "LATENTPIPE_REQUIRE_DEEPSPEED=1 to fail instead)",
+)
 
 
 def _train(out: Path, *args, processes: int = 2, batch: int = BATCH) -> dict:
-    launcher = [sys.executable] if processes == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-        "--master_port", str(free_port())]
-    result = subprocess.run([*launcher, str(WORKER), "--batch", str(batch), "--steps", str(STEPS), "--out", str(out),
-                             *map(str, args)],
-                            capture_output=True, text=True, timeout=300, cwd=REPO,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    launcher = (
+        [sys.executable]
+        if processes == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(processes),
+            "--master_port",
+            str(free_port()),
+        ]
+    )
+    result = subprocess.run(
+        [*launcher, str(WORKER), "--batch", str(batch), "--steps", str(STEPS), "--out", str(out), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     return torch.load(out, weights_only=True) if out.exists() else {}
 
@@ -54,8 +68,15 @@ def _deepspeed_config(tmp_path: Path, stage: int) -> Path:
     """The shipped config with small communication buckets: DeepSpeed's default buckets are
     allocated up front (and NaN-filled under deterministic algorithms), slow for a toy model."""
     config = json.loads((REPO / "configs" / "deepspeed" / f"zero{stage}.json").read_text())
-    small = {"reduce_bucket_size": 100_000, "allgather_bucket_size": 100_000} if stage < 3 else \
-        {"reduce_bucket_size": 100_000, "stage3_prefetch_bucket_size": 100_000, "stage3_param_persistence_threshold": 0}
+    small = (
+        {"reduce_bucket_size": 100_000, "allgather_bucket_size": 100_000}
+        if stage < 3
+        else {
+            "reduce_bucket_size": 100_000,
+            "stage3_prefetch_bucket_size": 100_000,
+            "stage3_param_persistence_threshold": 0,
+        }
+    )
     config["zero_optimization"].update(small)
     path = tmp_path / f"zero{stage}.json"
     path.write_text(json.dumps(config))
@@ -118,11 +139,26 @@ def test_gradient_accumulation_equals_the_whole_batch(single, tmp_path, stage):
 @pytest.mark.parametrize("processes", [1, 2])
 def test_runtimes_of_both_kinds_one_after_another(tmp_path, processes):
     """One `latentpipe run` process makes a Runtime per stage: DDP, DeepSpeed, DDP again."""
-    launcher = [sys.executable] if processes == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-        "--master_port", str(free_port())]
-    result = subprocess.run([*launcher, str(WORKER.with_name("sequence_worker.py")), str(_deepspeed_config(tmp_path, 2))],
-                            capture_output=True, text=True, timeout=300, cwd=REPO,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    launcher = (
+        [sys.executable]
+        if processes == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(processes),
+            "--master_port",
+            str(free_port()),
+        ]
+    )
+    result = subprocess.run(
+        [*launcher, str(WORKER.with_name("sequence_worker.py")), str(_deepspeed_config(tmp_path, 2))],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stdout.count("ok") == processes * 3, result.stdout

@@ -18,10 +18,13 @@ def test_prepare_refuses_a_scheduler():
         runtime.prepare(model, optimizer, scheduler)
 
 
-@pytest.mark.parametrize("config, message", [
-    ({"zero_optimization": {"stage": 2}, "optimizer": {"type": "Adam"}}, "remove the optimizer"),
-    ({"zero_optimization": {"stage": 0}}, "must be 1, 2 or 3"),
-])
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ({"zero_optimization": {"stage": 2}, "optimizer": {"type": "Adam"}}, "remove the optimizer"),
+        ({"zero_optimization": {"stage": 0}}, "must be 1, 2 or 3"),
+    ],
+)
 def test_deepspeed_config_errors_name_the_fix(tmp_path, config, message):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(config))

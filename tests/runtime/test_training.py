@@ -22,12 +22,32 @@ from pipeline.seeding import generator
 from stages import autoencoder, diffusion, encode, prepare
 
 REPO = Path(__file__).resolve().parents[2]
-ARGS = ["data.source=digits", "data.limit=300", "data.resolution=16", "data.shard_max_count=40", "data.workers=0",
-        "autoencoder.channels=8", "autoencoder.num_codes=32", "autoencoder.batch_size=8", "autoencoder.num_workers=0",
-        "autoencoder.max_steps=5", "autoencoder.lpips=none", "autoencoder.shuffle_buffer=50", "encode.batch_size=16",
-        "diffusion.backbone=dit", "diffusion.dit.width=32", "diffusion.dit.depth=2", "diffusion.dit.num_heads=2",
-        "diffusion.dit.patch_size=1", "diffusion.batch_size=8", "diffusion.max_steps=6", "diffusion.num_workers=0",
-        "diffusion.warmup_steps=2", "diffusion.shuffle_buffer=50", "diffusion.image_every=1000"]
+ARGS = [
+    "data.source=digits",
+    "data.limit=300",
+    "data.resolution=16",
+    "data.shard_max_count=40",
+    "data.workers=0",
+    "autoencoder.channels=8",
+    "autoencoder.num_codes=32",
+    "autoencoder.batch_size=8",
+    "autoencoder.num_workers=0",
+    "autoencoder.max_steps=5",
+    "autoencoder.lpips=none",
+    "autoencoder.shuffle_buffer=50",
+    "encode.batch_size=16",
+    "diffusion.backbone=dit",
+    "diffusion.dit.width=32",
+    "diffusion.dit.depth=2",
+    "diffusion.dit.num_heads=2",
+    "diffusion.dit.patch_size=1",
+    "diffusion.batch_size=8",
+    "diffusion.max_steps=6",
+    "diffusion.num_workers=0",
+    "diffusion.warmup_steps=2",
+    "diffusion.shuffle_buffer=50",
+    "diffusion.image_every=1000",
+]
 # Ways a tensor's value reaches Python, each a device->host sync on CUDA.
 SYNCS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
 COLLECTIVES = ("reduce_max_", "any", "all_reduce_sum", "all_gather_rows", "barrier")
@@ -112,8 +132,13 @@ def _assert_one_sync_and_one_check_per_step(counts: StepCounts, steps: int, mode
 
 
 def test_an_autoencoder_step_makes_one_host_sync_and_one_check_collective(encoded, tmp_path, monkeypatch):
-    cfg = _cfg(_copy(encoded, tmp_path, ["prepare"]), "autoencoder.max_steps=6", "autoencoder.log_every=3",
-               "autoencoder.image_every=100", "autoencoder.checkpoint_every=100")
+    cfg = _cfg(
+        _copy(encoded, tmp_path, ["prepare"]),
+        "autoencoder.max_steps=6",
+        "autoencoder.log_every=3",
+        "autoencoder.image_every=100",
+        "autoencoder.checkpoint_every=100",
+    )
     counts = StepCounts(monkeypatch)
     autoencoder.run(cfg)
     # The VQ codebook's own data-dependent branches (k-means init, dead-code restarts) read
@@ -122,8 +147,11 @@ def test_an_autoencoder_step_makes_one_host_sync_and_one_check_collective(encode
 
 
 def test_a_diffusion_step_makes_one_host_sync_and_one_collective(encoded, tmp_path, monkeypatch):
-    cfg = _cfg(_copy(encoded, tmp_path, ["prepare", "autoencoder", "encode"]), "diffusion.log_every=3",
-               "diffusion.checkpoint_every=100")
+    cfg = _cfg(
+        _copy(encoded, tmp_path, ["prepare", "autoencoder", "encode"]),
+        "diffusion.log_every=3",
+        "diffusion.checkpoint_every=100",
+    )
     counts = StepCounts(monkeypatch)
     diffusion.run(cfg)
     _assert_one_sync_and_one_check_per_step(counts, 6)
@@ -132,8 +160,12 @@ def test_a_diffusion_step_makes_one_host_sync_and_one_collective(encoded, tmp_pa
 
 def test_the_counter_sees_a_per_step_item(encoded, tmp_path, monkeypatch):
     """The counting above can fail: a loss fetched every step shows up."""
-    cfg = _cfg(_copy(encoded, tmp_path, ["prepare", "autoencoder", "encode"]), "diffusion.max_steps=3",
-               "diffusion.log_every=100", "diffusion.checkpoint_every=100")
+    cfg = _cfg(
+        _copy(encoded, tmp_path, ["prepare", "autoencoder", "encode"]),
+        "diffusion.max_steps=3",
+        "diffusion.log_every=100",
+        "diffusion.checkpoint_every=100",
+    )
     real = diffusion.LOSSES["v"]
 
     def fetched_every_step(*args, **kwargs):
@@ -153,10 +185,23 @@ def test_redirected_output_gets_a_progress_line_per_log_window(encoded, tmp_path
     output = tmp_path / "job.log"
     with open(output, "w") as handle:
         result = subprocess.run(
-            [sys.executable, "-m", "pipeline.cli", "autoencoder", f"experiment.runs_dir={root}", *ARGS,
-             "autoencoder.max_steps=6", "autoencoder.log_every=2"],
-            stdout=handle, stderr=subprocess.STDOUT, timeout=300, cwd=REPO, check=False,
-            env={**os.environ, progress.PROGRESS_SECONDS_ENV: "0", "OMP_NUM_THREADS": "1"})
+            [
+                sys.executable,
+                "-m",
+                "pipeline.cli",
+                "autoencoder",
+                f"experiment.runs_dir={root}",
+                *ARGS,
+                "autoencoder.max_steps=6",
+                "autoencoder.log_every=2",
+            ],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            timeout=300,
+            cwd=REPO,
+            check=False,
+            env={**os.environ, progress.PROGRESS_SECONDS_ENV: "0", "OMP_NUM_THREADS": "1"},
+        )
     text = output.read_text()
     assert result.returncode == 0, text[-3000:]
     for step in (2, 4, 6):
@@ -191,16 +236,23 @@ def test_tf32_is_switched_on_cuda_only_and_can_be_turned_off():
 
 @pytest.mark.slow
 def test_a_compiled_denoiser_trains_like_the_eager_one():
-    cfg = _cfg("unused", "diffusion.backbone=unet", "diffusion.unet.model_channels=16", "diffusion.unet.norm_groups=8",
-               "diffusion.unet.channel_mult=[1]", "diffusion.unet.num_res_blocks=1",
-               "diffusion.unet.attention_resolutions=[]").diffusion
+    cfg = _cfg(
+        "unused",
+        "diffusion.backbone=unet",
+        "diffusion.unet.model_channels=16",
+        "diffusion.unet.norm_groups=8",
+        "diffusion.unet.channel_mult=[1]",
+        "diffusion.unet.num_res_blocks=1",
+        "diffusion.unet.attention_resolutions=[]",
+    ).diffusion
     process, loss_fn = build_process(cfg), LOSSES[cfg.prediction]
     data = torch.randn(3, 4, 4, 4, 4, generator=torch.Generator().manual_seed(0))
     runs = {}
     for compiled in (False, True):
         torch.manual_seed(0)
-        net = training.prepare_network(build_network(cfg, 4, 4, 10), torch.device("cpu"), compile=compiled,
-                                       channels_last=True)
+        net = training.prepare_network(
+            build_network(cfg, 4, 4, 10), torch.device("cpu"), compile=compiled, channels_last=True
+        )
         optimizer = build_optimizer(net.parameters(), lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0)
         losses = []
         for step, x0 in enumerate(data):

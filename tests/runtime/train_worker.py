@@ -5,7 +5,8 @@ per-rank batch times the world size); rank r takes its r-th slice, so any world 
 same global batches. Trains with the Runtime (DDP or a DeepSpeed config), AdamW + cosine
 schedule and an EMA; checkpoints through ``checkpoint.save(training_state)`` every
 ``--checkpoint-every`` steps and resumes from the newest checkpoint; ``--stop-at`` ends the job
-early (as a preempted job would); ``--accumulate`` splits each rank's batch into micro-batches. Writes the per-step global loss, the final full weights and
+early (as a preempted job would); ``--accumulate`` splits each rank's batch into micro-batches.
+Writes the per-step global loss, the final full weights and
 the EMA weights to ``--out`` (rank 0).
 """
 
@@ -45,11 +46,16 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.use_deterministic_algorithms(True)
-    runtime = Runtime(deepspeed=args.deepspeed, grad_clip=args.grad_clip, batch_size=args.batch // args.accumulate,
-                      gradient_accumulation_steps=args.accumulate)
+    runtime = Runtime(
+        deepspeed=args.deepspeed,
+        grad_clip=args.grad_clip,
+        batch_size=args.batch // args.accumulate,
+        gradient_accumulation_steps=args.accumulate,
+    )
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(DIM, HIDDEN), torch.nn.LayerNorm(HIDDEN), torch.nn.GELU(),
-                                torch.nn.Linear(HIDDEN, OUT))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(DIM, HIDDEN), torch.nn.LayerNorm(HIDDEN), torch.nn.GELU(), torch.nn.Linear(HIDDEN, OUT)
+    )
     optimizer = build_optimizer(model.parameters(), lr=3e-2, betas=(0.9, 0.99), weight_decay=0.01, fused=False)
     scheduler = lr_schedule(optimizer, warmup_steps=2, total_steps=args.steps, kind="cosine", min_lr_ratio=0.1)
     model, optimizer = runtime.prepare(model, optimizer)
@@ -72,7 +78,7 @@ def main() -> None:
         micro = args.batch // args.accumulate
         total = 0.0
         for first in range(start, start + args.batch, micro):  # micro-batches of one optimiser step
-            xb, yb = x[first:first + micro].to(runtime.device), y[first:first + micro].to(runtime.device)
+            xb, yb = x[first : first + micro].to(runtime.device), y[first : first + micro].to(runtime.device)
             with runtime.accumulate(model):
                 with runtime.autocast():
                     loss = torch.nn.functional.mse_loss(model(xb).float(), yb)
@@ -96,8 +102,18 @@ def main() -> None:
     with runtime.full_parameters(model):
         final = {k: v.detach().cpu().clone() for k, v in runtime.unwrap(model).state_dict().items()}
     if runtime.is_main:
-        torch.save({"losses": losses, "norms": norms, "final": final, "initial": initial, "ema": ema.averaged_state_dict(),
-                    "world_size": runtime.world_size, "zero_stage": runtime.zero_stage}, args.out)
+        torch.save(
+            {
+                "losses": losses,
+                "norms": norms,
+                "final": final,
+                "initial": initial,
+                "ema": ema.averaged_state_dict(),
+                "world_size": runtime.world_size,
+                "zero_stage": runtime.zero_stage,
+            },
+            args.out,
+        )
     runtime.barrier()
 
 

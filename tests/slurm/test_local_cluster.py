@@ -27,32 +27,70 @@ from pipeline import slurm
 REPO = Path(__file__).resolve().parents[2]
 TOOL = REPO / "tools" / "local_slurm"
 BASE = Path(os.environ.get("LOCAL_SLURM_BASE", "/tmp/latentpipe-slurm"))
-TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+TERMINAL = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+}
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]
 
-ARGS = ["data.source=digits", "data.limit=300", "data.resolution=16", "data.shard_max_count=40", "data.workers=0",
-        "autoencoder.channels=8", "autoencoder.num_codes=32", "autoencoder.batch_size=8", "autoencoder.num_workers=0",
-        "autoencoder.max_steps=5", "autoencoder.lpips=none", "encode.batch_size=16",
-        "diffusion.unet.model_channels=16", "diffusion.unet.norm_groups=8", "diffusion.batch_size=8",
-        "diffusion.max_steps=8", "diffusion.num_workers=0", "diffusion.checkpoint_every=3", "diffusion.image_every=1000",
-        "sample.num_samples=12", "sample.chunk_size=4", "sample.steps=4",
-        "evaluate.likelihood_count=0", "evaluate.classifier=false", "evaluate.fid=false", "evaluate.reconstruction=false"]
+ARGS = [
+    "data.source=digits",
+    "data.limit=300",
+    "data.resolution=16",
+    "data.shard_max_count=40",
+    "data.workers=0",
+    "autoencoder.channels=8",
+    "autoencoder.num_codes=32",
+    "autoencoder.batch_size=8",
+    "autoencoder.num_workers=0",
+    "autoencoder.max_steps=5",
+    "autoencoder.lpips=none",
+    "encode.batch_size=16",
+    "diffusion.unet.model_channels=16",
+    "diffusion.unet.norm_groups=8",
+    "diffusion.batch_size=8",
+    "diffusion.max_steps=8",
+    "diffusion.num_workers=0",
+    "diffusion.checkpoint_every=3",
+    "diffusion.image_every=1000",
+    "sample.num_samples=12",
+    "sample.chunk_size=4",
+    "sample.steps=4",
+    "evaluate.likelihood_count=0",
+    "evaluate.classifier=false",
+    "evaluate.fid=false",
+    "evaluate.reconstruction=false",
+]
 SBATCH = ["--sbatch=--cpus-per-task=1", "--sbatch=--time=10"]
 
 
 def _unavailable() -> str | None:
     missing = [tool for tool in ("slurmctld", "slurmd", "sbatch", "munged") if shutil.which(tool) is None]
     if missing:
-        return f"SLURM not installed ({', '.join(missing)} missing): apt-get install slurmctld slurmd slurm-client munge"
+        return (
+            f"SLURM not installed ({', '.join(missing)} missing): apt-get install slurmctld slurmd slurm-client munge"
+        )
     if os.geteuid() != 0 and shutil.which("sudo") is None:
         return "the local cluster's slurmd must run as root (no root, no sudo)"
     return None
 
 
 def _logs() -> str:
-    done = subprocess.run([str(TOOL), "logs"], capture_output=True, text=True, timeout=30,
-                          env=dict(os.environ, LOCAL_SLURM_BASE=str(BASE), LOCAL_SLURM_LOG_LINES="80"))
+    done = subprocess.run(
+        [str(TOOL), "logs"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=dict(os.environ, LOCAL_SLURM_BASE=str(BASE), LOCAL_SLURM_LOG_LINES="80"),
+    )
     return done.stdout + done.stderr
 
 
@@ -92,9 +130,16 @@ def cluster():
 
 
 def _env(cluster) -> dict:
-    env = dict(os.environ, SLURM_CONF=str(cluster / "etc" / "slurm.conf"), LATENTPIPE_PYTHON=sys.executable,
-               LATENTPIPE_SLURM_DIR=str(REPO / "slurm"), LATENTPIPE_REQUEUE_START_NOW="1", OMP_NUM_THREADS="1",
-               PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}", PYTHONPATH=str(REPO))
+    env = dict(
+        os.environ,
+        SLURM_CONF=str(cluster / "etc" / "slurm.conf"),
+        LATENTPIPE_PYTHON=sys.executable,
+        LATENTPIPE_SLURM_DIR=str(REPO / "slurm"),
+        LATENTPIPE_REQUEUE_START_NOW="1",
+        OMP_NUM_THREADS="1",
+        PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+        PYTHONPATH=str(REPO),
+    )
     for key in [k for k in env if k.startswith(("PYTEST_", "SLURM_JOB", "SLURM_ARRAY"))] + ["NODE_RANK", "RANK"]:
         env.pop(key, None)
     return env
@@ -114,9 +159,11 @@ def _wait(job_ids, deadline_s, run_dir=None, until=TERMINAL) -> dict[str, list[d
         if all(tasks and all(t.get("JobState") in until for t in tasks) for tasks in states.values()):
             return states
         if time.monotonic() > end:
-            pytest.fail(f"jobs not {sorted(until)} after {deadline_s} s: "
-                        f"{ {j: [(t.get('JobId'), t.get('JobState'), t.get('Reason')) for t in s] for j, s in states.items()} }"
-                        f"\n{_job_logs(run_dir)}\n{_logs()}")
+            pytest.fail(
+                f"jobs not {sorted(until)} after {deadline_s} s: "
+                f"{ {j: [(t.get('JobId'), t.get('JobState'), t.get('Reason')) for t in s] for j, s in states.items()} }"
+                f"\n{_job_logs(run_dir)}\n{_logs()}"
+            )
         time.sleep(0.5)
 
 
@@ -124,11 +171,15 @@ def _job_logs(run_dir, tail: int | None = None) -> str:
     """The jobs' logs under run_dir, whole (for assertions) or each file's last `tail` characters."""
     if run_dir is None:
         return ""
-    return "\n".join(f"== {p}\n{p.read_text()[-tail if tail else 0:]}" for p in sorted(Path(run_dir).glob("**/slurm/*.out")))
+    return "\n".join(
+        f"== {p}\n{p.read_text()[-tail if tail else 0 :]}" for p in sorted(Path(run_dir).glob("**/slurm/*.out"))
+    )
 
 
 def _submit(cluster, cwd, runs, options=(), overrides=()) -> dict[str, list[str]]:
-    out = _run(["latentpipe", "submit", *SBATCH, *options, f"experiment.runs_dir={runs}", *ARGS, *overrides], cluster, cwd)
+    out = _run(
+        ["latentpipe", "submit", *SBATCH, *options, f"experiment.runs_dir={runs}", *ARGS, *overrides], cluster, cwd
+    )
     ids: dict[str, list[str]] = {}
     for line in out.splitlines():
         stage, _, job = line.partition(": ")
@@ -152,8 +203,11 @@ def chain(cluster, tmp_path_factory):
 def test_chain_completes_with_array_sampling(chain, cluster):
     run, ids, states = chain
     assert list(ids) == ["prepare", "autoencoder", "encode", "diffusion", "sample (array)", "sample", "evaluate"]
-    bad = {j: [(t["JobId"], t["JobState"], t.get("ExitCode")) for t in s] for j, s in states.items()
-           if any(t["JobState"] != "COMPLETED" for t in s)}
+    bad = {
+        j: [(t["JobId"], t["JobState"], t.get("ExitCode")) for t in s]
+        for j, s in states.items()
+        if any(t["JobState"] != "COMPLETED" for t in s)
+    }
     assert not bad, f"{bad}\n{_job_logs(run.parent)}"
     for stage in ("prepare", "autoencoder", "encode", "diffusion", "sample", "evaluate"):
         assert json.loads((run / stage / "manifest.json").read_text())["status"] == "complete", stage
@@ -182,8 +236,14 @@ def test_chain_completes_with_array_sampling(chain, cluster):
     status = _run(["latentpipe", "status", f"experiment.runs_dir={run.parent}", *ARGS], cluster, run.parent)
     assert status.count("COMPLETED") >= 7 and "3 COMPLETED" in status, status
     # resubmitting finds every stage up to date and submits nothing
-    again = subprocess.run(["latentpipe", "submit", *SBATCH, f"experiment.runs_dir={run.parent}", *ARGS],
-                           capture_output=True, text=True, timeout=120, env=_env(cluster), cwd=run.parent)
+    again = subprocess.run(
+        ["latentpipe", "submit", *SBATCH, f"experiment.runs_dir={run.parent}", *ARGS],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_env(cluster),
+        cwd=run.parent,
+    )
     assert again.returncode == 0 and again.stdout.strip() == "", again.stdout + again.stderr
 
 
@@ -199,8 +259,13 @@ def test_job_logs_show_progress_and_no_deprecation_warnings(chain):
 
 def test_failing_stage_cancels_its_dependents(cluster, tmp_path):
     # a path that does not exist passes the config check but fails when prepare reads it
-    ids = _submit(cluster, tmp_path, tmp_path / "runs", ["--stages", "prepare,autoencoder,encode"],
-                  ["data.source=folder", f"data.path={tmp_path / 'no-such-images'}"])
+    ids = _submit(
+        cluster,
+        tmp_path,
+        tmp_path / "runs",
+        ["--stages", "prepare,autoencoder,encode"],
+        ["data.source=folder", f"data.path={tmp_path / 'no-such-images'}"],
+    )
     states = _wait([js[0] for js in ids.values()], 120, tmp_path)
     prepare, autoencoder, encode = (states[ids[s][0]][0] for s in ("prepare", "autoencoder", "encode"))
     assert prepare["JobState"] == "FAILED" and prepare["ExitCode"] != "0:0", prepare
@@ -222,7 +287,9 @@ def _preempt(cluster, job, checkpoints: Path, log_dir: Path) -> dict:
     end = time.monotonic() + 180
     while not (checkpoints.is_dir() and any(checkpoints.glob("step-*/complete.json"))):
         assert time.monotonic() < end, f"no checkpoint after 180 s\n{_job_logs(log_dir)}"
-        assert slurm.job_states(job)[0]["JobState"] in ("PENDING", "RUNNING"), f"{slurm.job_states(job)}\n{_job_logs(log_dir)}"
+        assert slurm.job_states(job)[0]["JobState"] in ("PENDING", "RUNNING"), (
+            f"{slurm.job_states(job)}\n{_job_logs(log_dir)}"
+        )
         time.sleep(0.1)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, timeout=30, env=_env(cluster))
     end, held_since = time.monotonic() + 240, None
@@ -238,6 +305,7 @@ def _preempt(cluster, job, checkpoints: Path, log_dir: Path) -> dict:
         assert time.monotonic() < end, f"{state}\n{_job_logs(log_dir)}"
         time.sleep(0.5)
 
+
 STEPS = ["diffusion.max_steps=80", "diffusion.checkpoint_every=10", "diffusion.log_every=10"]
 
 
@@ -246,8 +314,12 @@ def reference(chain, cluster, tmp_path_factory) -> dict:
     """The denoiser of an uninterrupted run of STEPS, outside SLURM."""
     root = tmp_path_factory.mktemp("reference")
     runs = _copy_upstream(chain[0], root)
-    _run([sys.executable, "-m", "pipeline.cli", "-q", "diffusion", f"experiment.runs_dir={runs}", *ARGS, *STEPS],
-         cluster, root, timeout=300)
+    _run(
+        [sys.executable, "-m", "pipeline.cli", "-q", "diffusion", f"experiment.runs_dir={runs}", *ARGS, *STEPS],
+        cluster,
+        root,
+        timeout=300,
+    )
     return load_file(runs / "tiny" / "diffusion" / "denoiser.safetensors")
 
 
@@ -260,18 +332,32 @@ def _assert_weights(expected: dict, runs: Path) -> None:
 
 def _sbatch_diffusion(cluster, root: Path, runs: Path, *overrides: str) -> str:
     (root / "slurm").mkdir(exist_ok=True)  # sbatch does not create the log directory
-    out = _run(["sbatch", "--parsable", "--cpus-per-task=1", "--time=10", f"--output={root}/slurm/%x-%j.out",
-                str(REPO / "slurm" / "diffusion.sbatch"), f"experiment.runs_dir={runs}", *ARGS, *overrides],
-               cluster, root)
+    out = _run(
+        [
+            "sbatch",
+            "--parsable",
+            "--cpus-per-task=1",
+            "--time=10",
+            f"--output={root}/slurm/%x-%j.out",
+            str(REPO / "slurm" / "diffusion.sbatch"),
+            f"experiment.runs_dir={runs}",
+            *ARGS,
+            *overrides,
+        ],
+        cluster,
+        root,
+    )
     return out.strip().split(";")[0]
 
 
-def test_a_time_budget_requeues_the_job_until_it_ends_with_the_uninterrupted_weights(chain, cluster, reference,
-                                                                                      tmp_path):
+def test_a_time_budget_requeues_the_job_until_it_ends_with_the_uninterrupted_weights(
+    chain, cluster, reference, tmp_path
+):
     runs = _copy_upstream(chain[0], tmp_path)
     # 3 s of training per run, DataLoader workers on: requeued (no signal) until the 80 steps are done
-    job = _sbatch_diffusion(cluster, tmp_path, runs, *STEPS, "diffusion.time_budget_minutes=0.05",
-                            "diffusion.num_workers=1")
+    job = _sbatch_diffusion(
+        cluster, tmp_path, runs, *STEPS, "diffusion.time_budget_minutes=0.05", "diffusion.num_workers=1"
+    )
     end, held_since = time.monotonic() + 600, None
     while True:
         (state,) = slurm.job_states(job)
@@ -292,7 +378,8 @@ def test_a_time_budget_requeues_the_job_until_it_ends_with_the_uninterrupted_wei
 
 
 def test_scancel_signal_term_checkpoints_is_not_requeued_and_a_resubmission_ends_like_an_uninterrupted_run(
-        chain, cluster, reference, tmp_path):
+    chain, cluster, reference, tmp_path
+):
     runs = _copy_upstream(chain[0], tmp_path)
     job = _sbatch_diffusion(cluster, tmp_path, runs, *STEPS, "diffusion.num_workers=1")
     checkpoints = runs / "tiny" / "diffusion" / "checkpoints"
@@ -321,9 +408,21 @@ def test_scancel_signal_term_checkpoints_is_not_requeued_and_a_resubmission_ends
 def test_preempted_diffusion_is_requeued_and_resumes_exactly(chain, cluster, reference, tmp_path):
     runs = _copy_upstream(chain[0], tmp_path / "preempted")
     (tmp_path / "preempted" / "slurm").mkdir()  # sbatch does not create the log directory
-    out = _run(["sbatch", "--parsable", "--cpus-per-task=1", "--time=10", f"--output={tmp_path}/preempted/slurm/%x-%j.out",
-                str(REPO / "slurm" / "diffusion.sbatch"), f"experiment.runs_dir={runs}", *ARGS, *STEPS],
-               cluster, tmp_path / "preempted")
+    out = _run(
+        [
+            "sbatch",
+            "--parsable",
+            "--cpus-per-task=1",
+            "--time=10",
+            f"--output={tmp_path}/preempted/slurm/%x-%j.out",
+            str(REPO / "slurm" / "diffusion.sbatch"),
+            f"experiment.runs_dir={runs}",
+            *ARGS,
+            *STEPS,
+        ],
+        cluster,
+        tmp_path / "preempted",
+    )
     job = out.strip().split(";")[0]
     checkpoints = runs / "tiny" / "diffusion" / "checkpoints"
     state = _preempt(cluster, job, checkpoints, tmp_path)
@@ -341,9 +440,23 @@ def test_two_nodes_rendezvous_train_and_survive_preemption(chain, cluster, tmp_p
     runs = _copy_upstream(chain[0], tmp_path)
     (tmp_path / "slurm").mkdir()
     steps = ["diffusion.max_steps=30", "diffusion.checkpoint_every=10", "diffusion.log_every=10"]
-    out = _run(["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--time=10",
-                f"--output={tmp_path}/slurm/%x-%j.out", str(REPO / "slurm" / "diffusion.sbatch"),
-                f"experiment.runs_dir={runs}", *ARGS, *steps], cluster, tmp_path)
+    out = _run(
+        [
+            "sbatch",
+            "--parsable",
+            "--nodes=2",
+            "--ntasks-per-node=1",
+            "--cpus-per-task=1",
+            "--time=10",
+            f"--output={tmp_path}/slurm/%x-%j.out",
+            str(REPO / "slurm" / "diffusion.sbatch"),
+            f"experiment.runs_dir={runs}",
+            *ARGS,
+            *steps,
+        ],
+        cluster,
+        tmp_path,
+    )
     job = out.strip().split(";")[0]
     state = _preempt(cluster, job, runs / "tiny" / "diffusion" / "checkpoints", tmp_path)
     log = _job_logs(tmp_path)
@@ -357,8 +470,9 @@ def test_two_nodes_rendezvous_train_and_survive_preemption(chain, cluster, tmp_p
     assert json.loads((final / "complete.json").read_text())["world_size"] == 2
     # both ranks reached the same step: the shared state holds each one's loader position (epoch, batch in epoch)
     loaders = torch.load(final / "state.pt", weights_only=True)["loaders"]
-    assert [(x["epoch"], x["batches"], x["samples_seen"]) for x in loaders] == \
-        [(loaders[0]["epoch"], loaders[0]["batches"], loaders[0]["samples_seen"])] * 2, loaders
+    assert [(x["epoch"], x["batches"], x["samples_seen"]) for x in loaders] == [
+        (loaders[0]["epoch"], loaders[0]["batches"], loaders[0]["samples_seen"])
+    ] * 2, loaders
     assert loaders[0]["layout"]["world_size"] == 2
     assert json.loads((runs / "tiny" / "diffusion" / "manifest.json").read_text())["metrics"]["steps"] == 30
     assert (runs / "tiny" / "diffusion" / "denoiser.safetensors").is_file()
@@ -367,9 +481,22 @@ def test_two_nodes_rendezvous_train_and_survive_preemption(chain, cluster, tmp_p
 def test_scancel_is_not_undone_by_a_requeue(chain, cluster, tmp_path):
     runs = _copy_upstream(chain[0], tmp_path)
     (tmp_path / "slurm").mkdir()
-    out = _run(["sbatch", "--parsable", "--cpus-per-task=1", "--time=10", f"--output={tmp_path}/slurm/%x-%j.out",
-                str(REPO / "slurm" / "diffusion.sbatch"), f"experiment.runs_dir={runs}", *ARGS,
-                "diffusion.max_steps=100000", "diffusion.checkpoint_every=10"], cluster, tmp_path)
+    out = _run(
+        [
+            "sbatch",
+            "--parsable",
+            "--cpus-per-task=1",
+            "--time=10",
+            f"--output={tmp_path}/slurm/%x-%j.out",
+            str(REPO / "slurm" / "diffusion.sbatch"),
+            f"experiment.runs_dir={runs}",
+            *ARGS,
+            "diffusion.max_steps=100000",
+            "diffusion.checkpoint_every=10",
+        ],
+        cluster,
+        tmp_path,
+    )
     job = out.strip().split(";")[0]
     checkpoints = runs / "tiny" / "diffusion" / "checkpoints"
     end = time.monotonic() + 180
@@ -393,10 +520,27 @@ def test_a_requeued_job_continues_on_another_number_of_nodes(chain, cluster, tmp
     (tmp_path / "slurm").mkdir()
     steps = ["diffusion.max_steps=30", "diffusion.checkpoint_every=10", "diffusion.log_every=10"]
     env = dict(_env(cluster), LATENTPIPE_REQUEUE_START_NOW="0")  # keep SLURM's requeue hold: time to resize
-    out = subprocess.run(["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--time=10",
-                          f"--output={tmp_path}/slurm/%x-%j.out", str(REPO / "slurm" / "diffusion.sbatch"),
-                          f"experiment.runs_dir={runs}", *ARGS, *steps],
-                         capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path, check=True).stdout
+    out = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            "--nodes=2",
+            "--ntasks-per-node=1",
+            "--cpus-per-task=1",
+            "--time=10",
+            f"--output={tmp_path}/slurm/%x-%j.out",
+            str(REPO / "slurm" / "diffusion.sbatch"),
+            f"experiment.runs_dir={runs}",
+            *ARGS,
+            *steps,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=tmp_path,
+        check=True,
+    ).stdout
     job = out.strip().split(";")[0]
     checkpoints = runs / "tiny" / "diffusion" / "checkpoints"
     end = time.monotonic() + 180
@@ -408,8 +552,9 @@ def test_a_requeued_job_continues_on_another_number_of_nodes(chain, cluster, tmp
     while (state := slurm.job_states(job)[0])["JobState"] != "PENDING" or int(state.get("Restarts", "0")) < 1:
         assert time.monotonic() < end and state["JobState"] not in TERMINAL, f"{state}\n{_job_logs(tmp_path)}"
         time.sleep(0.2)
-    subprocess.run(["scontrol", "update", f"JobId={job}", "NumNodes=1", "NumTasks=1"], check=True, timeout=30,
-                   env=_env(cluster))
+    subprocess.run(
+        ["scontrol", "update", f"JobId={job}", "NumNodes=1", "NumTasks=1"], check=True, timeout=30, env=_env(cluster)
+    )
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now+3"], check=True, timeout=30, env=_env(cluster))
     (state,) = _wait([job], 300, tmp_path)[job]
     log = _job_logs(tmp_path)

@@ -20,9 +20,15 @@ def _fake_complete(cfg, stage):
     spec = stage_registry.get(stage)
     directory = cfg.stage_dir(stage)
     directory.mkdir(parents=True)
-    manifest.write(directory, {"stage": stage, "status": "complete",
-                               "config_hash": config.section_hash(cfg, spec.sections),
-                               "inputs": {name: manifest.manifest_hash(cfg.stage_dir(name)) for name in spec.inputs}})
+    manifest.write(
+        directory,
+        {
+            "stage": stage,
+            "status": "complete",
+            "config_hash": config.section_hash(cfg, spec.sections),
+            "inputs": {name: manifest.manifest_hash(cfg.stage_dir(name)) for name in spec.inputs},
+        },
+    )
 
 
 def test_plan_chains_every_stage_with_an_array_for_sample(tmp_path):
@@ -30,7 +36,7 @@ def test_plan_chains_every_stage_with_an_array_for_sample(tmp_path):
     jobs, reasons = slurm.plan(cfg, None, ["data.limit=10"], sample_tasks=4, sbatch_args=["--time=5"])
     names = [j.stage for j in jobs]
     order = list(stage_registry.STAGES)
-    assert names == order[:4] + ["sample", "sample"] + order[5:]
+    assert names == [*order[:4], "sample", "sample", *order[5:]]
     assert jobs[0].depends_on is None and all(j.depends_on == i for i, j in enumerate(jobs[1:]))
     array = jobs[names.index("sample")]
     assert array.array and "--array=0-3" in array.argv and not jobs[names.index("sample") + 1].array
@@ -66,16 +72,33 @@ def test_plan_rejects_unknown_stages_and_bad_task_counts(tmp_path):
 def test_dry_run_prints_a_runnable_script_and_submits_nothing(tmp_path):
     config_file = tmp_path / "my.yaml"
     config_file.write_text("experiment:\n  name: demo\n")
-    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "submit", "--dry-run", "--config", str(config_file),
-                           "--sample-tasks", "2", "--stages", "diffusion,sample", "--sbatch=--partition=gpu",
-                           f"experiment.runs_dir={tmp_path / 'runs'}"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "submit",
+            "--dry-run",
+            "--config",
+            str(config_file),
+            "--sample-tasks",
+            "2",
+            "--stages",
+            "diffusion,sample",
+            "--sbatch=--partition=gpu",
+            f"experiment.runs_dir={tmp_path / 'runs'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    assert lines[0] == "#!/bin/bash" and any(l.startswith("mkdir -p ") for l in lines)
-    subs = [l for l in lines if "sbatch" in l and l.startswith("job")]
+    assert lines[0] == "#!/bin/bash" and any(line.startswith("mkdir -p ") for line in lines)
+    subs = [line for line in lines if "sbatch" in line and line.startswith("job")]
     assert len(subs) == 3 and "--array=0-1" in subs[1] and "--dependency=afterok:${job0}" in subs[1]
     assert "--dependency=afterok:${job1}" in subs[2] and "--partition=gpu" in subs[2]
-    assert all(str(config_file) in l and "--job-name=demo-" in l for l in subs)
+    assert all(str(config_file) in sub and "--job-name=demo-" in sub for sub in subs)
     subprocess.run(["bash", "-n"], input=done.stdout, text=True, check=True)
     assert not (tmp_path / "runs").exists()
 
@@ -93,8 +116,10 @@ def test_jobs_file_records_ids_and_dependencies(tmp_path):
     jobs[0].job_id, jobs[1].job_id = "11", "12"
     path = slurm._record(tmp_path, jobs, reasons)
     recorded = json.loads(path.read_text())
-    assert [(j["stage"], j["job_id"], j["depends_on"]) for j in recorded["jobs"]] == \
-        [("prepare", "11", None), ("autoencoder", "12", "11")]
+    assert [(j["stage"], j["job_id"], j["depends_on"]) for j in recorded["jobs"]] == [
+        ("prepare", "11", None),
+        ("autoencoder", "12", "11"),
+    ]
     assert "--dependency=afterok:11" in recorded["jobs"][1]["command"]
 
 

@@ -10,14 +10,25 @@ from pipeline.errors import LatentpipeError, StageInterrupted
 from pipeline.runtime import checkpoint
 from pipeline.runtime.training import NonFiniteLossError
 from stages import autoencoder, prepare
-
 from tests.support import signal_before_step
 
-TINY = ["data.source=digits", "data.limit=300", "data.resolution=16", "data.workers=0",
-        "autoencoder.channels=8", "autoencoder.channel_mult=[1,2,2]", "autoencoder.num_codes=32",
-        "autoencoder.batch_size=8", "autoencoder.num_workers=0", "autoencoder.shuffle_buffer=50",
-        "autoencoder.log_every=2", "autoencoder.image_every=4", "autoencoder.checkpoint_every=3",
-        "autoencoder.dead_code_steps=3", "autoencoder.dropout=0.1"]
+TINY = [
+    "data.source=digits",
+    "data.limit=300",
+    "data.resolution=16",
+    "data.workers=0",
+    "autoencoder.channels=8",
+    "autoencoder.channel_mult=[1,2,2]",
+    "autoencoder.num_codes=32",
+    "autoencoder.batch_size=8",
+    "autoencoder.num_workers=0",
+    "autoencoder.shuffle_buffer=50",
+    "autoencoder.log_every=2",
+    "autoencoder.image_every=4",
+    "autoencoder.checkpoint_every=3",
+    "autoencoder.dead_code_steps=3",
+    "autoencoder.dropout=0.1",
+]
 
 
 def _cfg(root, *overrides):
@@ -41,8 +52,12 @@ def _fresh_copy(prepared, tmp_path):
 
 @pytest.mark.parametrize("kind, precision", [("vq", "fp32"), ("kl", "fp32"), ("vq", "bf16"), ("vq", "fp16")])
 def test_trains_exports_and_reports(prepared, tmp_path, lpips_cache, kind, precision):
-    cfg = _cfg(_fresh_copy(prepared, tmp_path), f"autoencoder.kind={kind}", "autoencoder.max_steps=6",
-               f"autoencoder.mixed_precision={precision}")
+    cfg = _cfg(
+        _fresh_copy(prepared, tmp_path),
+        f"autoencoder.kind={kind}",
+        "autoencoder.max_steps=6",
+        f"autoencoder.mixed_precision={precision}",
+    )
     out = autoencoder.run(cfg)
     found = manifest.read(out)
     assert found["status"] == "complete" and found["metrics"]["steps"] == 6
@@ -91,8 +106,13 @@ def test_non_finite_losses_are_skipped_then_stop_the_stage(prepared, tmp_path, l
 
 
 def test_non_finite_losses_can_roll_back_with_a_lower_learning_rate(prepared, tmp_path, monkeypatch):
-    cfg = _cfg(_fresh_copy(prepared, tmp_path), "autoencoder.max_steps=8", "autoencoder.max_nonfinite_steps=2",
-               "autoencoder.on_nonfinite=rollback", "autoencoder.lpips=none")
+    cfg = _cfg(
+        _fresh_copy(prepared, tmp_path),
+        "autoencoder.max_steps=8",
+        "autoencoder.max_nonfinite_steps=2",
+        "autoencoder.on_nonfinite=rollback",
+        "autoencoder.lpips=none",
+    )
     real = autoencoder.Objective.__call__
     calls = {"n": 0}
 

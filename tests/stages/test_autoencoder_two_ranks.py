@@ -12,21 +12,48 @@ from safetensors.torch import load_file
 
 from pipeline import artifacts, config, manifest
 from stages import prepare
-
 from tests.support import free_port
 
-ARGS = ["data.source=digits", "data.limit=400", "data.resolution=16", "data.shard_max_count=60", "data.workers=0",
-        "autoencoder.channels=8", "autoencoder.num_codes=32", "autoencoder.batch_size=6", "autoencoder.num_workers=0",
-        "autoencoder.checkpoint_every=4", "autoencoder.dead_code_steps=2", "autoencoder.lpips=none"]
-
+ARGS = [
+    "data.source=digits",
+    "data.limit=400",
+    "data.resolution=16",
+    "data.shard_max_count=60",
+    "data.workers=0",
+    "autoencoder.channels=8",
+    "autoencoder.num_codes=32",
+    "autoencoder.batch_size=6",
+    "autoencoder.num_workers=0",
+    "autoencoder.checkpoint_every=4",
+    "autoencoder.dead_code_steps=2",
+    "autoencoder.lpips=none",
+]
 
 
 def _torchrun(root, *extra):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-         "-m", "pipeline.cli", "-q", "autoencoder", f"experiment.runs_dir={root}", *ARGS, *extra],
-        capture_output=True, text=True, timeout=120, env=env)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            "-m",
+            "pipeline.cli",
+            "-q",
+            "autoencoder",
+            f"experiment.runs_dir={root}",
+            *ARGS,
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
 

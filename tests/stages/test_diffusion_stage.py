@@ -18,17 +18,36 @@ from pipeline.errors import LatentpipeError, StageInterrupted
 from pipeline.runtime import checkpoint
 from pipeline.runtime.training import NonFiniteLossError
 from stages import autoencoder, diffusion, encode, prepare
-
 from tests.support import free_port, signal_before_step
 
-ARGS = ["data.source=digits", "data.limit=300", "data.resolution=16", "data.shard_max_count=40", "data.workers=0",
-        "autoencoder.channels=8", "autoencoder.num_codes=32", "autoencoder.batch_size=8", "autoencoder.num_workers=0",
-        "autoencoder.max_steps=5", "autoencoder.lpips=none", "encode.batch_size=16",
-        "diffusion.backbone=dit", "diffusion.dit.width=32", "diffusion.dit.depth=2", "diffusion.dit.num_heads=2",
-        "diffusion.dit.patch_size=1", "diffusion.batch_size=8",
-        "diffusion.max_steps=8", "diffusion.num_workers=0", "diffusion.warmup_steps=2", "diffusion.ema_warmup_steps=0",
-        "diffusion.log_every=2", "diffusion.checkpoint_every=3", "diffusion.image_every=1000",
-        "diffusion.shuffle_buffer=50"]
+ARGS = [
+    "data.source=digits",
+    "data.limit=300",
+    "data.resolution=16",
+    "data.shard_max_count=40",
+    "data.workers=0",
+    "autoencoder.channels=8",
+    "autoencoder.num_codes=32",
+    "autoencoder.batch_size=8",
+    "autoencoder.num_workers=0",
+    "autoencoder.max_steps=5",
+    "autoencoder.lpips=none",
+    "encode.batch_size=16",
+    "diffusion.backbone=dit",
+    "diffusion.dit.width=32",
+    "diffusion.dit.depth=2",
+    "diffusion.dit.num_heads=2",
+    "diffusion.dit.patch_size=1",
+    "diffusion.batch_size=8",
+    "diffusion.max_steps=8",
+    "diffusion.num_workers=0",
+    "diffusion.warmup_steps=2",
+    "diffusion.ema_warmup_steps=0",
+    "diffusion.log_every=2",
+    "diffusion.checkpoint_every=3",
+    "diffusion.image_every=1000",
+    "diffusion.shuffle_buffer=50",
+]
 
 
 def _cfg(root, *extra):
@@ -125,9 +144,18 @@ def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one(encoded, t
 
 
 def test_gradient_accumulation_counts_optimiser_steps(encoded, tmp_path):
-    found = manifest.read(diffusion.run(_cfg(_copy(encoded, tmp_path), "diffusion.gradient_accumulation_steps=2",
-                                             "diffusion.max_steps=4", "diffusion.backbone=unet",
-                                             "diffusion.unet.model_channels=16", "diffusion.unet.norm_groups=8")))
+    found = manifest.read(
+        diffusion.run(
+            _cfg(
+                _copy(encoded, tmp_path),
+                "diffusion.gradient_accumulation_steps=2",
+                "diffusion.max_steps=4",
+                "diffusion.backbone=unet",
+                "diffusion.unet.model_channels=16",
+                "diffusion.unet.norm_groups=8",
+            )
+        )
+    )
     assert found["metrics"]["steps"] == 4 and found["denoiser"]["backbone"] == "unet"
 
 
@@ -143,7 +171,6 @@ def test_load_trained_refuses_another_diffusion_config(encoded, tmp_path):
     diffusion.run(_cfg(root))
     with pytest.raises(LatentpipeError, match="rerun `latentpipe diffusion`"):
         artifacts.load_trained(_cfg(root, "diffusion.prediction=eps"), "cpu")
-
 
 
 def _poison_one_sample(shard):
@@ -175,11 +202,32 @@ def test_two_ranks_skip_a_nan_batch_together_and_finish(tmp_path):
     root = _encoded(tmp_path, *kl)
     _poison_one_sample(sorted((root / "tiny" / "encode" / artifacts.EncodedLatents.LATENT_DIR).glob("train-*.tar"))[0])
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-         "-m", "pipeline.cli", "-q", "diffusion", f"experiment.runs_dir={root}", *ARGS, *kl],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            "-m",
+            "pipeline.cli",
+            "-q",
+            "diffusion",
+            f"experiment.runs_dir={root}",
+            *ARGS,
+            *kl,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     found = manifest.read(root / "tiny" / "diffusion")
     assert found["status"] == "complete" and found["metrics"]["steps"] == 12
     assert found["metrics"]["skipped_steps"] >= 1
-    assert all(torch.isfinite(v).all() for v in load_file(root / "tiny" / "diffusion" / artifacts.TrainedDenoiser.WEIGHTS_FILE).values())
+    assert all(
+        torch.isfinite(v).all()
+        for v in load_file(root / "tiny" / "diffusion" / artifacts.TrainedDenoiser.WEIGHTS_FILE).values()
+    )

@@ -15,12 +15,22 @@ from pipeline.autoencoder.build import build_autoencoder
 from pipeline.data.stream import read_shard, sequential_batches
 from pipeline.errors import LatentpipeError
 from stages import autoencoder, encode, prepare
-
 from tests.support import free_port
 
-ARGS = ["data.source=digits", "data.limit=300", "data.resolution=16", "data.shard_max_count=40", "data.workers=0",
-        "autoencoder.channels=8", "autoencoder.num_codes=32", "autoencoder.batch_size=8", "autoencoder.num_workers=0",
-        "autoencoder.max_steps=5", "autoencoder.lpips=none", "encode.batch_size=16"]
+ARGS = [
+    "data.source=digits",
+    "data.limit=300",
+    "data.resolution=16",
+    "data.shard_max_count=40",
+    "data.workers=0",
+    "autoencoder.channels=8",
+    "autoencoder.num_codes=32",
+    "autoencoder.batch_size=8",
+    "autoencoder.num_workers=0",
+    "autoencoder.max_steps=5",
+    "autoencoder.lpips=none",
+    "encode.batch_size=16",
+]
 
 
 def _cfg(root, *extra):
@@ -72,15 +82,31 @@ def test_latents_are_the_autoencoders_codes_and_decode_back(trained, tmp_path):
     assert torch.allclose(table[expected[0]].permute(2, 0, 1), model.codebook.embed(expected[:1])[0], atol=1e-6)
 
 
-
 def test_two_ranks_write_disjoint_shards_equal_to_one_rank(trained, tmp_path):
     one = _copy(trained, tmp_path / "one")
     encode.run(_cfg(one))
     two = _copy(trained, tmp_path / "two")
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-         "-m", "pipeline.cli", "-q", "encode", f"experiment.runs_dir={two}", *ARGS],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            "-m",
+            "pipeline.cli",
+            "-q",
+            "encode",
+            f"experiment.runs_dir={two}",
+            *ARGS,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert _files(one / "tiny" / "encode") == _files(two / "tiny" / "encode")
     a, b = (manifest.read(r / "tiny" / "encode")["latent"] for r in (one, two))

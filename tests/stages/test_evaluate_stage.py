@@ -17,12 +17,16 @@ from pipeline import artifacts, cli, manifest, report
 from pipeline.data.stream import sequential_batches
 from pipeline.metrics.images import to_uint8
 from stages import evaluate, sample
-
-from tests.stages.test_sample_stage import SAMPLE_ARGS, _copy, trained  # noqa: F401 (fixture)
 from tests.stages.test_diffusion_stage import _cfg
+from tests.stages.test_sample_stage import SAMPLE_ARGS, _copy, trained  # noqa: F401 (fixture)
 
-EVAL_ARGS = ("evaluate.classifier_steps=30", "evaluate.likelihood_count=3", "evaluate.likelihood_rtol=0.01",
-             "evaluate.kid_subsets=5", "evaluate.batch_size=16")
+EVAL_ARGS = (
+    "evaluate.classifier_steps=30",
+    "evaluate.likelihood_count=3",
+    "evaluate.likelihood_rtol=0.01",
+    "evaluate.kid_subsets=5",
+    "evaluate.batch_size=16",
+)
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +51,13 @@ def test_metrics_are_finite_reported_and_a_rerun_is_skipped(sampled, tmp_path, w
     with caplog.at_level(logging.INFO):
         out = evaluate.run(cfg)
     logged = caplog.text
-    for phase in ("Inception features of the samples", "classifier", "autoencoder reconstructions",
-                  "Inception features of the reconstructions", "likelihood of 3 val latents"):
+    for phase in (
+        "Inception features of the samples",
+        "classifier",
+        "autoencoder reconstructions",
+        "Inception features of the reconstructions",
+        "likelihood of 3 val latents",
+    ):
         assert re.search(rf"evaluate: {phase}[^\n]*: done in \d:\d\d:\d\d", logged), phase  # start, end
     # progress within a phase: i of N with an ETA (val images in batches of 16; the ODE's position)
     assert re.search(r"autoencoder reconstructions: 16/\d+ val images, elapsed \S+, ETA \d", logged), logged
@@ -56,9 +65,19 @@ def test_metrics_are_finite_reported_and_a_rerun_is_skipped(sampled, tmp_path, w
     found = manifest.read(out)
     assert found["status"] == "complete"
     metrics = json.loads((out / artifacts.Evaluation.METRICS_FILE).read_text())
-    for key in ("fid", "kid", "precision", "recall", "fid_train_vs_val", "classifier_accuracy",
-                "classifier_real_val_accuracy", "rfid", "autoencoder_val_psnr", "autoencoder_val_codebook_usage",
-                "latent_bits_per_dim"):
+    for key in (
+        "fid",
+        "kid",
+        "precision",
+        "recall",
+        "fid_train_vs_val",
+        "classifier_accuracy",
+        "classifier_real_val_accuracy",
+        "rfid",
+        "autoencoder_val_psnr",
+        "autoencoder_val_codebook_usage",
+        "latent_bits_per_dim",
+    ):
         assert math.isfinite(metrics[key]), key
         assert found["metrics"][key] == metrics[key]
     assert metrics["fid"] > 0 and metrics["rfid"] > 0 and metrics["fid_train_images"] == metrics["samples"] == 11
@@ -91,8 +110,12 @@ def test_real_val_images_as_samples_score_like_real_images(sampled, tmp_path, we
     directory = cfg.stage_dir("sample")
     (directory / artifacts.Samples.SAMPLES_FILE).write_bytes(buffer.getvalue())
     recorded = manifest.read(directory)  # recorded as the sample stage's output (evaluate verifies the sha256)
-    recorded["outputs"] = [manifest.describe_file(directory / o["path"], directory, count=len(images))
-                           if o["path"] == artifacts.Samples.SAMPLES_FILE else o for o in recorded["outputs"]]
+    recorded["outputs"] = [
+        manifest.describe_file(directory / o["path"], directory, count=len(images))
+        if o["path"] == artifacts.Samples.SAMPLES_FILE
+        else o
+        for o in recorded["outputs"]
+    ]
     manifest.write(directory, recorded)
     metrics = json.loads((evaluate.run(cfg) / artifacts.Evaluation.METRICS_FILE).read_text())
     assert abs(metrics["fid"]) < 1e-3

@@ -12,6 +12,7 @@ import io
 import json
 import shutil
 
+import diffusers  # in the test extra: a missing install fails rather than skips
 import numpy as np
 import pytest
 import torch
@@ -28,21 +29,45 @@ from pipeline.sampling import sample as run_sampler
 from stages import autoencoder, diffusion, encode, prepare, sample
 from tests.interop.conftest import KL_CONFIG, VQ_CONFIG, randomise
 
-diffusers = pytest.importorskip("diffusers")
-
-DATA = ["data.source=digits", "data.limit=120", "data.resolution=8", "data.color=rgb", "data.shard_max_count=60",
-        "data.workers=0"]
-DIT = ["diffusion.backbone=dit", "diffusion.dit.width=32", "diffusion.dit.depth=2", "diffusion.dit.num_heads=2",
-       "diffusion.dit.time_embedding=diffusers", "diffusion.dit.mlp_norm_eps=1e-5", "diffusion.batch_size=16",
-       "diffusion.num_workers=0", "diffusion.max_steps=3", "diffusion.warmup_steps=0", "diffusion.log_every=1",
-       "diffusion.image_every=1000", "diffusion.checkpoint_every=1000"]
+DATA = [
+    "data.source=digits",
+    "data.limit=120",
+    "data.resolution=8",
+    "data.color=rgb",
+    "data.shard_max_count=60",
+    "data.workers=0",
+]
+DIT = [
+    "diffusion.backbone=dit",
+    "diffusion.dit.width=32",
+    "diffusion.dit.depth=2",
+    "diffusion.dit.num_heads=2",
+    "diffusion.dit.time_embedding=diffusers",
+    "diffusion.dit.mlp_norm_eps=1e-5",
+    "diffusion.batch_size=16",
+    "diffusion.num_workers=0",
+    "diffusion.max_steps=3",
+    "diffusion.warmup_steps=0",
+    "diffusion.log_every=1",
+    "diffusion.image_every=1000",
+    "diffusion.checkpoint_every=1000",
+]
 STEPS = 6
 
 
 def _cfg(root, weights, *extra):
-    return config.load(overrides=[f"experiment.runs_dir={root}", *DATA, "autoencoder.kind=pretrained",
-                                  f"autoencoder.pretrained={weights}", "autoencoder.lpips=none", "encode.batch_size=32",
-                                  *DIT, *extra])
+    return config.load(
+        overrides=[
+            f"experiment.runs_dir={root}",
+            *DATA,
+            "autoencoder.kind=pretrained",
+            f"autoencoder.pretrained={weights}",
+            "autoencoder.lpips=none",
+            "encode.batch_size=32",
+            *DIT,
+            *extra,
+        ]
+    )
 
 
 def _save(model, folder):
@@ -72,9 +97,20 @@ def _with_prepared(prepared, root):
 @pytest.fixture(scope="module")
 def kl_run(tmp_path_factory, kl_vae, prepared):
     root = _with_prepared(prepared, tmp_path_factory.mktemp("kl"))
-    cfg = _cfg(root, kl_vae[1], "diffusion.normalize=checkpoint", "diffusion.prediction=eps",
-               "sample.method=ddim", "sample.grid=process", f"sample.steps={STEPS}", "sample.num_samples=4",
-               "sample.batch_size=4", "sample.chunk_size=4", "sample.guidance_scale=1.0", "sample.grid_rows=2")
+    cfg = _cfg(
+        root,
+        kl_vae[1],
+        "diffusion.normalize=checkpoint",
+        "diffusion.prediction=eps",
+        "sample.method=ddim",
+        "sample.grid=process",
+        f"sample.steps={STEPS}",
+        "sample.num_samples=4",
+        "sample.batch_size=4",
+        "sample.chunk_size=4",
+        "sample.guidance_scale=1.0",
+        "sample.grid_rows=2",
+    )
     for stage in (autoencoder, encode, diffusion, sample):
         stage.run(cfg)
     return cfg
@@ -138,8 +174,13 @@ def test_export_gives_a_dit_pipeline_that_samples_our_ddim_latents(kl_run, tmp_p
     pipe.vae.post_quant_conv.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
     labels = [3, 1, 7]
     with torch.no_grad():
-        pipe(labels, guidance_scale=1.0, num_inference_steps=STEPS, output_type="pt",
-             generator=torch.Generator().manual_seed(11))
+        pipe(
+            labels,
+            guidance_scale=1.0,
+            num_inference_steps=STEPS,
+            output_type="pt",
+            generator=torch.Generator().manual_seed(11),
+        )
 
     trained = artifacts.load_trained(kl_run, "cpu")
     sigmas = ddpm_sigmas(trained.process, ddpm_timesteps(kl_run.diffusion.timesteps, STEPS))
@@ -156,8 +197,9 @@ def test_export_gives_a_dit_pipeline_that_samples_our_ddim_latents(kl_run, tmp_p
     assert not reference.exists()
     assert cli.main(["export", "--format", "diffusers", str(out), *_overrides(kl_run)]) == 2  # exists: refused
     vae_out = tmp_path / "vae"
-    assert cli.main(["export", "--format", "diffusers", "--part", "autoencoder", str(vae_out),
-                     *_overrides(kl_run)]) == 0
+    assert (
+        cli.main(["export", "--format", "diffusers", "--part", "autoencoder", str(vae_out), *_overrides(kl_run)]) == 0
+    )
     assert json.loads((vae_out / "config.json").read_text())["scaling_factor"] == KL_CONFIG["scaling_factor"]
 
 
@@ -172,6 +214,7 @@ def _overrides(cfg):
                 walk(a[key], value, f"{prefix}{key}.")
             elif a[key] != value:
                 pairs.append(f"{prefix}{key}={json.dumps(value)}")
+
     walk(default, wanted, "")
     return pairs
 
@@ -183,8 +226,15 @@ def test_init_from_fine_tunes_and_samples_from_a_dit_checkpoint(kl_run, tmp_path
     start = tmp_path / "start"
     trained = artifacts.load_trained(kl_run, "cpu")
     export_dit_transformer(trained.denoiser.net, start)
-    cfg = config.load(overrides=[*_overrides(kl_run), f"experiment.runs_dir={root}", f"diffusion.init_from={start}",
-                                 "diffusion.learning_rate=1e-12", "diffusion.max_steps=1"])
+    cfg = config.load(
+        overrides=[
+            *_overrides(kl_run),
+            f"experiment.runs_dir={root}",
+            f"diffusion.init_from={start}",
+            "diffusion.learning_rate=1e-12",
+            "diffusion.max_steps=1",
+        ]
+    )
     diffusion.run(cfg)
     found = manifest.read(cfg.stage_dir("diffusion"))
     assert found["denoiser"]["init_from"] == {"path": str(start), "sha256": checkpoint_sha256(start)}
@@ -251,9 +301,16 @@ def test_a_missing_path_is_refused(prepared, tmp_path):
 
 
 def test_a_unet_folder_is_refused(prepared, tmp_path):
-    unet = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(32, 32),
-                                 down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2,
-                                 layers_per_block=1, norm_num_groups=32)
+    unet = diffusers.UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 32),
+        down_block_types=("DownBlock2D",) * 2,
+        up_block_types=("UpBlock2D",) * 2,
+        layers_per_block=1,
+        norm_num_groups=32,
+    )
     message = _refused(prepared, tmp_path, _save(unet, tmp_path / "unet"))
     assert "holds a diffusers UNet2DModel, not an autoencoder: expected AutoencoderKL or VQModel" in message
 
@@ -266,8 +323,13 @@ def test_missing_keys_are_named(prepared, kl_vae, tmp_path):
     assert "lacks 1 key(s) its config.json needs: decoder.conv_out.weight" in _refused(prepared, tmp_path, folder)
 
 
-@pytest.mark.parametrize("data,fix", [("data.color=gray", "set data.color=rgb"),
-                                      ("data.resolution=9", "set data.resolution to a multiple of 2, e.g. 8")])
+@pytest.mark.parametrize(
+    "data,fix",
+    [
+        ("data.color=gray", "set data.color=rgb"),
+        ("data.resolution=9", "set data.resolution to a multiple of 2, e.g. 8"),
+    ],
+)
 def test_images_the_autoencoder_cannot_take_are_refused_with_the_fix(kl_vae, tmp_path, data, fix):
     cfg = _cfg(tmp_path, kl_vae[1], data)
     prepare.run(cfg)

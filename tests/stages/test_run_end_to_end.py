@@ -1,11 +1,17 @@
 """`latentpipe run`: every stage on a tiny real run, a summary, and a rerun that skips them all."""
 
 from pipeline import cli, config, manifest
-
 from tests.stages.test_diffusion_stage import ARGS
 
-FAST = ("sample.num_samples=40", "sample.chunk_size=20", "sample.steps=6", "evaluate.classifier_steps=40",
-        "evaluate.likelihood_count=4", "evaluate.likelihood_rtol=1e-3", "evaluate.kid_subsets=5")
+FAST = (
+    "sample.num_samples=40",
+    "sample.chunk_size=20",
+    "sample.steps=6",
+    "evaluate.classifier_steps=40",
+    "evaluate.likelihood_count=4",
+    "evaluate.likelihood_rtol=1e-3",
+    "evaluate.kid_subsets=5",
+)
 STAGES = ("prepare", "autoencoder", "encode", "diffusion", "sample", "evaluate")
 
 

@@ -14,12 +14,18 @@ from pipeline import artifacts, manifest
 from pipeline.data.stream import sequential_batches
 from pipeline.labels import labels_for
 from stages import diffusion, sample
-
 from tests.stages.test_diffusion_stage import ARGS, _cfg, _encoded
 from tests.support import free_port
 
-SAMPLE_ARGS = ("sample.num_samples=11", "sample.chunk_size=4", "sample.batch_size=4", "sample.steps=6",
-               "sample.method=ddpm", "sample.grid=process", "sample.grid_rows=3")
+SAMPLE_ARGS = (
+    "sample.num_samples=11",
+    "sample.chunk_size=4",
+    "sample.batch_size=4",
+    "sample.steps=6",
+    "sample.method=ddpm",
+    "sample.grid=process",
+    "sample.grid_rows=3",
+)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +46,6 @@ def _samples(root):
         return data["images"], data["labels"]
 
 
-
 def test_one_rank_equals_two_ranks_equals_another_batch_size(trained, tmp_path):
     one = _copy(trained, tmp_path / "one")
     sample.run(_cfg(one, *SAMPLE_ARGS))
@@ -57,9 +62,27 @@ def test_one_rank_equals_two_ranks_equals_another_batch_size(trained, tmp_path):
 
     two = _copy(trained, tmp_path / "two")
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-         "-m", "pipeline.cli", "-q", "sample", f"experiment.runs_dir={two}", *ARGS, *SAMPLE_ARGS],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            "-m",
+            "pipeline.cli",
+            "-q",
+            "sample",
+            f"experiment.runs_dir={two}",
+            *ARGS,
+            *SAMPLE_ARGS,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert np.array_equal(_samples(two)[0], images)
 
@@ -75,8 +98,10 @@ def test_array_tasks_write_disjoint_chunks_and_the_final_run_only_assembles(trai
         sample.run(cfg)
         chunk_files.append(set((root / "tiny" / "sample").rglob("chunk-*.npz")) - before)
         assert manifest.read(cfg.stage_dir("sample")) is None  # array tasks write no manifest
-    assert [sorted(p.name for p in f) for f in chunk_files] == [["chunk-000000.npz", "chunk-000002.npz"],
-                                                                ["chunk-000001.npz"]]
+    assert [sorted(p.name for p in f) for f in chunk_files] == [
+        ["chunk-000000.npz", "chunk-000002.npz"],
+        ["chunk-000001.npz"],
+    ]
     monkeypatch.delenv("SLURM_ARRAY_TASK_COUNT")
     monkeypatch.delenv("SLURM_ARRAY_TASK_ID")
     missing = sorted(chunk_files[0])[0]
@@ -122,8 +147,9 @@ def test_inpainting_grid_and_sample_shards(trained, tmp_path):
     images, labels = _samples(root)
     assert sum(len(b["key"]) for b in decoded) == 11
     assert torch.cat([b["label"] for b in decoded]).tolist() == labels.tolist()
-    assert torch.equal(torch.cat([b["image"] for b in decoded]),
-                       torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1)
+    assert torch.equal(
+        torch.cat([b["image"] for b in decoded]), torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    )
 
 
 def test_labels_modes():
