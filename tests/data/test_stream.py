@@ -197,19 +197,20 @@ def test_workers_ignore_stop_signals_meant_for_the_main_process(tmp_path):
     make = functools.partial(ShardLoader, urls, batch_size=3, num_workers=2, shuffle_buffer=4, seed=4)
     reference = _keys(make())
     received = []
+    others = set(_children())  # e.g. the reference loader's workers still exiting, an earlier test's process
     previous = signal.signal(signal.SIGTERM, lambda sig, frame: received.append(sig))
     try:
         keys = []
         for batch in make():
             keys.append(tuple(batch["key"]))
             if len(keys) == 2:
-                workers = _children()
+                workers = [pid for pid in _children() if pid not in others]
                 assert len(workers) == 2
                 for sig in ("TERM", "INT", "USR1"):  # from another process, as SLURM's or kill's
                     subprocess.run(["kill", f"-{sig}", *map(str, workers)], check=True)
                 os.kill(os.getpid(), signal.SIGTERM)
                 time.sleep(0.5)
-                assert _children() == workers, "the workers are alive"
+                assert set(workers) <= set(_children()), "the workers are alive"
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert received == [signal.SIGTERM]

@@ -67,6 +67,9 @@ def upstream(tmp_path_factory):
     """A run with every stage the two training stages read, and each stage's uninterrupted weights."""
     root = tmp_path_factory.mktemp("runs")
     cfg = _cfg(root)
+    # bitwise comparison with the subprocesses (_env): this module fixture is set up before the
+    # autouse fixture that sets the thread count, so set it here as well
+    torch.set_num_threads(1)
     prepare.run(cfg)
     weights = {"autoencoder": load_file(autoencoder.run(cfg) / WEIGHTS["autoencoder"])}
     encode.run(cfg)
@@ -78,6 +81,11 @@ def _copy(root: Path, stage: str, target: Path) -> config.Config:
     for name in UPSTREAM[stage]:
         shutil.copytree(root / "tiny" / name, target / "tiny" / name)
     return _cfg(target)
+
+
+def _env() -> dict[str, str]:
+    """One thread, as the in-process reference run: weights are compared bit for bit."""
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[2]))
 
 
 def _command(stage: str, target: Path) -> list[str]:
@@ -93,7 +101,7 @@ def _signal_group_after_first_checkpoint(stage: str, target: Path, cfg: config.C
         start_new_session=True,
         stderr=subprocess.PIPE,
         text=True,
-        env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2])),
+        env=_env(),
     )
     try:
         deadline = time.monotonic() + 240
@@ -145,7 +153,7 @@ def test_a_signal_to_the_process_group_checkpoints_and_the_rerun_ends_like_an_un
         capture_output=True,
         text=True,
         timeout=300,
-        env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2])),
+        env=_env(),
     )
     assert rerun.returncode == 0, rerun.stderr
     assert manifest.read(cfg.stage_dir(stage))["status"] == "complete"

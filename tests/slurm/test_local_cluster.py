@@ -306,7 +306,9 @@ def _preempt(cluster, job, checkpoints: Path, log_dir: Path) -> dict:
         time.sleep(0.5)
 
 
-STEPS = ["diffusion.max_steps=80", "diffusion.checkpoint_every=10", "diffusion.log_every=10"]
+# Enough steps that a 3 s time budget cannot hold them on an idle machine (80 once finished in one
+# job: the time-budget test then saw no requeue)
+STEPS = ["diffusion.max_steps=400", "diffusion.checkpoint_every=50", "diffusion.log_every=50"]
 
 
 @pytest.fixture(scope="module")
@@ -354,7 +356,7 @@ def test_a_time_budget_requeues_the_job_until_it_ends_with_the_uninterrupted_wei
     chain, cluster, reference, tmp_path
 ):
     runs = _copy_upstream(chain[0], tmp_path)
-    # 3 s of training per run, DataLoader workers on: requeued (no signal) until the 80 steps are done
+    # 3 s of training per run, DataLoader workers on: requeued (no signal) until the 400 steps are done
     job = _sbatch_diffusion(
         cluster, tmp_path, runs, *STEPS, "diffusion.time_budget_minutes=0.05", "diffusion.num_workers=1"
     )
