@@ -15,7 +15,6 @@ own scaling factor, weight sha256s) in place of a weights file.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from functools import partial
@@ -44,9 +43,8 @@ from pipeline.errors import LatentpipeError
 from pipeline.interop import load_pretrained_autoencoder
 from pipeline.metrics.recon import psnr, ssim
 from pipeline.runtime.dist import Runtime
-from pipeline.runtime.logging import MetricsLog
 from pipeline.runtime.optim import build_optimizer
-from pipeline.runtime.training import TrainingLoop, TrainState, configure_backends, prepare_network, to_device
+from pipeline.runtime.training import TrainingLoop, configure_backends, prepare_network, start_training, to_device
 from pipeline.seeding import derive_seed, generator
 
 SPEC = stage_registry.get("autoencoder")
@@ -191,24 +189,16 @@ def run(cfg: config.Config) -> Path:
             flip=ae.flip,
         )
         record.watch(loader)
-        resume_key = config.section_hash(cfg, SECTIONS, ignore=RESUMABLE_CHANGES) + json.dumps(
-            record.inputs, sort_keys=True
-        )
-        state = TrainState(
+        state, metrics_log = start_training(
+            cfg,
+            NAME,
+            record.directory,
+            record.inputs,
             runtime,
-            record.directory / "checkpoints",
-            resume_key=resume_key,
+            resumable=RESUMABLE_CHANGES,
             keep=ae.keep_checkpoints,
             loader=loader,
             pairs=pairs,
-        )
-        state.resume(NAME)
-        metrics_log = MetricsLog(
-            record.directory,
-            enabled=runtime.is_main,
-            start_step=state.progress.step,
-            wandb_project=cfg.experiment.wandb_project,
-            config=config.to_dict(cfg),
         )
         objective = Objective(ae, lpips)
         with TrainingLoop(state, ae, NAME, metrics_log=metrics_log) as loop:

@@ -15,7 +15,6 @@ and part of the resume identity.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import asdict
@@ -34,9 +33,8 @@ from pipeline.latents import LatentSpace
 from pipeline.networks import training_flops
 from pipeline.runtime.dist import Runtime
 from pipeline.runtime.ema import EMA
-from pipeline.runtime.logging import MetricsLog
 from pipeline.runtime.optim import build_optimizer, lr_schedule
-from pipeline.runtime.training import TrainingLoop, TrainState, configure_backends, prepare_network, to_device
+from pipeline.runtime.training import TrainingLoop, configure_backends, prepare_network, start_training, to_device
 from pipeline.sampling.generate import generate
 from pipeline.seeding import derive_seed, generator
 
@@ -153,28 +151,19 @@ def run(cfg: config.Config) -> Path:
             shuffle_buffer=d.shuffle_buffer,
         )
         record.watch(loader)
-        resume_key = (
-            config.section_hash(cfg, SECTIONS, ignore=RESUMABLE_CHANGES)
-            + json.dumps(record.inputs, sort_keys=True)
-            + (json.dumps(init, sort_keys=True) if init else "")
-        )
-        state = TrainState(
+        state, metrics_log = start_training(
+            cfg,
+            NAME,
+            record.directory,
+            record.inputs,
             runtime,
-            record.directory / "checkpoints",
-            resume_key=resume_key,
+            resumable=RESUMABLE_CHANGES,
             keep=d.keep_checkpoints,
             loader=loader,
             pairs={"model": (model, optimizer)},
             scheduler=scheduler,
             ema=ema,
-        )
-        state.resume(NAME)
-        metrics_log = MetricsLog(
-            record.directory,
-            enabled=runtime.is_main,
-            start_step=state.progress.step,
-            wandb_project=cfg.experiment.wandb_project,
-            config=config.to_dict(cfg),
+            identity=init,
         )
         loss_fn, flops_per_sample = LOSSES[d.prediction], training_flops(net.config)
         # grad_clip 0 measures without clipping (DeepSpeed: its config's gradient_clipping 0)

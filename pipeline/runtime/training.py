@@ -25,20 +25,23 @@ what it does with a non-finite step, and the progress it reports.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import torch
 
+from pipeline import config, stage_registry
 from pipeline.data.stream import ShardLoader, endless
 from pipeline.errors import LatentpipeError, StageInterrupted
 from pipeline.runtime import checkpoint, preemption
 from pipeline.runtime.dist import Runtime
 from pipeline.runtime.ema import EMA
+from pipeline.runtime.logging import MetricsLog
 from pipeline.runtime.optim import scale_learning_rate
 from pipeline.runtime.preemption import StopSignal
 from pipeline.runtime.progress import ProgressDisplay, Window
@@ -217,6 +220,52 @@ class TrainState:
 
 
 # ----------------------------------------------------------------------------- the loop
+
+
+def start_training(
+    cfg: config.Config,
+    stage: str,
+    directory: Path,
+    inputs: Mapping[str, str],
+    runtime: Runtime,
+    *,
+    resumable: Sequence[str],
+    keep: int,
+    loader: ShardLoader,
+    pairs: dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]],
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    ema: EMA | None = None,
+    identity: Mapping[str, Any] | None = None,
+) -> tuple[TrainState, MetricsLog]:
+    """A training stage's state, resumed from its newest readable checkpoint, and its metrics log
+    starting at the step the weights are at. Checkpoints are kept only while the stage's config
+    (less the ``resumable`` keys), its ``inputs`` and any extra ``identity`` (e.g. the weights
+    fine-tuning starts from) stay the same."""
+    spec = stage_registry.get(stage)
+    resume_key = (
+        config.section_hash(cfg, spec.sections, ignore=tuple(resumable))
+        + json.dumps(dict(inputs), sort_keys=True)
+        + (json.dumps(dict(identity), sort_keys=True) if identity else "")
+    )
+    state = TrainState(
+        runtime,
+        directory / "checkpoints",
+        resume_key=resume_key,
+        keep=keep,
+        loader=loader,
+        pairs=pairs,
+        scheduler=scheduler,
+        ema=ema,
+    )
+    state.resume(stage)
+    metrics_log = MetricsLog(
+        directory,
+        enabled=runtime.is_main,
+        start_step=state.progress.step,
+        wandb_project=cfg.experiment.wandb_project,
+        config=config.to_dict(cfg),
+    )
+    return state, metrics_log
 
 
 class TrainingLoop:
