@@ -308,7 +308,8 @@ def _preempt(cluster, job, checkpoints: Path, log_dir: Path) -> dict:
 
 # Enough steps that a 3 s time budget cannot hold them on an idle machine (80 once finished in one
 # job: the time-budget test then saw no requeue)
-STEPS = ["diffusion.max_steps=400", "diffusion.checkpoint_every=50", "diffusion.log_every=50"]
+MAX_STEPS = 400
+STEPS = [f"diffusion.max_steps={MAX_STEPS}", "diffusion.checkpoint_every=50", "diffusion.log_every=50"]
 
 
 @pytest.fixture(scope="module")
@@ -432,9 +433,9 @@ def test_preempted_diffusion_is_requeued_and_resumes_exactly(chain, cluster, ref
     assert state["JobState"] == "COMPLETED" and int(state["Restarts"]) == 1, f"{state}\n{log}"
     assert "received SIGUSR1" in log and "requeueing job" in log and "restart count 1" in log, log
     found = json.loads((runs / "tiny" / "diffusion" / "manifest.json").read_text())
-    assert found["status"] == "complete" and found["metrics"]["steps"] == 80
+    assert found["status"] == "complete" and found["metrics"]["steps"] == MAX_STEPS
     interrupted_at = [int(p.name.split("-")[1]) for p in checkpoints.glob("step-*")]
-    assert interrupted_at and min(interrupted_at) < 80, interrupted_at
+    assert interrupted_at and min(interrupted_at) < MAX_STEPS, interrupted_at
     _assert_weights(reference, runs)
 
 
