@@ -6,8 +6,10 @@ keys: for VQ the code indices (int16, h x w) of each image, and of its horizonta
 ``cls`` when labelled. Ranks take disjoint input shards (rank r: shards r, r + R, ...), so no two
 ranks ever write the same file and the output does not depend on the number of ranks.
 
-Per-channel statistics of the continuous latents (the codebook embeddings for VQ, the
-posterior means for KL) of the train split give the scale that brings them to unit variance;
+Per-channel statistics of the continuous latents the diffusion model trains on (the codebook
+embeddings for VQ; for KL the posterior samples z = mu + sigma eps, from their exact moments
+E[z] = mu and E[z^2] = mu^2 + sigma^2, so no noise is drawn) of the train split give the scale
+that brings them to unit variance;
 it is stored in the manifest with the codebook (``codebook.safetensors``) and the
 autoencoder's hash, next to a published autoencoder's own scaling factor (which
 ``diffusion.normalize=checkpoint`` uses instead). A rerun skips output shards that are already complete.
@@ -42,13 +44,19 @@ def _npy(array: torch.Tensor) -> bytes:
 
 
 @torch.no_grad()
-def _encode(model, kind: str, images: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """(fields to store per image, the continuous latents whose statistics set the scale)."""
+def _encode(
+    model, kind: str, images: torch.Tensor
+) -> tuple[dict[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """(fields to store per image, (E[z], E[z^2]) per latent entry of what training sees): the
+    codebook vectors for VQ; posterior samples for KL, whose second moment adds sigma^2 (the
+    posterior means alone would understate the spread and overstate the scale)."""
     if kind == "vq":
         quantized = model.encode(images)
-        return {"codes": quantized.indices.to(torch.int16)}, quantized.z_q
+        z = quantized.z_q.double()
+        return {"codes": quantized.indices.to(torch.int16)}, (z, z.pow(2))
     posterior = model.encode(images)
-    return {"mean": posterior.mean, "logvar": posterior.logvar}, posterior.mean
+    mean = posterior.mean.double()
+    return {"mean": posterior.mean, "logvar": posterior.logvar}, (mean, mean.pow(2) + posterior.logvar.double().exp())
 
 
 def _encode_shard(url: Path, out_dir: Path, model, kind: str, cfg: config.Config, device) -> dict:
@@ -59,14 +67,13 @@ def _encode_shard(url: Path, out_dir: Path, model, kind: str, cfg: config.Config
     with ShardWriter(out_dir, split, max_count=1 << 40, max_bytes=1 << 62, first_index=int(index)) as writer:
         for batch in sequential_batches(str(url), cfg.encode.batch_size):
             images = batch["image"].to(device)
-            fields, continuous = _encode(model, kind, images)
+            fields, (first, second) = _encode(model, kind, images)
             if cfg.encode.flip_twin:
                 flipped, _ = _encode(model, kind, images.flip(-1))
                 fields.update({f"{name}_flip": value for name, value in flipped.items()})
-            c = continuous.double()
-            sums = c.sum(dim=(0, 2, 3)) if sums is None else sums + c.sum(dim=(0, 2, 3))
-            sq_sums = c.pow(2).sum(dim=(0, 2, 3)) if sq_sums is None else sq_sums + c.pow(2).sum(dim=(0, 2, 3))
-            count += c.shape[0] * c.shape[2] * c.shape[3]
+            sums = first.sum(dim=(0, 2, 3)) if sums is None else sums + first.sum(dim=(0, 2, 3))
+            sq_sums = second.sum(dim=(0, 2, 3)) if sq_sums is None else sq_sums + second.sum(dim=(0, 2, 3))
+            count += first.shape[0] * first.shape[2] * first.shape[3]
             for i, key in enumerate(batch["key"]):
                 sample = {"__key__": key, **{f"{name}.npy": _npy(value[i]) for name, value in fields.items()}}
                 if "label" in batch:
@@ -76,7 +83,7 @@ def _encode_shard(url: Path, out_dir: Path, model, kind: str, cfg: config.Config
         "count": count,
         "sum": sums.tolist(),
         "sq_sum": sq_sums.tolist(),
-        "images": count // (c.shape[2] * c.shape[3]),
+        "images": count // (first.shape[2] * first.shape[3]),
     }
 
 

@@ -1,7 +1,7 @@
 """First-stage autoencoders: networks, VQ codebook, Gaussian posterior, LPIPS, GAN loss."""
 
 from pipeline.autoencoder.codebook import Codebook, Quantized, perplexity, usage
-from pipeline.autoencoder.kl import DiagonalGaussian, bits_per_dim, gaussian_nll, negative_elbo
+from pipeline.autoencoder.kl import DiagonalGaussian, gaussian_nll, negative_elbo
 from pipeline.autoencoder.losses import PatchDiscriminator, adaptive_weight, gan_factor, generator_loss, hinge_d_loss
 from pipeline.autoencoder.lpips import LPIPS, lpips_input
 from pipeline.autoencoder.nets import Decoder, Encoder, KLAutoencoder, VQAutoencoder
@@ -17,7 +17,6 @@ __all__ = [
     "Quantized",
     "VQAutoencoder",
     "adaptive_weight",
-    "bits_per_dim",
     "gan_factor",
     "gaussian_nll",
     "generator_loss",

@@ -5,9 +5,10 @@ Bayes"), as in LDM's KL-f autoencoders.
 - Reparameterisation (Sec. 2.4): z = mu + sigma * eps, eps ~ N(0, I).
 - KL(q(z|x) || N(0, I)) in closed form (App. B): 1/2 sum_j (mu_j^2 + sigma_j^2 - 1 - log sigma_j^2).
 - Decoder likelihood p(x|z) = N(x_hat, s^2 I) with a learned scalar s, so the negative ELBO
-  -E_q[log p(x|z)] + KL(q || p) is a bound in nats. Per-dimension bits for 8-bit images
-  scaled to [-1, 1] add the log-width of one of the 256 bins per dimension (Theis et al.
-  2016, "A note on the evaluation of generative models", Sec. 3.1).
+  -E_q[log p(x|z)] + KL(q || p) bounds -log p(x) of the continuous density, in nats. It is not
+  a bound on the probability of 8-bit images unless training sees dequantised data x + u,
+  u ~ U(bin) (Theis et al. 2016, "A note on the evaluation of generative models", Sec. 3.1),
+  which it does not: training logs it as nats per dimension, never as bits/dim.
 """
 
 from __future__ import annotations
@@ -67,9 +68,3 @@ def negative_elbo(
     mean of the weighted sum (the training loss); ``nelbo`` is the unweighted bound in nats."""
     nll, kl = gaussian_nll(x, x_hat, log_scale), posterior.kl()
     return {"nll": nll, "kl": kl, "nelbo": nll + kl, "loss": (nll + kl_weight * kl).mean()}
-
-
-def bits_per_dim(nats: Tensor, dims: int, *, bins: int = 256, data_range: float = 2.0) -> Tensor:
-    """Negative log-likelihood of ``dims``-dimensional data with ``bins`` levels spread over
-    ``data_range``, from a density bound in nats: (nats + dims log(bins / data_range)) / (dims ln 2)."""
-    return (nats + dims * math.log(bins / data_range)) / (dims * math.log(2))

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from pipeline import config
 from pipeline.autoencoder.codebook import perplexity
-from pipeline.autoencoder.kl import bits_per_dim, negative_elbo
+from pipeline.autoencoder.kl import negative_elbo
 from pipeline.autoencoder.lpips import LPIPS, lpips_input
 
 
@@ -40,7 +40,8 @@ class Objective:
             dims = x[0].numel()
             pixel = elbo["loss"] / dims  # per-dimension scale, like the pixel losses
             loss = pixel
-            terms.update(kl=elbo["kl"].mean().detach(), nelbo_bpd=bits_per_dim(elbo["nelbo"].mean(), dims).detach())
+            # the continuous density's bound per dimension; not bits/dim of 8-bit images (kl.py)
+            terms.update(kl=elbo["kl"].mean().detach(), nelbo_nats_per_dim=(elbo["nelbo"].mean() / dims).detach())
         if self.lpips is not None and cfg.lpips_weight > 0:
             perceptual = self.lpips(lpips_input(x_hat.float()), lpips_input(x.float())).mean()
             loss = loss + cfg.lpips_weight * perceptual

@@ -125,3 +125,26 @@ def test_refuses_an_autoencoder_trained_with_another_config(trained, tmp_path):
     cfg = _cfg(_copy(trained, tmp_path), "autoencoder.num_codes=64")
     with pytest.raises(LatentpipeError, match="made with another config"):
         encode.run(cfg)
+
+
+@pytest.mark.parametrize("normalize", ["channel", "scale"])
+def test_kl_statistics_bring_the_posterior_samples_training_sees_to_unit_variance(tmp_path, normalize):
+    """The diffusion model trains on z = mu + sigma eps; statistics of the means alone would leave
+    those samples several times too wide when sigma is not small (as early in KL training)."""
+    cfg = _cfg(tmp_path, "autoencoder.kind=kl")
+    prepare.run(cfg)
+    autoencoder.run(cfg)
+    encode.run(cfg)
+    encoded = artifacts.EncodedLatents.from_stage_dir(cfg)
+    space = encoded.latent_space(normalize)
+    shards = [str(path) for path in encoded.files("train")]
+    z = torch.cat(
+        [
+            space.from_batch(batch, generator=torch.Generator().manual_seed(i))
+            for i, batch in enumerate(sequential_batches(shards, 64))
+        ]
+    ).double()
+    assert abs(float(z.std()) - 1.0) < 0.05  # "scale" shifts nothing (LDM): the std is about the mean
+    if normalize == "channel":
+        assert float(z.mean(dim=(0, 2, 3)).abs().max()) < 0.05
+        torch.testing.assert_close(z.std(dim=(0, 2, 3)), torch.ones(z.shape[1], dtype=z.dtype), atol=0.06, rtol=0)
