@@ -70,6 +70,8 @@ def gathered_state(engine, api, keep: bool) -> dict[str, Any]:
     if len(steps) > 1:
         raise ValueError(f"the ZeRO partitions of this rank are at different Adam steps {sorted(steps)}")
     keys = ("fp32", *_MOMENTS) if steps else ("fp32",)
+    if steps:
+        _link_moments(engine.optimizer)  # not yet after a resume on the same number of ranks
     full: dict[str, dict[str, torch.Tensor]] = {key: {} for key in keys}
     for name, param in _trainable(engine).items():
         for key in keys:
@@ -98,15 +100,23 @@ def load_gathered_state(engine, state: dict[str, Any], api, rank: int) -> None:
     optimizer = engine.optimizer
     base = optimizer.optimizer
     stage3 = hasattr(optimizer, "fp32_partitioned_groups_flat")
+    offloaded = [f for f in ("cpu_offload", "offload_optimizer", "offload_param") if getattr(optimizer, f, False)]
+    if offloaded:  # untested: its swapped or pinned buffers might not take the state set here
+        raise ValueError(
+            f"resuming a ZeRO checkpoint on another number of ranks is not supported with offloading "
+            f"({', '.join(offloaded)}): resume on the original number of ranks, or without offload"
+        )
+    for group, saved in zip(base.param_groups, state["param_groups"], strict=True):
+        group.update(saved)  # learning rate (and the rest, as torch's Optimizer.load_state_dict does)
     if state["step"] is not None:
-        # Adam creates its state at the first step; make it now (zeros, filled in below)
+        # Adam creates its state at the first step; make it now (zeros, filled in below), with the
+        # step where torch keeps it: on the parameters' device for fused/capturable Adam, else CPU
         flats = optimizer.fp32_partitioned_groups_flat if stage3 else optimizer.single_partition_of_fp32_groups
-        on_device = bool(base.defaults.get("fused") or base.defaults.get("capturable"))
+        on_device = any(g.get("fused") or g.get("capturable") for g in base.param_groups)
         for flat in flats:
             step = torch.tensor(state["step"], dtype=torch.float32, device=flat.device if on_device else "cpu")
             base.state[flat] = {"step": step, **{key: torch.zeros_like(flat) for key in _MOMENTS}}
-        if not stage3:  # point each parameter's fragment map at the new state (DeepSpeed does it at its first step)
-            optimizer._lazy_init_hp_params_optimizer_state()
+        _link_moments(optimizer)
     keys = ("fp32", *_MOMENTS) if state["step"] is not None else ("fp32",)
     for name, param in _trainable(engine).items():
         for key in keys:
@@ -121,12 +131,18 @@ def load_gathered_state(engine, state: dict[str, Any], api, rank: int) -> None:
                 api.safe_set_full_fp32_param(param, value)
             else:
                 api.safe_set_full_optimizer_state(param, value, key)
-    for group, saved in zip(base.param_groups, state["param_groups"], strict=True):
-        group.update(saved)
     for name, value in state["loss_scaler"].items():
         setattr(optimizer.loss_scaler, name, value)
     for name, value in state["counters"].items():
         setattr(engine, name, value)
+
+
+def _link_moments(optimizer) -> None:
+    """ZeRO-1/2: point each parameter's fragment map (what ``safe_*_optimizer_state`` reads and
+    writes) at the Adam state, which DeepSpeed does at its first step only. ZeRO-3 reads the
+    state itself."""
+    if hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):
+        optimizer._lazy_init_hp_params_optimizer_state()
 
 
 def _trainable(engine) -> dict[str, Any]:  # DeepSpeed parameters (ZeRO-3: with ds_tensor)

@@ -110,8 +110,13 @@ def test_zero_trains_resumes_and_keeps_an_ema(single, tmp_path, stage):
     ]
     own = torch.load(step_dir / "rank-00001.pt", weights_only=True)
     assert own["zero"]["counters"]["global_steps"] == 2
-    resumed = _train(tmp_path / "resumed.pt", *common)
+    elastic = torch.load(step_dir / "elastic.pt", weights_only=True)["zero_full"]
+    resumed = _train(tmp_path / "resumed.pt", *common, "--dump-resumed", tmp_path / "gathered.pt")
     _assert_same_training(resumed, straight, exact=True)
+    gathered = torch.load(tmp_path / "gathered.pt", weights_only=True)["zero_full"]  # before a step
+    assert gathered["step"] == elastic["step"] == 2.0
+    for key in ("fp32", "exp_avg", "exp_avg_sq"):
+        assert all(torch.equal(gathered[key][name], value) for name, value in elastic[key].items()), key
 
 
 @pytest.mark.parametrize("stage", [0, pytest.param(2, marks=needs_deepspeed)])
