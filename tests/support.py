@@ -1,6 +1,9 @@
-"""Helpers the tests share: a free TCP port for torchrun, and a preemption at a chosen step."""
+"""Helpers the tests share: a free TCP port for torchrun, a preemption at a chosen step, and a
+DeepSpeed config for toy models."""
 
+import json
 import socket
+from pathlib import Path
 
 from pipeline.runtime import preemption
 
@@ -22,3 +25,25 @@ def signal_before_step(monkeypatch, step: int) -> None:
         return "SIGUSR1" if calls["n"] == step + 1 else None
 
     monkeypatch.setattr(preemption.StopSignal, "reason", reason)
+
+
+def small_deepspeed_config(directory: Path, stage: int) -> Path:
+    """The shipped ZeRO config, written to ``directory``, with small communication buckets:
+    DeepSpeed's default buckets are allocated up front (and NaN-filled under deterministic
+    algorithms), slow for a toy model. Under ZeRO-3 every parameter is partitioned."""
+    config = json.loads(
+        (Path(__file__).resolve().parents[1] / "configs" / "deepspeed" / f"zero{stage}.json").read_text()
+    )
+    small = (
+        {"reduce_bucket_size": 100_000, "allgather_bucket_size": 100_000}
+        if stage < 3
+        else {
+            "reduce_bucket_size": 100_000,
+            "stage3_prefetch_bucket_size": 100_000,
+            "stage3_param_persistence_threshold": 0,
+        }
+    )
+    config["zero_optimization"].update(small)
+    path = directory / f"zero{stage}.json"
+    path.write_text(json.dumps(config))
+    return path

@@ -1,8 +1,10 @@
 """Checkpoints that a job can resume from bit for bit, written atomically by all ranks.
 
 Layout: ``<dir>/step-00001200/`` holding ``state.pt`` (what every rank shares: model,
-optimisers, codebook, step), ``rank-00000.pt`` ... (what each rank owns: its data-loader
-position) and ``complete.json``, which records each file's size and sha256. The ranks write
+optimisers, codebook, step), ``rank-00000.pt`` ... (what each rank owns: under DeepSpeed ZeRO
+its optimiser partition), ``elastic.pt`` (only where ranks own state: what a job on another number
+of ranks loads instead of the rank files, e.g. the ZeRO optimiser state gathered into whole
+tensors) and ``complete.json``, which records each file's size and sha256. The ranks write
 into ``.step-00001200.tmp/`` and the main rank renames it when everyone is done, so a ``step-*``
 directory is always complete. On resume every file is checked against ``complete.json`` (torch
 does not check its zip CRCs: flipped bytes would load) and loaded with
@@ -29,6 +31,7 @@ from pipeline.runtime.dist import Runtime
 
 log = logging.getLogger(__name__)
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
+ELASTIC = "elastic.pt"
 
 
 def _rank_file(rank: int) -> str:
@@ -89,9 +92,11 @@ def save(
     runtime: Runtime,
     keep: int,
     resume_key: str,
+    elastic: dict[str, Any] | None = None,
 ) -> Path:
     """Write a checkpoint of ``step`` (collective: every rank calls it) and keep the newest ``keep``.
-    ``resume_key`` identifies what the state was trained on (see :func:`set_aside_if_stale`)."""
+    ``resume_key`` identifies what the state was trained on (see :func:`set_aside_if_stale`);
+    ``elastic`` (main rank) replaces every rank's ``own`` state on another number of ranks."""
     directory = Path(directory)
     final = directory / f"step-{step:08d}"
     tmp = directory / f".step-{step:08d}{atomic.TMP_SUFFIX}"
@@ -102,6 +107,8 @@ def save(
     _write(tmp / _rank_file(runtime.rank), own)
     if runtime.is_main:
         _write(tmp / "state.pt", shared)
+        if elastic:
+            _write(tmp / ELASTIC, elastic)
     runtime.barrier()
     if runtime.is_main:
         files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.glob("*.pt"))}
@@ -167,21 +174,23 @@ def load_latest(directory: Path, runtime: Runtime) -> tuple[Path, dict[str, Any]
 
 
 def load(path: Path, rank: int, world_size: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """(shared state, this rank's own state) of a checkpoint, on CPU. The own state is None when
-    the checkpoint was written by another number of ranks (elastic resume: the shared state
-    carries over, see ``TrainState.restore``)."""
+    """(shared state, this rank's own state) of a checkpoint, on CPU. When the checkpoint was
+    written by another number of ranks (elastic resume: the shared state carries over, see
+    ``TrainState.restore``) the own state is its ``elastic.pt`` (memory-mapped: every rank reads
+    the same pages), or None when it has none."""
     meta = json.loads((path / "complete.json").read_text())
     recorded = meta.get("files")  # absent in checkpoints written before files were hashed
     same_ranks = meta["world_size"] == world_size
-    for name in ("state.pt", _rank_file(rank)) if same_ranks else ("state.pt",):
-        if recorded is not None:
+    own_file = _rank_file(rank) if same_ranks else ELASTIC if (path / ELASTIC).is_file() else None
+    for name in ("state.pt", own_file):
+        if recorded is not None and name is not None:
             _verify(path / name, recorded.get(name))
     shared = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     if not same_ranks:
         log.info("%s was written by %d rank(s); this job has %d", path, meta["world_size"], world_size)
+    if own_file is None:
         return shared, None
-    own = torch.load(path / _rank_file(rank), map_location="cpu", weights_only=True)
-    return shared, own
+    return shared, torch.load(path / own_file, map_location="cpu", weights_only=True, mmap=not same_ranks)
 
 
 def _verify(file: Path, entry: dict[str, Any] | None) -> None:

@@ -190,42 +190,60 @@ class Runtime:
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
 
-    def training_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-        """(shared, own) state of a prepared model and its optimiser, for ``checkpoint.save``:
+    def training_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict, dict]:
+        """(shared, own, elastic) state of a prepared model and its optimiser, for ``checkpoint.save``:
         tensors and plain data only. ``shared["model"]`` is always the full state dict of the
         unwrapped model (gathered under ZeRO-3), usable for export. DDP: the optimiser is in
-        ``shared``; ZeRO: each rank's optimiser partition (fp32 master weights, Adam moments, loss
-        scaler) is in ``own``, so resuming needs the same number of ranks. Collective under ZeRO-3."""
+        ``shared`` and ``elastic`` is empty. ZeRO: ``own`` is this rank's optimiser partition (fp32
+        master weights, Adam moments, loss scaler), what a job on the same number of ranks resumes
+        from; ``elastic`` (main rank only, empty elsewhere) is the whole optimiser state gathered
+        into full per-parameter tensors, what a job on another number of ranks resumes from.
+        Collective under ZeRO."""
         with self.full_parameters(model):
             weights = {k: v.detach().cpu().clone() for k, v in self.unwrap(model).state_dict().items()}
         if not self.zero_stage:
-            return {"model": weights, "optimizer": optimizer.state_dict()}, {}
-        return {"model": weights}, {"zero": zero.optimizer_state(model)}
+            return {"model": weights, "optimizer": optimizer.state_dict()}, {}, {}
+        import deepspeed.utils
+
+        gathered = zero.gathered_state(model, deepspeed.utils, keep=self.is_main)
+        return {"model": weights}, {"zero": zero.optimizer_state(model)}, {"zero_full": gathered} if gathered else {}
 
     def load_training_state(
         self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, shared: dict, own: dict | None
     ) -> None:
-        """Restore what :meth:`training_state` returned (from ``checkpoint.load``; ``own`` is None
-        when the checkpoint was written by another number of ranks). DDP keeps the full optimiser
-        state in ``shared``, so it resumes on any number of ranks."""
+        """Restore what :meth:`training_state` returned (from ``checkpoint.load``): ``own`` is this
+        rank's own state, or, for a checkpoint written by another number of ranks, the ``elastic``
+        state (None when it has none: DDP, or ZeRO checkpoints written before it existed). DDP keeps
+        the full optimiser state in ``shared`` and ZeRO's elastic state is resharded onto this
+        job's ranks, so both resume on any number of ranks. Collective under ZeRO."""
         if not self.zero_stage:
             self.unwrap(model).load_state_dict(shared["model"])
             optimizer.load_state_dict(shared["optimizer"])
             return
         if own is None:
             raise LatentpipeError(
-                "this checkpoint was written by another number of ranks and holds DeepSpeed ZeRO "
-                "optimizer partitions, which resume on the same number of ranks only: rerun "
-                "with the original number of processes (or without DeepSpeed from a DDP checkpoint)"
+                "this checkpoint was written by another number of ranks and holds only per-rank "
+                "DeepSpeed ZeRO optimizer partitions (it predates elastic ZeRO checkpoints): rerun "
+                "with the original number of processes"
             )
-        if "zero" not in own:
+        if "zero" not in own and "zero_full" not in own:
             raise ValueError(
                 "this checkpoint holds no DeepSpeed optimizer partitions (it was written without "
                 "DeepSpeed): resume it without the deepspeed config, or start afresh"
             )
-        if self.zero_stage < 3:  # ZeRO-3 rebuilds its weight partitions from the fp32 master copy
+        if "zero" in own:  # written by as many ranks as this job has
+            if self.zero_stage < 3:  # ZeRO-3 rebuilds its weight partitions from the fp32 master copy
+                self.unwrap(model).load_state_dict(shared["model"])
+            zero.load_optimizer_state(model, own["zero"], self.rank, self.world_size)
+            return
+        import deepspeed
+
+        # the weights the model computes with (bf16/fp16 or fp32), then the fp32 optimiser state
+        with deepspeed.zero.GatheredParameters(
+            list(self.unwrap(model).parameters()), modifier_rank=0, enabled=self.zero_stage == 3
+        ):
             self.unwrap(model).load_state_dict(shared["model"])
-        zero.load_optimizer_state(model, own["zero"], self.rank, self.world_size)
+        zero.load_gathered_state(model, own["zero_full"], deepspeed.utils, self.rank)
 
     def full_parameters(self, model: torch.nn.Module) -> contextlib.AbstractContextManager:
         """Context in which ``self.unwrap(model)``'s parameters are complete on every rank (read

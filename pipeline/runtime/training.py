@@ -128,9 +128,10 @@ class TrainState:
     ``pairs``: name -> (prepared model, its optimiser); the first pair is the primary one (the
     EMA follows it, the scheduler drives its optimiser). Shared state (weights, optimisers,
     scheduler, EMA, gradient scaler, progress, every rank's loader position) goes to
-    ``state.pt``; each rank's own (ZeRO partitions) to its rank file. Under DDP a checkpoint
-    resumes on any number of ranks (the loader continues the epoch, see
-    ``ShardLoader.resume``); under ZeRO on the same number only.
+    ``state.pt``; each rank's own (ZeRO partitions) to its rank file, and under ZeRO the
+    optimiser state gathered whole to ``elastic.pt``. A checkpoint resumes on any number of
+    ranks (the loader continues the epoch, see ``ShardLoader.resume``; ZeRO reshards its
+    optimiser state from ``elastic.pt``), and bit for bit on the same number.
     """
 
     def __init__(
@@ -167,14 +168,22 @@ class TrainState:
             "loaders": self.runtime.gather_objects(self.loader.state_dict()),
         }
         own: dict[str, Any] = {}
+        elastic: dict[str, Any] = {}
         for name, (model, optimizer) in self.pairs.items():
-            shared[name], own[name] = self.runtime.training_state(model, optimizer)
+            shared[name], own[name], elastic[name] = self.runtime.training_state(model, optimizer)
         if self.scheduler is not None:
             shared["scheduler"] = self.scheduler.state_dict()
         if self.ema is not None:
             shared["ema"] = self.ema.state_dict()
         return checkpoint.save(
-            self.directory, self.progress.step, shared, own, self.runtime, self.keep, self.resume_key
+            self.directory,
+            self.progress.step,
+            shared,
+            own,
+            self.runtime,
+            self.keep,
+            self.resume_key,
+            elastic if any(elastic.values()) else None,
         )
 
     def resume(self, name: str) -> Path | None:

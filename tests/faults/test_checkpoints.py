@@ -37,6 +37,25 @@ def test_complete_json_records_every_file_with_its_sha256(tmp_path):
     }
 
 
+def test_the_elastic_state_is_hashed_and_replaces_the_rank_files_on_another_number_of_ranks(tmp_path):
+    """elastic.pt (DeepSpeed ZeRO's optimiser state gathered whole) is what a job on another
+    number of ranks gets as its own state; the same number of ranks gets its rank file."""
+    whole = torch.arange(6.0)
+    path = checkpoint.save(
+        tmp_path, 1, {"step": 1}, {"part": whole[:3]}, Runtime(), keep=2, resume_key="k", elastic={"whole": whole}
+    )
+    assert set(json.loads((path / "complete.json").read_text())["files"]) == {"elastic.pt", "rank-00000.pt", "state.pt"}
+    assert torch.equal(checkpoint.load(path, 0, 1)[1]["part"], whole[:3])
+    assert torch.equal(checkpoint.load(path, 2, 3)[1]["whole"], whole)
+    data = bytearray((path / "elastic.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (path / "elastic.pt").write_bytes(bytes(data))
+    with pytest.raises(checkpoint.CheckpointError, match="elastic.pt differs from what was written"):
+        checkpoint.load(path, 2, 3)
+    assert checkpoint.load(path, 0, 1)[1] is not None  # the same number of ranks does not read it
+    assert checkpoint.load(_save(tmp_path, 2, 2.0), 1, 2)[1] is None  # nothing owned, nothing elastic (DDP)
+
+
 @pytest.mark.parametrize("name", ["state.pt", "rank-00000.pt"])
 def test_four_flipped_bytes_in_the_newest_checkpoint_fall_back_to_the_previous_one(tmp_path, caplog, name):
     _save(tmp_path, 1, 1.0)

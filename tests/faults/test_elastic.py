@@ -1,8 +1,12 @@
 """Elastic resume under real processes (torchrun, gloo): a checkpoint written by N ranks resumes
-on M ranks. The toy job of tests/runtime keeps the global batch fixed, so a DDP run stopped on N
-ranks and continued on M follows the single-process trajectory (the optimiser state carries over
-whole); the autoencoder stage continues from a checkpoint of another world size."""
+on M ranks. The toy job of tests/runtime keeps the global batch fixed, so a DDP or DeepSpeed
+ZeRO-2/3 run stopped on N ranks and continued on M follows the single-process trajectory (DDP's
+optimiser state carries over whole; ZeRO's is resharded from the checkpoint's ``elastic.pt``);
+the autoencoder stage continues from a checkpoint of another world size.
 
+DeepSpeed tests skip when deepspeed is not installed, unless LATENTPIPE_REQUIRE_DEEPSPEED=1."""
+
+import importlib.util
 import os
 import subprocess
 import sys
@@ -13,12 +17,16 @@ import torch
 
 from pipeline import config, manifest
 from stages import prepare
-from tests.support import free_port
+from tests.support import free_port, small_deepspeed_config
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 WORKER = REPO / "tests" / "runtime" / "train_worker.py"
-STEPS, GLOBAL_BATCH = 6, 8
+STEPS, GLOBAL_BATCH = 6, 12  # 12 rows: 1, 2 or 3 ranks
+needs_deepspeed = pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None and not os.environ.get("LATENTPIPE_REQUIRE_DEEPSPEED"),
+    reason="deepspeed is not installed (set LATENTPIPE_REQUIRE_DEEPSPEED=1 to fail instead)",
+)
 
 
 def _launch(processes: int, *args) -> list[str]:
@@ -82,6 +90,39 @@ def test_ddp_stopped_on_n_ranks_continues_on_m_like_one_uninterrupted_run(single
     assert torch.allclose(torch.tensor(resumed["losses"]), torch.tensor(single["losses"]), rtol=1e-5, atol=1e-6)
     for name, value in single["final"].items():
         assert torch.allclose(resumed["final"][name], value, rtol=1e-5, atol=1e-6), name
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2), (2, 3)])
+def test_zero_stopped_on_n_ranks_continues_on_m_with_its_optimizer_state(single, tmp_path, stage, before, after):
+    """The fp32 master weights, both Adam moments and the step arrive whole on the new ranks, and
+    the rest of the run follows the single-process trajectory (== the uninterrupted N-rank run,
+    tests/runtime/test_processes.py), to ZeRO's reduction-order tolerance."""
+    checkpoints, config = tmp_path / "checkpoints", small_deepspeed_config(tmp_path, stage)
+    common = ("--deepspeed", config, "--checkpoints", checkpoints)
+    _toy(tmp_path / "first.pt", before, *common, "--checkpoint-every", 3, "--stop-at", 3)
+    written = checkpoints / "step-00000003"
+    assert sorted(p.name for p in written.iterdir()) == sorted(
+        ["complete.json", "elastic.pt", "state.pt", *(f"rank-{r:05d}.pt" for r in range(before))]
+    )
+    saved = torch.load(written / "elastic.pt", weights_only=True)["zero_full"]
+    resumed = _toy(tmp_path / "out.pt", after, *common, "--dump-resumed", tmp_path / "resumed.pt")
+    assert resumed["world_size"] == after and resumed["zero_stage"] == stage
+
+    loaded = torch.load(tmp_path / "resumed.pt", weights_only=True)["zero_full"]  # gathered on M ranks
+    assert saved["step"] == loaded["step"] == 3.0 and saved["counters"]["global_steps"] == 3
+    assert loaded["counters"] == saved["counters"] and loaded["param_groups"] == saved["param_groups"]
+    for key in ("fp32", "exp_avg", "exp_avg_sq"):
+        assert saved[key].keys() == loaded[key].keys() == single["final"].keys(), key
+        for name, value in saved[key].items():
+            assert value.abs().max() > 0, (key, name)  # a real state, not a fresh one
+            assert torch.allclose(loaded[key][name], value, rtol=0, atol=1e-6), (key, name)
+    assert torch.allclose(torch.tensor(resumed["losses"]), torch.tensor(single["losses"]), rtol=1e-5, atol=1e-6)
+    assert torch.allclose(torch.tensor(resumed["norms"]), torch.tensor(single["norms"]), rtol=1e-5, atol=1e-6)
+    for part in ("final", "ema"):
+        for name, value in single[part].items():
+            assert torch.allclose(resumed[part][name], value, rtol=1e-5, atol=1e-6), (part, name)
 
 
 ARGS = [

@@ -14,7 +14,6 @@ DeepSpeed tests skip when deepspeed is not installed, unless LATENTPIPE_REQUIRE_
 """
 
 import importlib.util
-import json
 import math
 import os
 import subprocess
@@ -24,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.support import free_port
+from tests.support import free_port, small_deepspeed_config
 
 WORKER = Path(__file__).with_name("train_worker.py")
 REPO = Path(__file__).resolve().parents[2]
@@ -64,25 +63,6 @@ def _train(out: Path, *args, processes: int = 2, batch: int = BATCH) -> dict:
     return torch.load(out, weights_only=True) if out.exists() else {}
 
 
-def _deepspeed_config(tmp_path: Path, stage: int) -> Path:
-    """The shipped config with small communication buckets: DeepSpeed's default buckets are
-    allocated up front (and NaN-filled under deterministic algorithms), slow for a toy model."""
-    config = json.loads((REPO / "configs" / "deepspeed" / f"zero{stage}.json").read_text())
-    small = (
-        {"reduce_bucket_size": 100_000, "allgather_bucket_size": 100_000}
-        if stage < 3
-        else {
-            "reduce_bucket_size": 100_000,
-            "stage3_prefetch_bucket_size": 100_000,
-            "stage3_param_persistence_threshold": 0,
-        }
-    )
-    config["zero_optimization"].update(small)
-    path = tmp_path / f"zero{stage}.json"
-    path.write_text(json.dumps(config))
-    return path
-
-
 def _assert_same_training(a: dict, b: dict, exact: bool = False) -> None:
     compare = torch.equal if exact else lambda x, y: torch.allclose(x, y, rtol=1e-5, atol=1e-6)
     assert compare(torch.tensor(a["losses"]), torch.tensor(b["losses"])), (a["losses"], b["losses"])
@@ -110,7 +90,7 @@ def test_two_process_ddp_equals_one_process_with_doubled_batch(single, tmp_path)
 @needs_deepspeed
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_trains_resumes_and_keeps_an_ema(single, tmp_path, stage):
-    config = _deepspeed_config(tmp_path, stage)
+    config = small_deepspeed_config(tmp_path, stage)
     straight = _train(tmp_path / "straight.pt", "--deepspeed", config, "--grad-clip", 0.5)
     assert straight["zero_stage"] == stage and straight["world_size"] == 2
     _assert_same_training(straight, single)  # ZeRO's partitioned AdamW + clipping == plain AdamW
@@ -121,16 +101,27 @@ def test_zero_trains_resumes_and_keeps_an_ema(single, tmp_path, stage):
     common = ("--deepspeed", config, "--grad-clip", 0.5, "--checkpoint-every", 2, "--checkpoints", checkpoints)
     _train(tmp_path / "first.pt", *common, "--stop-at", 3)  # a job stopped after step 3 (checkpoint at 2)
     step_dir = checkpoints / "step-00000002"
-    assert sorted(p.name for p in step_dir.iterdir()) == ["complete.json", "rank-00000.pt", "rank-00001.pt", "state.pt"]
+    assert sorted(p.name for p in step_dir.iterdir()) == [
+        "complete.json",
+        "elastic.pt",  # what another number of ranks resumes from (tests/faults/test_elastic.py)
+        "rank-00000.pt",
+        "rank-00001.pt",
+        "state.pt",
+    ]
     own = torch.load(step_dir / "rank-00001.pt", weights_only=True)
     assert own["zero"]["counters"]["global_steps"] == 2
-    resumed = _train(tmp_path / "resumed.pt", *common)
+    elastic = torch.load(step_dir / "elastic.pt", weights_only=True)["zero_full"]
+    resumed = _train(tmp_path / "resumed.pt", *common, "--dump-resumed", tmp_path / "gathered.pt")
     _assert_same_training(resumed, straight, exact=True)
+    gathered = torch.load(tmp_path / "gathered.pt", weights_only=True)["zero_full"]  # before a step
+    assert gathered["step"] == elastic["step"] == 2.0
+    for key in ("fp32", "exp_avg", "exp_avg_sq"):
+        assert all(torch.equal(gathered[key][name], value) for name, value in elastic[key].items()), key
 
 
 @pytest.mark.parametrize("stage", [0, pytest.param(2, marks=needs_deepspeed)])
 def test_gradient_accumulation_equals_the_whole_batch(single, tmp_path, stage):
-    config = ("--deepspeed", _deepspeed_config(tmp_path, stage)) if stage else ()
+    config = ("--deepspeed", small_deepspeed_config(tmp_path, stage)) if stage else ()
     accumulated = _train(tmp_path / "out.pt", *config, "--grad-clip", 0.5, "--accumulate", 2)
     _assert_same_training(accumulated, single)
 
@@ -153,7 +144,7 @@ def test_runtimes_of_both_kinds_one_after_another(tmp_path, processes):
         ]
     )
     result = subprocess.run(
-        [*launcher, str(WORKER.with_name("sequence_worker.py")), str(_deepspeed_config(tmp_path, 2))],
+        [*launcher, str(WORKER.with_name("sequence_worker.py")), str(small_deepspeed_config(tmp_path, 2))],
         capture_output=True,
         text=True,
         timeout=300,

@@ -5,7 +5,8 @@ per-rank batch times the world size); rank r takes its r-th slice, so any world 
 same global batches. Trains with the Runtime (DDP or a DeepSpeed config), AdamW + cosine
 schedule and an EMA; checkpoints through ``checkpoint.save(training_state)`` every
 ``--checkpoint-every`` steps and resumes from the newest checkpoint; ``--stop-at`` ends the job
-early (as a preempted job would); ``--accumulate`` splits each rank's batch into micro-batches.
+early (as a preempted job would); ``--accumulate`` splits each rank's batch into micro-batches;
+``--dump-resumed`` writes the resumed optimiser state, gathered (ZeRO), right after the resume.
 Writes the per-step global loss, the final full weights and
 the EMA weights to ``--out`` (rank 0).
 """
@@ -42,6 +43,7 @@ def main() -> None:
     parser.add_argument("--checkpoints", type=Path, default=None)
     parser.add_argument("--grad-clip", type=float, default=0.0)
     parser.add_argument("--accumulate", type=int, default=1, help="micro-batches per optimiser step")
+    parser.add_argument("--dump-resumed", type=Path, default=None)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
@@ -70,6 +72,10 @@ def main() -> None:
         scheduler.load_state_dict(shared["scheduler"])
         ema.load_state_dict(shared["ema"])
         step, losses, norms = int(shared["step"]), list(shared["losses"]), list(shared["norms"])
+        if args.dump_resumed is not None:
+            _, _, elastic = runtime.training_state(model, optimizer)
+            if runtime.is_main:
+                torch.save(elastic, args.dump_resumed)
 
     x, y = _data(args.steps * args.batch * runtime.world_size)
     global_batch = args.batch * runtime.world_size
@@ -95,9 +101,9 @@ def main() -> None:
             ema.update(runtime.unwrap(model), step)
         losses.append(float(runtime.all_reduce_sum(total).item() / runtime.world_size))
         if args.checkpoint_every and step % args.checkpoint_every == 0:
-            shared, own = runtime.training_state(model, optimizer)
+            shared, own, elastic = runtime.training_state(model, optimizer)
             shared.update(scheduler=scheduler.state_dict(), ema=ema.state_dict(), step=step, losses=losses, norms=norms)
-            checkpoint.save(args.checkpoints, step, shared, own, runtime, keep=2, resume_key="toy")
+            checkpoint.save(args.checkpoints, step, shared, own, runtime, keep=2, resume_key="toy", elastic=elastic)
 
     with runtime.full_parameters(model):
         final = {k: v.detach().cpu().clone() for k, v in runtime.unwrap(model).state_dict().items()}
