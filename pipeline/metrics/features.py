@@ -76,7 +76,8 @@ class InceptionFeatures(torch.nn.Module):
 
     ``folded=True`` (the default) runs the export's network rebuilt with its batch norms folded
     into the convolutions, channels-last (pipeline.metrics.inception: the same features to float32
-    rounding, ~1.4x faster on CPU); ``folded=False`` runs the TorchScript export itself.
+    rounding, 1.4-1.5x less CPU time per image: docs/benchmarks.md, "Evaluate stage"); ``folded=False``
+    runs the TorchScript export itself.
 
     Raises :class:`pipeline.weights.WeightsMissingError` (naming the fetch command) when the
     weights are not cached. Move it with ``.to(device)``; inputs follow the network's device.
