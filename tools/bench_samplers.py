@@ -132,14 +132,15 @@ def make_grid(kind: str, n: int, sigma_min: float, sigma_max: float) -> Tensor:
     "karras-full" over the schedule's whole range, as the sample stage builds its default grid
     (``pipeline.diffusion.build.sampling_sigmas(process, "karras", n)``); "logsnr-full" uniform in
     log sigma over that range (diffusers' ``use_exponential_sigmas``); "logsnr-full-int" the levels of
-    that grid's timesteps truncated to integers, the levels diffusers' network is called at."""
+    that grid's timesteps truncated to integers, the levels diffusers' network is called at (a
+    repeated timestep once: fewer levels than asked at 50)."""
     if kind == "logsnr-20":
         return logsnr_sigmas(sigma_min, 20.0, n)
     if kind == "karras-full":
         return sampling_sigmas(DDPM(BETAS), "karras", n)
     if kind == "logsnr-full-int":
         scheduler = diffusers_scheduler("UniPCMultistep", BETAS, n, use_exponential_sigmas=True)
-        return ddpm_sigmas(DDPM(BETAS), scheduler.timesteps)
+        return ddpm_sigmas(DDPM(BETAS), torch.unique_consecutive(scheduler.timesteps))  # 50 levels: repeats
     if kind == "logsnr-full":
         return logsnr_sigmas(*sigma_range(DDPM(BETAS)), n)
     return (karras_sigmas if kind == "karras" else logsnr_sigmas)(sigma_min, sigma_max, n)
