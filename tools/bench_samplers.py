@@ -37,7 +37,7 @@ from torch import Tensor
 
 from pipeline.diffusion import DDPM, Denoiser, GaussianMixture
 from pipeline.diffusion.build import sampling_sigmas, sigma_range
-from pipeline.sampling import karras_sigmas, logsnr_sigmas, sample
+from pipeline.sampling import ddpm_sigmas, karras_sigmas, logsnr_sigmas, sample
 from tools.peer_samplers import diffusers_sample, diffusers_scheduler, eps_network, k_diffusion_sample
 
 BUDGETS = (5, 8, 10, 15, 20, 50)
@@ -65,6 +65,14 @@ OURS = (
     + [
         (label, method, "logsnr-full", options)
         for label, method, options in (  # diffusers' exponential grid
+            ("unipc order=2", "unipc", {"order": 2}),
+            ("unipc order=3", "unipc", {"order": 3}),
+            ("ipndm", "ipndm", {}),
+        )
+    ]
+    + [
+        (label, method, "logsnr-full-int", options)
+        for label, method, options in (  # diffusers' exponential grid as its network sees it
             ("unipc order=2", "unipc", {"order": 2}),
             ("unipc order=3", "unipc", {"order": 3}),
             ("ipndm", "ipndm", {}),
@@ -123,11 +131,16 @@ def make_grid(kind: str, n: int, sigma_min: float, sigma_max: float) -> Tensor:
     """ "karras" / "logsnr" from sigma_max; "logsnr-20" from sigma 20 (a shorter range for few steps);
     "karras-full" over the schedule's whole range, as the sample stage builds its default grid
     (``pipeline.diffusion.build.sampling_sigmas(process, "karras", n)``); "logsnr-full" uniform in
-    log sigma over that range (diffusers' ``use_exponential_sigmas``)."""
+    log sigma over that range (diffusers' ``use_exponential_sigmas``); "logsnr-full-int" the levels of
+    that grid's timesteps truncated to integers, the levels diffusers' network is called at (a
+    repeated timestep once: fewer levels than asked at 50)."""
     if kind == "logsnr-20":
         return logsnr_sigmas(sigma_min, 20.0, n)
     if kind == "karras-full":
         return sampling_sigmas(DDPM(BETAS), "karras", n)
+    if kind == "logsnr-full-int":
+        scheduler = diffusers_scheduler("UniPCMultistep", BETAS, n, use_exponential_sigmas=True)
+        return ddpm_sigmas(DDPM(BETAS), torch.unique_consecutive(scheduler.timesteps))  # 50 levels: repeats
     if kind == "logsnr-full":
         return logsnr_sigmas(*sigma_range(DDPM(BETAS)), n)
     return (karras_sigmas if kind == "karras" else logsnr_sigmas)(sigma_min, sigma_max, n)

@@ -14,10 +14,12 @@ import importlib
 import importlib.util
 import sys
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
+
+from pipeline.sampling.frame import noise_like
 
 
 def k_diffusion_sampling() -> types.ModuleType:
@@ -37,13 +39,19 @@ def k_diffusion_sampling() -> types.ModuleType:
 
 
 def k_diffusion_sample(
-    name: str, denoiser, x: Tensor, sigmas: Tensor, generator: torch.Generator | None = None, **options
+    name: str,
+    denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    **options,
 ) -> Tensor:
     """k-diffusion's ``sample_<name>`` from x (at sigmas[0]) along ``sigmas``. Stochastic samplers
-    draw their noise as ``torch.randn(x.shape, generator=generator)``, one draw per step, the order
-    our solvers use, instead of k-diffusion's default Brownian tree. ``dpm_adaptive`` uses only
-    the two end levels (``rtol``/``atol`` in ``options``) and finishes with the denoising jump
-    from the last positive level to 0, as our ``rk45`` does."""
+    draw their noise as our solvers do (``noise_like``: one draw per step from ``generator``, or
+    one row per sample from a list of per-sample generators), instead of k-diffusion's default
+    Brownian tree. ``dpm_adaptive`` uses only the two end levels (``rtol``/``atol`` in
+    ``options``) and finishes with the denoising jump from the last positive level to 0, as our
+    ``rk45`` does."""
     k = k_diffusion_sampling()
     model = denoiser  # k-diffusion calls model(x, sigma) with sigma of shape (B,), as batch_sigma accepts
     if name == "dpm_adaptive":
@@ -53,7 +61,7 @@ def k_diffusion_sample(
     if name == "dpmpp_3m_sde":
         options.setdefault(
             "noise_sampler",
-            lambda sigma, sigma_next: torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device),
+            lambda sigma, sigma_next: noise_like(x, generator),
         )
     return getattr(k, f"sample_{name}")(model, x, sigmas, disable=True, **options)
 
@@ -70,9 +78,11 @@ def float64_tables(scheduler):
     return scheduler
 
 
-def diffusers_scheduler(name: str, betas: Tensor, steps: int, **config):
+def diffusers_scheduler(name: str, betas: Tensor, steps: int, float64: bool = True, **config):
     """diffusers' ``<name>Scheduler`` ("DDIM", "DPMSolverMultistep", "UniPCMultistep",
-    "DEISMultistep") on the schedule ``betas`` (float64 tables), set to ``steps`` timesteps."""
+    "DEISMultistep") on the schedule ``betas``, set to ``steps`` timesteps; with ``float64``
+    its tables and grid in float64 (for float64 comparisons), else as it ships (float32, for a
+    float32 network)."""
     import diffusers
 
     if name == "DDIM":
@@ -80,6 +90,9 @@ def diffusers_scheduler(name: str, betas: Tensor, steps: int, **config):
     scheduler = getattr(diffusers, f"{name}Scheduler")(
         num_train_timesteps=len(betas), trained_betas=betas.tolist(), **config
     )
+    if not float64:
+        scheduler.set_timesteps(steps)
+        return scheduler
     float64_tables(scheduler)
     scheduler.set_timesteps(steps)
     if hasattr(scheduler, "sigmas"):  # the multistep schedulers round their grid to float32: the
