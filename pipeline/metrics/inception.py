@@ -105,7 +105,7 @@ class FoldedInception(nn.Module):
 
     def __init__(self, export):
         super().__init__()
-        blocks = []
+        blocks: list[nn.Module] = []
         for name, module in export.net.layers.named_children():
             kind = module.original_name
             if kind == "InceptionE":
