@@ -120,7 +120,12 @@ def save(
             shutil.rmtree(final)
         os.replace(tmp, final)
         for old in sorted(_complete(directory))[:-keep]:
+            # complete.json first: a kill mid-prune then leaves an incomplete directory, not a damaged "complete" one
+            (old / "complete.json").unlink()
             shutil.rmtree(old, ignore_errors=True)
+        for leftover in directory.glob("step-*"):  # a prune killed part-way (saves land whole, via os.replace)
+            if _STEP_DIR.match(leftover.name) and not (leftover / "complete.json").is_file():
+                shutil.rmtree(leftover, ignore_errors=True)
     runtime.barrier()
     return final
 

@@ -124,3 +124,17 @@ def test_a_full_disk_while_writing_a_shard_is_a_message(tmp_path, monkeypatch):
         with shards.ShardWriter(tmp_path, "train", max_count=10, max_bytes=1 << 20) as writer:
             for i in range(50):
                 writer.write({"__key__": f"{i:04d}", "npy": b"\0" * 8192})
+
+
+def test_a_prune_killed_part_way_leaves_nothing_behind_after_the_next_save(tmp_path):
+    """Pruning deletes complete.json first, so a kill mid-prune leaves an incomplete step
+    directory (never a damaged "complete" one), and the next save removes it."""
+    for step in (1, 2):
+        _save(tmp_path, step, step)
+    half_pruned = tmp_path / "step-00000000"  # as a killed rmtree leaves it: no complete.json, some files
+    half_pruned.mkdir()
+    (half_pruned / "state.pt").write_bytes(b"partial")
+    assert checkpoint.latest(tmp_path).name != half_pruned.name
+    _save(tmp_path, 3, 3)
+    assert not half_pruned.exists()
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == [p.name for p in sorted(checkpoint._complete(tmp_path))]
