@@ -1,14 +1,16 @@
 """Training losses. Weighting is explicit: every loss takes ``weighting(sigma) -> weight`` over
 the VE noise levels drawn by ``process.training_sigmas``.
 
-With x_t = alpha x_0 + s eps (s = alpha sigma) and the network seeing (x_t, network_time(sigma)):
+With x_t = alpha x_0 + s eps (alpha = ``process.input_scale(sigma)``, s = alpha sigma) and the
+network seeing (x_t, network_time(sigma)):
 - ``eps_loss``: L_simple = E ||eps - eps_theta(x_t, t)||^2 (Ho et al. 2020, eq. 14);
 - ``x0_loss``:  E ||x_0 - x0_theta(x_t, t)||^2;
 - ``v_loss``:   E ||v - v_theta(x_t, t)||^2, v = alpha eps - s x_0 (Salimans & Ho 2022, Sec. 4);
 - ``dsm_loss``: denoising score matching sum_i lambda(sigma_i) E ||s_theta(x_t, i) + eps / s||^2
   with grad log q(x_t | x_0) = -eps / s and lambda(sigma) = s^2 by default
   (Song & Ermon 2019, eqs. 2 and 6; Vincent 2011), where s_theta = net / s is the network's
-  output divided by the marginal std (score_sde; see :mod:`pipeline.diffusion.parameterization`);
+  output divided by the process's marginal std (score_sde; see
+  :mod:`pipeline.diffusion.parameterization`; for VE and NCSN that std is sigma, not s);
 - ``vlb``: the DDPM variational bound L_T + sum_t L_{t-1} + L_0 in closed form, bits/dim
   (Ho et al. 2020, eq. 5, eq. 13 for the discretised decoder L_0).
 Squared norms are means over the non-batch dimensions. Noise is drawn on the generator's own
@@ -73,14 +75,18 @@ def v_loss(net, process, x0: Tensor, generator=None, weighting: Weighting = cons
 
 
 def dsm_loss(net, process, x0: Tensor, generator=None, weighting: Weighting | None = None, **cond) -> Tensor:
-    """Weighted DSM; the default weighting lambda = s^2 (sigma^2 for VE/NCSN) makes every level's
-    term O(1) (Song & Ermon 2019, eq. 6). With s_theta = out / s the term
-    lambda ||out / s + eps / s||^2 is computed as (lambda / s^2) ||out + eps||^2, which never forms
-    the O(1/s) score (s ~ 1e-6 for sub-VP at t_min)."""
-    sigma, _, s, eps, out = _perturb(net, process, x0, generator, **cond)
-    s = s.reshape(-1)
-    weight = weighting(sigma) / s**2 if weighting is not None else torch.ones_like(s)
-    return _weighted_mse(out, -eps, weight)
+    """Weighted DSM; the default weighting lambda = std^2 (sigma^2 for VE/NCSN) makes every level's
+    term O(1) (Song & Ermon 2019, eq. 6), std being the process's marginal std. With
+    s_theta = out / std the term lambda ||out / std + eps / std||^2 is computed as
+    (lambda / std^2) ||out + eps||^2, which never forms the O(1/std) score (std ~ 1e-6 for
+    sub-VP at t_min)."""
+    sigma, _, _, eps, out = _perturb(net, process, x0, generator, **cond)
+    if weighting is None:
+        return _weighted_mse(out, -eps, torch.ones_like(sigma))
+    # The score is of the process's own x_t, whose std is alpha_t sigma (sigma for VE and NCSN,
+    # whose network input is scaled by EDM's c_in instead, pipeline.diffusion.schedules).
+    std = sigma * process.marginal(process.t_of_sigma(sigma))[0].to(sigma)
+    return _weighted_mse(out, -eps, weighting(sigma) / std**2)
 
 
 # -- the variational bound ------------------------------------------------------------------

@@ -43,7 +43,8 @@ class Process(Protocol):
         ...
 
     def input_scale(self, sigma: Tensor) -> Tensor:
-        """alpha_t at VE level sigma: the network sees x_t = alpha_t x."""
+        """The network's input scale at VE level sigma (it sees input_scale * x): alpha_t, or EDM's
+        c_in for VE and NCSN (pipeline.diffusion.schedules)."""
         ...
 
     def network_time(self, sigma: Tensor) -> Tensor:

@@ -6,7 +6,12 @@ eq. 4 and Table 1), so each process provides:
 
 - ``marginal(t)``        -> (alpha_t, sigma_t) of q(x_t | x_0);
 - ``sigma_ve(t)`` / ``t_of_sigma(sigma)``: the VE noise level of a time and back;
-- ``input_scale(sigma)`` -> alpha_t at that VE level (the network sees x_t = alpha_t x);
+- ``input_scale(sigma)`` -> what the network's input is scaled by (it sees input_scale * x):
+  alpha_t for DDPM, VP and sub-VP (their own x_t); for VE and NCSN, whose x_t = x reaches
+  sigma_max = 50, 1 / sqrt(1 + sigma^2), EDM's c_in with sigma_data = 1 (the latents are
+  normalised to unit variance; Karras et al. 2022, eq. 7 and Table 1), so every network sees
+  unit-variance input. With ``prediction: v`` this is EDM's preconditioning: D = c_skip x +
+  c_out F with c_skip = 1 / (1 + sigma^2), c_out = sigma / sqrt(1 + sigma^2) (F = -v);
 - ``network_time(sigma)`` -> the time input of the network, shared by training and sampling:
   DDPM's integer timestep (0..T-1); for VP and sub-VP 999 t (score_sde's ``labels = t * 999``);
   for VE and NCSN log sigma mapped affinely onto [0, 999] (= 999 t for the VE-SDE, whose t is
@@ -279,7 +284,7 @@ class VE(_SDEProcess):
         return _like(torch.log(s / self.sigma_min) / math.log(self.sigma_max / self.sigma_min), sigma)
 
     def input_scale(self, sigma) -> Tensor:
-        return torch.ones_like(_like(_as_f64(sigma), sigma))
+        return _vp_scale(sigma)  # EDM's c_in (module docstring): raw x_t = x reaches sigma_max
 
     def sde(self, t) -> tuple[Tensor, Tensor]:
         s = self.marginal(t)[1]
@@ -316,7 +321,7 @@ class NCSN:
         return _like(NETWORK_TIME_SCALE * (s - log_lo) / (log_hi - log_lo), sigma)
 
     def input_scale(self, sigma) -> Tensor:
-        return torch.ones_like(_like(_as_f64(sigma), sigma))
+        return _vp_scale(sigma)  # as VE: the two networks see the same input at the same sigma
 
     def training_sigmas(
         self, n: int, generator: torch.Generator | None = None, device: torch.device | str = "cpu"

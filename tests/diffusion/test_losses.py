@@ -20,11 +20,14 @@ def _g(seed):
 
 
 def _exact_network(process, target):
-    """The Bayes-optimal network for data concentrated at POINT, from the definitions (the score
-    network outputs the score times the marginal std, s grad log p = -eps)."""
+    """The Bayes-optimal network for data concentrated at POINT, from the definitions at its input
+    x_t = alpha x_0 + s eps (alpha = input_scale, s = alpha sigma; the score network outputs the
+    score times the marginal std, std grad log p = -eps)."""
 
     def net(x_t, time):
-        alpha, s = (c.to(x_t.dtype)[:, None] for c in process.marginal(process_time(process, time)))
+        sigma = process.sigma_ve(process_time(process, time)).to(x_t.dtype)[:, None]
+        alpha = process.input_scale(sigma)
+        s = alpha * sigma
         eps = (x_t - alpha * POINT) / s
         return {"eps": eps, "x0": POINT.expand_as(x_t), "v": alpha * eps - s * POINT, "score": -eps}[target]
 

@@ -97,8 +97,10 @@ def test_time_and_ve_sigma_are_inverse(process):
     sigma = process.sigma_ve(t)
     torch.testing.assert_close(process.t_of_sigma(sigma), t)
     alpha, sigma_t = process.marginal(t)
-    torch.testing.assert_close(process.input_scale(sigma), alpha)
     torch.testing.assert_close(sigma, sigma_t / alpha)
+    # The network sees alpha_t x for VP and sub-VP; VE's alpha_t = 1, so it gets EDM's c_in.
+    c_in = alpha if not isinstance(process, VE) else (1 + sigma**2).rsqrt()
+    torch.testing.assert_close(process.input_scale(sigma), c_in)
 
 
 @pytest.mark.parametrize("process", [DDPM.linear(T=100), NCSN(levels=10)], ids=["ddpm", "ncsn"])
