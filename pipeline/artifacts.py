@@ -190,6 +190,10 @@ class PreparedShards(Artifact):
     def count(self, split: str) -> int:
         return self.splits[split].count
 
+    def class_counts(self, split: str) -> list[int]:
+        """Images of each class (in label order) in ``split``."""
+        return [self.splits[split].class_counts.get(name, 0) for name in self.classes]
+
     def shard_hashes(self, split: str) -> list[str]:
         """What identifies a split's images: its shards' sha256s, sorted (path and size for a shard
         that a manifest from before every file was hashed recorded without one)."""

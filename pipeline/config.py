@@ -612,8 +612,11 @@ class SampleConfig(Section):
         "elsewhere (Kynkaanniemi et al. 2024); [] = at every level.",
         min=0,
     )
-    labels: Literal["all", "random", "given"] = option(
-        "all", "Class of sample i: i mod the number of classes, uniformly random, or cycling through given_labels."
+    labels: Literal["all", "random", "given", "data"] = option(
+        "all",
+        "Class of sample i: i mod the number of classes, uniformly random, cycling through given_labels, "
+        "or in the train split's class shares ('data': for imbalanced sets, so FID against the val "
+        "images compares like with like).",
     )
     given_labels: tuple[int, ...] = option((), "labels=given: the classes to cycle through.", min=0)
     num_samples: int = option(1000, "Samples in total.", min=1)

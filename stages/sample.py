@@ -63,10 +63,16 @@ def array_task() -> tuple[int, int]:
 
 
 def _render(
-    trained: artifacts.TrainedDiffusion, autoencoder, cfg: config.Config, indices: range, device, info: dict
+    trained: artifacts.TrainedDiffusion,
+    autoencoder,
+    cfg: config.Config,
+    indices: range,
+    device,
+    info: dict,
+    class_counts: list[int],
 ) -> tuple[np.ndarray, np.ndarray]:
     s = cfg.sample
-    labels = labels_for(s, indices, trained.num_classes, cfg.experiment.seed)
+    labels = labels_for(s, indices, trained.num_classes, cfg.experiment.seed, class_counts)
     generators = [generator(cfg.experiment.seed, "sample", i) for i in indices]
     options = {"eta": s.eta} if "eta" in SOLVERS[s.method].options else {}
     latents = generate(
@@ -227,9 +233,10 @@ def _render_chunks(cfg: config.Config, chunk_dir: Path, runtime: Runtime, worker
         return info
     trained = artifacts.load_trained(cfg, runtime.device)
     autoencoder = artifacts.load_autoencoder(cfg, runtime.device)
+    class_counts = artifacts.PreparedShards.from_stage_dir(cfg).class_counts("train")
     for c, indices in tqdm(mine, desc="sample", unit="chunk", disable=None if runtime.is_main else True, leave=False):
         parts = [
-            _render(trained, autoencoder, cfg, indices[i : i + s.batch_size], runtime.device, info)
+            _render(trained, autoencoder, cfg, indices[i : i + s.batch_size], runtime.device, info, class_counts)
             for i in range(0, len(indices), s.batch_size)
         ]
         _write_chunk(

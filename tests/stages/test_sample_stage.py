@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import artifacts, manifest
+from pipeline import artifacts, config, manifest
 from pipeline.data.stream import sequential_batches
 from pipeline.labels import labels_for
 from stages import diffusion, sample
@@ -161,3 +161,15 @@ def test_labels_modes():
     random = _cfg("/x", "sample.labels=random").sample
     first, again = labels_for(random, range(20), 10, 0), labels_for(random, range(10, 20), 10, 0)
     assert torch.equal(first[10:], again) and len(set(first.tolist())) > 3
+
+
+def test_labels_in_the_train_splits_shares():
+    cfg = _cfg("/x", "sample.labels=data").sample
+    counts = [600, 300, 90, 10]  # imbalanced, as Twemoji's categories
+    labels = labels_for(cfg, range(1000), 4, 0, counts)
+    shares = torch.tensor(counts) / sum(counts)
+    for n in (50, 200, 1000):  # every prefix is close to the shares (a random draw is off by ~sqrt(n))
+        assert (torch.bincount(labels[:n], minlength=4) - n * shares).abs().max() <= 2
+    assert torch.equal(labels_for(cfg, range(300, 400), 4, 0, counts), labels[300:400])  # order-independent
+    with pytest.raises(config.ConfigError, match="class counts"):
+        labels_for(cfg, range(5), 4, 0, [1, 2])
