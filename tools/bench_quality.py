@@ -5,6 +5,7 @@ on and off.
     python tools/bench_quality.py [--config X] [key=value ...] [--samples 500]
         [--settings ddpm:process:1000 ddim:process:10 ... dpmpp_2m:karras:20] [--snap-off dpmpp_2m:karras:20]
     python tools/bench_quality.py [key=value ...] --nfe 5 10 20   # the few-step frontier
+    python tools/bench_quality.py [key=value ...] --settings ipndm:karras:20 --guidance 1 1.5 2 3
 
 A setting is ``[family/]method:grid:steps[:option=value,...]``:
 
@@ -17,14 +18,18 @@ A setting is ``[family/]method:grid:steps[:option=value,...]``:
   with ``steps`` timesteps of its own grid (float32 tables, as it ships), on the eps-network of
   the same denoiser (a discrete DDPM process only).
 
-Every setting renders the same sample indices (same per-sample seeds and labels, i mod C) from
+Every setting renders the same sample indices (same per-sample seeds and labels, by
+``sample.labels``) from
 the same standard normal x_T (x_ve = x_T sigma_0) through the same guided denoiser (the run's
 guidance scale and interval; one NFE = one guided call, which evaluates both branches in one
 batched network call), decodes them with the run's autoencoder and compares them with the real
 validation images (Inception features with the FID weights; the classifier of the evaluate
 stage, trained on the real train digits). NFE is counted, not assumed: the calls each sampler
 makes to the denoiser per batch (Heun: 2 per step but the last; dpm_adaptive: what its
-tolerance needed, which depends on the batch). One table row per setting, in markdown.
+tolerance needed, which depends on the batch). One table row per setting and guidance scale, in
+markdown, with precision and recall (k-NN manifolds, ``evaluate.nearest_k``) beside FID: a
+guidance scale is chosen by FID and recall together, since guidance buys accuracy and precision
+with diversity.
 
 ``--nfe 5 10 20`` runs the frontier (``FRONTIER``: each template at the levels that fit the
 budget, plus k-diffusion's dpm_adaptive at ``ADAPTIVE_RTOL``) and ends with a summary per
@@ -36,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import tempfile
 import time
@@ -53,6 +59,7 @@ from pipeline.metrics import classifier
 from pipeline.metrics.features import InceptionFeatures
 from pipeline.metrics.fid import FeatureStats, frechet_distance
 from pipeline.metrics.kid import kernel_inception_distance
+from pipeline.metrics.precision_recall import precision_recall
 from pipeline.sampling import logsnr_sigmas, sample
 from pipeline.sampling.generate import conditioned, initial_noise
 from pipeline.seeding import generator
@@ -186,7 +193,18 @@ def run_sampler(
     return out, counted.calls
 
 
-def render(trained, autoencoder, cfg, setting: Setting, count: int, snap: bool, data_absmax: float, seed: int):
+def render(
+    trained,
+    autoencoder,
+    cfg,
+    setting: Setting,
+    count: int,
+    snap: bool,
+    data_absmax: float,
+    seed: int,
+    class_counts,
+    guidance: float,
+):
     """(decoded images, their labels, the fraction of samples off the data: a latent entry beyond
     twice the largest magnitude of the real validation latents, NFE per sample: the denoiser
     calls per batch, averaged over the samples). ``seed`` picks the initial noises (the sample
@@ -195,16 +213,16 @@ def render(trained, autoencoder, cfg, setting: Setting, count: int, snap: bool, 
     interval = tuple(cfg.sample.guidance_interval) or None
     for start in range(0, count, batch):
         indices = range(start, min(start + batch, count))
-        labels = labels_for(cfg.sample, indices, trained.num_classes, cfg.experiment.seed)
+        labels = labels_for(cfg.sample, indices, trained.num_classes, cfg.experiment.seed, class_counts)
         generators = [generator(seed, "sample", i) for i in indices]
-        guided = conditioned(trained.denoiser, labels, trained.num_classes, cfg.sample.guidance_scale, interval)
+        guided = conditioned(trained.denoiser, labels, trained.num_classes, guidance, interval)
         with torch.no_grad():
             noise = initial_noise(trained.shape, generators)
             latents, nfe = run_sampler(setting, guided, noise, trained.process, generators)
             images.append(autoencoder.decode(trained.space.to_decoder(latents, snap=snap)).clamp(-1, 1))
         off += int((latents.flatten(1).abs().max(1).values > 2 * data_absmax).sum())
         calls += nfe * len(indices)
-    labels = labels_for(cfg.sample, range(count), trained.num_classes, cfg.experiment.seed)
+    labels = labels_for(cfg.sample, range(count), trained.num_classes, cfg.experiment.seed, class_counts)
     return torch.cat(images), labels, off / count, calls / count
 
 
@@ -246,6 +264,12 @@ def main() -> None:
     parser.add_argument("--settings", nargs="+", default=None, help="[family/]method:grid:steps[:key=value,...]")
     parser.add_argument("--nfe", type=int, nargs="+", help="run the frontier at these NFE budgets (after --settings)")
     parser.add_argument("--snap-off", nargs="*", default=None, help="settings also run unsnapped")
+    parser.add_argument(
+        "--guidance",
+        type=float,
+        nargs="+",
+        help="run every setting at each of these guidance scales (default: the run's)",
+    )
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--seed", type=int, help="seed of the initial noises (default: the experiment's)")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "latentpipe-bench-quality")
@@ -277,17 +301,24 @@ def main() -> None:
         f"{args.samples} samples vs {len(real)} real val images; prediction {cfg.diffusion.prediction}; guidance "
         f"{cfg.sample.guidance_scale}; classifier accuracy on real val {digits.val_accuracy:.1%}\n"
     )
-    print("| sampler | grid | steps | NFE/sample | snap | FID | KID x1e3 | accuracy | off-data | s/sample |")
-    print("|---|---|---:|---:|---|---:|---:|---:|---:|---:|")
+    print(
+        "| sampler | grid | steps | NFE/sample | snap | guidance | FID | KID x1e3 | precision | recall | accuracy "
+        "| off-data | s/sample |"
+    )
+    print("|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     rows = []
-    for setting, snap in runs:
+    counts = prepared.class_counts("train")
+    for (setting, snap), guidance in itertools.product(runs, args.guidance or [cfg.sample.guidance_scale]):
         start = time.perf_counter()
         seed = cfg.experiment.seed if args.seed is None else args.seed
-        images, labels, off, nfe = render(trained, autoencoder, cfg, setting, args.samples, snap, data_absmax, seed)
+        images, labels, off, nfe = render(
+            trained, autoencoder, cfg, setting, args.samples, snap, data_absmax, seed, counts, guidance
+        )
         seconds = (time.perf_counter() - start) / args.samples
         features = torch.cat([inception(images[i : i + 250]) for i in range(0, len(images), 250)])
         fid = frechet_distance(FeatureStats.of(features), real_stats)
         kid, _ = kernel_inception_distance(features, real, generator=torch.Generator().manual_seed(0), subsets=50)
+        precision, recall = precision_recall(real, features, k=cfg.evaluate.nearest_k)
         accuracy = classifier.accuracy(digits.model, images, labels)["accuracy"]
         row = {
             "setting": str(setting),
@@ -297,8 +328,11 @@ def main() -> None:
             "steps": setting.steps,
             "nfe": nfe,
             "snap": snap,
+            "guidance": guidance,
             "fid": fid,
             "kid": kid,
+            "precision": precision,
+            "recall": recall,
             "accuracy": accuracy,
             "off_data": off,
             "s_per_sample": seconds,
@@ -306,7 +340,8 @@ def main() -> None:
         rows.append(row)
         print(
             f"| {row['sampler']} | {setting.grid} | {setting.steps} | {nfe:.0f} | {'on' if snap else 'off'} | "
-            f"{fid:.2f} | {kid * 1e3:.2f} | {accuracy:.1%} | {off:.1%} | {seconds:.3f} |",
+            f"{guidance:g} | {fid:.2f} | {kid * 1e3:.2f} | {precision:.3f} | {recall:.3f} | {accuracy:.1%} | "
+            f"{off:.1%} | {seconds:.3f} |",
             flush=True,
         )
         if args.json:

@@ -111,10 +111,11 @@ def test_summary_compares_within_each_budget():
 def test_runs_ours_and_the_peers_on_a_tiny_trained_model(trained, tmp_path, weights_cache):  # noqa: F811
     out = tmp_path / "rows.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "LATENTPIPE_CACHE": str(weights_cache)}
-    overrides = [f"experiment.runs_dir={trained}", *ARGS, "sample.guidance_scale=2.0", "evaluate.classifier_steps=30"]
+    overrides = [f"experiment.runs_dir={trained}", *ARGS, "evaluate.classifier_steps=30"]
     settings = ["ipndm:karras:3", "k-diffusion/heun:karras:2", "diffusers/DDIM:own:3"]
     before = sorted(p for p in trained.rglob("*"))
-    options = ["--samples", "6", "--settings", *settings, "--snap-off", "--json", str(out), "--cache", str(tmp_path)]
+    options = ["--samples", "6", "--settings", *settings, "--snap-off", "--guidance", "1", "2"]
+    options += ["--json", str(out), "--cache", str(tmp_path)]
     done = subprocess.run(
         [sys.executable, str(ROOT / "tools" / "bench_quality.py"), *overrides, *options],
         cwd=tmp_path,
@@ -126,7 +127,9 @@ def test_runs_ours_and_the_peers_on_a_tiny_trained_model(trained, tmp_path, weig
     )
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(out.read_text())
-    assert [r["setting"] for r in rows] == settings
-    assert [r["nfe"] for r in rows] == [3, 3, 3]
-    assert all(r["fid"] > 0 and 0 <= r["accuracy"] <= 1 for r in rows)
+    assert [(r["setting"], r["guidance"]) for r in rows] == [(s, g) for s in settings for g in (1.0, 2.0)]
+    assert [r["nfe"] for r in rows] == [3] * 6
+    assert all(r["fid"] > 0 and 0 <= r["accuracy"] <= 1 and 0 <= r["recall"] <= 1 for r in rows)
+    for unguided, guided in zip(rows[::2], rows[1::2], strict=True):  # the same noise, another guidance
+        assert unguided["fid"] != guided["fid"]
     assert sorted(p for p in trained.rglob("*")) == before  # the run directory is only read
