@@ -1,6 +1,6 @@
 """Lay out the Twemoji set (npm ``emoji-datasource-twitter``) as a labelled image folder.
 
-The colour benchmark of configs/color32.yaml and configs/color64.yaml (docs/benchmarks.md):
+The colour benchmark of configs/color32.yaml (docs/benchmarks.md, "Colour presets"):
 
     npm pack emoji-datasource-twitter@16.0.0 && tar xzf emoji-datasource-twitter-16.0.0.tgz
     python tools/twemoji_folder.py package /data/twemoji

@@ -327,6 +327,8 @@ def _fresh_accelerator(
     """An ``Accelerator`` configured from scratch. accelerate's state is process-global and
     refuses changes once made, so it is reset first; the process group itself survives the reset
     (accelerate and DeepSpeed only create one when none exists)."""
+    if not torch.cuda.is_available():  # what DeepSpeed would detect, said so it does not warn in every stage's log
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import InitProcessGroupKwargs

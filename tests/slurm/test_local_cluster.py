@@ -255,6 +255,7 @@ def test_job_logs_show_progress_and_no_deprecation_warnings(chain):
     assert "autoencoder: step 5/5, loss" in log and "diffusion: step 8/8, loss" in log, log
     assert "ETA" in log and "evaluate: report in" in log, log
     assert "FutureWarning" not in log and "DeprecationWarning" not in log, log
+    assert "Setting accelerator to CPU" not in log, log  # DeepSpeed's notice in every stage, unless told
 
 
 def test_failing_stage_cancels_its_dependents(cluster, tmp_path):
