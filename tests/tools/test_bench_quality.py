@@ -130,6 +130,4 @@ def test_runs_ours_and_the_peers_on_a_tiny_trained_model(trained, tmp_path, weig
     assert [(r["setting"], r["guidance"]) for r in rows] == [(s, g) for s in settings for g in (1.0, 2.0)]
     assert [r["nfe"] for r in rows] == [3] * 6
     assert all(r["fid"] > 0 and 0 <= r["accuracy"] <= 1 and 0 <= r["recall"] <= 1 for r in rows)
-    for unguided, guided in zip(rows[::2], rows[1::2], strict=True):  # the same noise, another guidance
-        assert unguided["fid"] != guided["fid"]
     assert sorted(p for p in trained.rglob("*")) == before  # the run directory is only read
