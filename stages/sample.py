@@ -233,7 +233,8 @@ def _render_chunks(cfg: config.Config, chunk_dir: Path, runtime: Runtime, worker
         return info
     trained = artifacts.load_trained(cfg, runtime.device)
     autoencoder = artifacts.load_autoencoder(cfg, runtime.device)
-    class_counts = artifacts.PreparedShards.from_stage_dir(cfg).class_counts("train")
+    # only labels=data needs the train split's class counts (the prepare manifest)
+    class_counts = artifacts.PreparedShards.from_stage_dir(cfg).class_counts("train") if s.labels == "data" else []
     for c, indices in tqdm(mine, desc="sample", unit="chunk", disable=None if runtime.is_main else True, leave=False):
         parts = [
             _render(trained, autoencoder, cfg, indices[i : i + s.batch_size], runtime.device, info, class_counts)

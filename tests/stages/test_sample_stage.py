@@ -173,3 +173,12 @@ def test_labels_in_the_train_splits_shares():
     assert torch.equal(labels_for(cfg, range(300, 400), 4, 0, counts), labels[300:400])  # order-independent
     with pytest.raises(config.ConfigError, match="class counts"):
         labels_for(cfg, range(5), 4, 0, [1, 2])
+
+
+def test_the_stage_samples_labels_in_the_train_splits_shares(trained, tmp_path):
+    root = _copy(trained, tmp_path / "data")
+    cfg = _cfg(root, *SAMPLE_ARGS, "sample.labels=data")
+    sample.run(cfg)
+    _, labels = _samples(root)
+    counts = artifacts.PreparedShards.from_stage_dir(cfg).class_counts("train")
+    assert labels.tolist() == labels_for(cfg.sample, range(11), 10, 0, counts).tolist()
