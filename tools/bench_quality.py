@@ -11,7 +11,9 @@ A setting is ``[family/]method:grid:steps[:option=value,...]``:
 
 - ``ipndm:karras:20``, ``unipc:logsnr:10:order=3``: our solvers (``pipeline.sampling.METHODS``)
   on a VE grid of ``steps`` levels: "karras" (the sample stage's, EDM eq. 5 over the process's
-  range), "logsnr" (uniform in log sigma over that range) or "process" (DDPM timesteps);
+  range), "logsnr" (uniform in log sigma over that range), "process" (DDPM timesteps) or "own"
+  (the levels diffusers' scheduler of the same method visits by default, from its starting point:
+  ours and the peer then differ only in the solver);
 - ``k-diffusion/dpmpp_2m:karras:20``: k-diffusion's ``sample_<method>`` on the same kind of grid
   (``dpm_adaptive`` uses only its two ends: give ``rtol=``/``atol=``);
 - ``diffusers/UniPCMultistep:own:20:use_karras_sigmas=true``: diffusers' ``<method>Scheduler``
@@ -60,7 +62,7 @@ from pipeline.metrics.features import InceptionFeatures
 from pipeline.metrics.fid import FeatureStats, frechet_distance
 from pipeline.metrics.kid import kernel_inception_distance
 from pipeline.metrics.precision_recall import precision_recall
-from pipeline.sampling import logsnr_sigmas, sample
+from pipeline.sampling import ddpm_sigmas, logsnr_sigmas, sample
 from pipeline.sampling.generate import conditioned, initial_noise
 from pipeline.seeding import generator
 from tools.bench_samplers import Counted, levels
@@ -86,6 +88,9 @@ FRONTIER = (
     "unipc:karras:B:order=3",
     "dpmpp_2m:karras:B",
     "ddim:process:B",
+    "ddim:own:B",
+    "unipc:own:B",
+    "dpmpp_2m:own:B",
     "euler:karras:B",
     "heun:karras:B",
     "k-diffusion/euler:karras:B",
@@ -135,8 +140,8 @@ class Setting:
         options = [item.split("=", 1) for item in parts[3].split(",")] if len(parts) == 4 else []
         if any(len(pair) != 2 for pair in options):
             raise ValueError(f"{text!r}: options are key=value,...")
-        if (family == "diffusers") != (parts[1] == "own"):
-            raise ValueError(f"{text!r}: diffusers' schedulers, and only they, use their own grid ('own')")
+        if (family == "diffusers" and parts[1] != "own") or (family == "k-diffusion" and parts[1] == "own"):
+            raise ValueError(f"{text!r}: diffusers' schedulers use their own grid ('own'); k-diffusion's do not")
         return cls(family, method, parts[1], int(parts[2]), tuple((k, _value(v)) for k, v in options))
 
     def __str__(self) -> str:
@@ -160,13 +165,25 @@ def frontier(budgets: list[int]) -> list[Setting]:
     return settings + [Setting.parse(f"k-diffusion/dpm_adaptive:karras:2:rtol={rtol}") for rtol in ADAPTIVE_RTOL]
 
 
-def grid_sigmas(process, grid: str, steps: int) -> Tensor:
+# The diffusers scheduler whose default grid "own" means for our solver (its namesake, else the
+# multistep schedulers' shared "linspace" grid).
+OWN_GRID_SCHEDULER = {"ddim": "DDIM", "unipc": "UniPCMultistep"}
+
+
+def grid_sigmas(process, grid: str, steps: int, method: str) -> Tensor:
     """The VE grid of ``steps`` levels (then 0): "karras" / "process" as the sample stage builds
-    them (``sampling_sigmas``), "logsnr" uniform in log sigma over the process's range."""
+    them (``sampling_sigmas``), "logsnr" uniform in log sigma over the process's range, "own" the
+    noise levels that diffusers' scheduler of the same method visits by default (DDIM's "leading"
+    timesteps for ddim; the multistep schedulers' "linspace" ones, then 0, for the others), so that
+    our solver and the peer differ only in the solver."""
     if grid == "logsnr":
         return logsnr_sigmas(*sigma_range(process), steps)
+    if grid == "own":
+        name = OWN_GRID_SCHEDULER.get(method, "DPMSolverMultistep")
+        scheduler = diffusers_scheduler(name, process.betas, steps)
+        return scheduler.sigmas if hasattr(scheduler, "sigmas") else ddpm_sigmas(process, scheduler.timesteps)
     if grid not in ("karras", "process"):
-        raise ValueError(f"unknown grid {grid!r}: karras, logsnr, process (diffusers: own)")
+        raise ValueError(f"unknown grid {grid!r}: karras, logsnr, process, own")
     return sampling_sigmas(process, grid, steps)
 
 
@@ -183,9 +200,10 @@ def run_sampler(
         scheduler = diffusers_scheduler(setting.method, process.betas, setting.steps, float64=False, **options)
         net = Counted(eps_network(denoiser, process))
         return diffusers_sample(scheduler, net, noise), net.calls
-    sigmas = grid_sigmas(process, setting.grid, setting.steps).to(noise.dtype)
+    sigmas = grid_sigmas(process, setting.grid, setting.steps, setting.method).to(noise.dtype)
     counted = Counted(denoiser)
-    x = noise * sigmas[0]
+    # On "own", start where the peer's scheduler starts (x_T in the VP frame is x_ve / sqrt(1 + sigma^2)).
+    x = noise * ((1 + sigmas[0] ** 2).sqrt() if setting.grid == "own" else sigmas[0])
     if setting.family == "ours":
         out = sample(counted, x, sigmas, method=setting.method, generator=generators, **options)
     else:

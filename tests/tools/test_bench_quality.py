@@ -33,7 +33,13 @@ def test_settings_parse_and_print_back():
         assert str(Setting.parse(text)) == text
     s = Setting.parse("diffusers/DEISMultistep:own:5:use_karras_sigmas=true,solver_order=3")
     assert s.options == (("use_karras_sigmas", True), ("solver_order", 3)) and s.family == "diffusers"
-    for bad in ("ipndm:karras", "torchsde/euler:karras:5", "diffusers/DDIM:karras:5", "euler:own:5", "euler:k:5:x"):
+    for bad in (
+        "ipndm:karras",
+        "torchsde/euler:karras:5",
+        "diffusers/DDIM:karras:5",
+        "k-diffusion/euler:own:5",
+        "euler:k:5:x",
+    ):
         with pytest.raises(ValueError):
             Setting.parse(bad)
 
@@ -86,6 +92,21 @@ def test_ours_equals_k_diffusion_on_the_same_grid_and_noise(oracle):
             for prefix in ("", "k-diffusion/")
         )
         torch.testing.assert_close(ours, peer, rtol=1e-4, atol=1e-4, msg=method)
+
+
+@pytest.mark.parametrize(
+    "ours, peer",
+    [("ddim", "DDIM"), ("unipc", "UniPCMultistep"), ("dpmpp_2m", "DPMSolverMultistep")],
+)
+def test_ours_on_the_own_grid_equals_the_diffusers_scheduler(oracle, ours, peer):
+    gmm, process, noise = oracle
+    for steps in (5, 10):
+        mine, calls = run_sampler(Setting.parse(f"{ours}:own:{steps}"), gmm.denoiser, noise, process, _generators())
+        theirs, _ = run_sampler(
+            Setting.parse(f"diffusers/{peer}:own:{steps}"), gmm.denoiser, noise, process, _generators()
+        )
+        assert calls == steps
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-4, msg=f"{ours} vs {peer} at {steps} steps")
 
 
 def test_summary_compares_within_each_budget():
