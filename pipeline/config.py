@@ -595,14 +595,14 @@ class SampleConfig(Section):
     """The sample stage: latents from the EMA denoiser, decoded to images."""
 
     method: str = option(
-        "ipndm",
-        "Sampler (pipeline.sampling.METHODS); ipndm has the lowest error at 20 steps on this grid "
-        "(docs/benchmarks.md, 'The few-step frontier').",
+        "unipc",
+        "Sampler (pipeline.sampling.METHODS); unipc on the process grid has the best FID of our solvers at "
+        "5-20 steps on the trained default (docs/benchmarks.md, 'The few-step frontier on the trained model').",
         choices=tuple(METHODS),
     )
     steps: int = option(20, "Number of noise levels of the grid (function evaluations for one-step solvers).", min=1)
     grid: Literal["karras", "process"] = option(
-        "karras", "Noise levels: Karras et al.'s rho-spaced grid, or the process's own (DDPM timesteps / SDE times)."
+        "process", "Noise levels: Karras et al.'s rho-spaced grid, or the process's own (DDPM timesteps / SDE times)."
     )
     eta: float = option(0.0, "ddim/ancestral samplers: stochasticity (0 = deterministic).", min=0)
     guidance_scale: float = option(2.0, "Classifier-free guidance weight w (1 = none): D_u + w (D_c - D_u).", min=0)

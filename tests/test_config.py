@@ -266,8 +266,8 @@ def test_network_config_takes_the_derived_values_from_the_latents():
 # --------------------------------------------------------------------------- round trips, docs, files
 
 
-@pytest.mark.parametrize("name", ["tiny.yaml", "imagenet256-vq-f8.yaml"])
-def test_yaml_to_config_to_yaml_round_trips(name, tmp_path):
+@pytest.mark.parametrize("name", sorted(path.name for path in (REPO / "configs").glob("*.yaml")))
+def test_every_preset_loads_and_round_trips(name, tmp_path):
     cfg = config.load(REPO / "configs" / name)
     text = config.to_yaml(cfg)
     (tmp_path / "again.yaml").write_text(text)
