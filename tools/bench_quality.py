@@ -62,11 +62,17 @@ from pipeline.metrics.features import InceptionFeatures
 from pipeline.metrics.fid import FeatureStats, frechet_distance
 from pipeline.metrics.kid import kernel_inception_distance
 from pipeline.metrics.precision_recall import precision_recall
-from pipeline.sampling import ddpm_sigmas, logsnr_sigmas, sample
+from pipeline.sampling import logsnr_sigmas, sample
 from pipeline.sampling.generate import conditioned, initial_noise
 from pipeline.seeding import generator
 from tools.bench_samplers import Counted, levels
-from tools.peer_samplers import diffusers_sample, diffusers_scheduler, eps_network, k_diffusion_sample
+from tools.peer_samplers import (
+    diffusers_sample,
+    diffusers_scheduler,
+    eps_network,
+    k_diffusion_sample,
+    scheduler_sigmas,
+)
 
 DEFAULT_SETTINGS = (
     "ddpm:process:1000",
@@ -180,8 +186,7 @@ def grid_sigmas(process, grid: str, steps: int, method: str) -> Tensor:
         return logsnr_sigmas(*sigma_range(process), steps)
     if grid == "own":
         name = OWN_GRID_SCHEDULER.get(method, "DPMSolverMultistep")
-        scheduler = diffusers_scheduler(name, process.betas, steps)
-        return scheduler.sigmas if hasattr(scheduler, "sigmas") else ddpm_sigmas(process, scheduler.timesteps)
+        return scheduler_sigmas(diffusers_scheduler(name, process.betas, steps), process)
     if grid not in ("karras", "process"):
         raise ValueError(f"unknown grid {grid!r}: karras, logsnr, process, own")
     return sampling_sigmas(process, grid, steps)

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from pipeline.sampling import ddpm_sigmas
 from pipeline.sampling.frame import noise_like
 
 
@@ -98,6 +99,12 @@ def diffusers_scheduler(name: str, betas: Tensor, steps: int, float64: bool = Tr
     if hasattr(scheduler, "sigmas"):  # the multistep schedulers round their grid to float32: the
         scheduler.sigmas = scheduler.sigmas.double()  # grid, then float64 arithmetic on it
     return scheduler
+
+
+def scheduler_sigmas(scheduler, process) -> Tensor:
+    """The VE noise levels (then 0) a set diffusers ``scheduler`` visits on the discrete ``process``:
+    the multistep schedulers keep them in ``sigmas``; DDIM only has its timesteps."""
+    return scheduler.sigmas if hasattr(scheduler, "sigmas") else ddpm_sigmas(process, scheduler.timesteps)
 
 
 def diffusers_sample(

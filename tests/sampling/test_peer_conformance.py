@@ -20,7 +20,13 @@ import torch
 
 from pipeline.diffusion import DDPM, Denoiser, GaussianMixture
 from pipeline.sampling import ddpm_sigmas, karras_sigmas, sample
-from tools.peer_samplers import diffusers_sample, diffusers_scheduler, eps_network, k_diffusion_sample
+from tools.peer_samplers import (
+    diffusers_sample,
+    diffusers_scheduler,
+    eps_network,
+    k_diffusion_sample,
+    scheduler_sigmas,
+)
 
 pytest.importorskip("diffusers")
 
@@ -45,7 +51,7 @@ def _against_diffusers(setup, name: str, steps: int, method: str, config: dict, 
     process, eps_net, denoiser, latents = setup
     scheduler = diffusers_scheduler(name, BETAS, steps, **config)
     theirs = diffusers_sample(scheduler, eps_net, latents)
-    sigmas = scheduler.sigmas if hasattr(scheduler, "sigmas") else ddpm_sigmas(process, scheduler.timesteps)
+    sigmas = scheduler_sigmas(scheduler, process)
     ours = sample(denoiser, latents * (1 + sigmas[0] ** 2).sqrt(), sigmas, method=method, **options)
     return sigmas, ours, theirs
 
