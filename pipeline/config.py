@@ -485,6 +485,12 @@ class DiffusionConfig(Section):
         "What the network predicts: eps (L_simple), x0, v, or the score (denoising score matching). v keeps "
         "the denoiser's error bounded at high noise, where eps errors are multiplied by sigma (docs/benchmarks.md).",
     )
+    loss_weighting: Literal["constant", "min_snr"] = option(
+        "constant",
+        "Weight of each noise level's loss: constant (L_simple) or Min-SNR-gamma (Hang et al. 2023: "
+        "min(SNR, gamma) on the x0 error, converges faster; eps, x0 and v predictions).",
+    )
+    min_snr_gamma: float = option(5.0, "loss_weighting=min_snr: the SNR cap gamma (the paper's 5).", above=0)
     backbone: Literal["dit", "unet"] = option(
         "unet", "Denoiser network (the tiny default: a small U-Net, the fastest to train on CPU)."
     )
@@ -569,6 +575,8 @@ class DiffusionConfig(Section):
                 "prediction",
                 "score prediction needs a continuous process (vp, subvp or ve); use eps, x0 or v with ddpm",
             )
+        if self.loss_weighting == "min_snr" and self.prediction == "score":
+            _fail("loss_weighting", "min_snr weights eps, x0 or v predictions; score matching has its own lambda")
         if self.sigma_min >= self.sigma_max:
             _fail("sigma_min", f"need sigma_min < sigma_max, got {self.sigma_min}, {self.sigma_max}")
         if self.beta_min >= self.beta_max:

@@ -25,7 +25,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from pipeline import artifacts, atomic, config, manifest, stage_registry
 from pipeline.data.stream import ShardLoader
-from pipeline.diffusion.build import LOSSES, build_network, build_process, drop_labels, sampling_sigmas, sigma_range
+from pipeline.diffusion.build import build_loss, build_network, build_process, drop_labels, sampling_sigmas, sigma_range
 from pipeline.diffusion.parameterization import Denoiser
 from pipeline.errors import LatentpipeError
 from pipeline.interop import checkpoint_sha256, load_dit
@@ -165,7 +165,7 @@ def run(cfg: config.Config) -> Path:
             ema=ema,
             identity=init,
         )
-        loss_fn, flops_per_sample = LOSSES[d.prediction], training_flops(net.config)
+        loss_fn, flops_per_sample = build_loss(d), training_flops(net.config)
         # grad_clip 0 measures without clipping (DeepSpeed: its config's gradient_clipping 0)
         max_norm = d.grad_clip or (0.0 if runtime.zero_stage else math.inf)
         with TrainingLoop(

@@ -7,6 +7,7 @@ process and network from the same config.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import torch
@@ -25,6 +26,15 @@ LOSSES: dict[str, Callable[..., Tensor]] = {
     "v": losses.v_loss,  # Salimans & Ho 2022
     "score": losses.dsm_loss,  # denoising score matching, Song et al. 2021 eq. 7
 }
+
+
+def build_loss(cfg) -> Callable[..., Tensor]:
+    """The training loss of ``cfg`` (a DiffusionConfig): its prediction target's loss under its
+    weighting across noise levels."""
+    loss = LOSSES[cfg.prediction]
+    if cfg.loss_weighting == "min_snr":
+        return functools.partial(loss, weighting=losses.min_snr(cfg.min_snr_gamma, cfg.prediction))
+    return loss
 
 
 def build_process(cfg) -> Process:

@@ -29,7 +29,7 @@ from pipeline import seeding
 from pipeline.diffusion.process import Process
 from pipeline.sampling.frame import batch_sigma
 
-__all__ = ["constant", "dsm_loss", "eps_loss", "sigma_squared", "v_loss", "vlb", "vlb_term", "x0_loss"]
+__all__ = ["constant", "dsm_loss", "eps_loss", "min_snr", "sigma_squared", "v_loss", "vlb", "vlb_term", "x0_loss"]
 
 Weighting = Callable[[Tensor], Tensor]
 
@@ -42,6 +42,22 @@ def constant(sigma: Tensor) -> Tensor:
 def sigma_squared(sigma: Tensor) -> Tensor:
     """lambda(sigma) = sigma^2 in the VE frame (NCSN's choice, Song & Ermon 2019, Sec. 4.2)."""
     return sigma**2
+
+
+def min_snr(gamma: float, prediction: str) -> Weighting:
+    """Min-SNR-gamma (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting
+    Strategy", Sec. 3.4): weight the x0 error by min(SNR, gamma), SNR = alpha^2 / s^2 = 1 / sigma^2
+    in the VE frame, so the easy low-noise levels stop dominating the gradient. Expressed for the
+    target the network predicts: the eps error is SNR times the x0 error, the v error (1 + SNR)
+    times it (where alpha^2 + s^2 = 1: DDPM, VP and VE's c_in frame), hence min(SNR, gamma) / SNR
+    and min(SNR, gamma) / (SNR + 1), the weights of diffusers' training scripts (``--snr_gamma``)."""
+    divisor = {"x0": lambda snr: torch.ones_like(snr), "eps": lambda snr: snr, "v": lambda snr: snr + 1}[prediction]
+
+    def weighting(sigma: Tensor) -> Tensor:
+        snr = sigma.pow(-2)
+        return snr.clamp(max=gamma) / divisor(snr)
+
+    return weighting
 
 
 def _perturb(net, process: Process, x0: Tensor, generator, **cond):

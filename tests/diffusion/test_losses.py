@@ -7,8 +7,11 @@ import math
 import pytest
 import torch
 
+from pipeline import config
+from pipeline.config import ConfigError
 from pipeline.diffusion import DDPM, NCSN, VE, VP, SubVP
-from pipeline.diffusion.losses import constant, dsm_loss, eps_loss, v_loss, vlb, vlb_term, x0_loss
+from pipeline.diffusion.build import build_loss
+from pipeline.diffusion.losses import constant, dsm_loss, eps_loss, min_snr, v_loss, vlb, vlb_term, x0_loss
 from tests.diffusion.oracle import process_time
 
 PROCESSES = {"ddpm": DDPM.linear(), "vp": VP(), "subvp": SubVP(), "ve": VE(), "ncsn": NCSN(levels=20)}
@@ -54,6 +57,69 @@ def test_weighting_is_explicit(loss):
     seen = []
     loss(net, process, x0, _g(2), weighting=lambda s: seen.append(s) or torch.ones_like(s))
     torch.testing.assert_close(seen[0], process.training_sigmas(64, _g(2)))
+
+
+def _one_x0_guess_in_every_parameterization(process, target):
+    """A fixed, wrong x0 estimate (0.5 x_t) reported as the target's prediction: eps, x0 and v
+    derived from the same x0 guess at x_t = alpha x_0 + s eps."""
+
+    def net(x_t, time):
+        sigma = process.sigma_ve(process_time(process, time)).to(x_t.dtype)[:, None]
+        alpha = process.input_scale(sigma)
+        s = alpha * sigma
+        x0 = 0.5 * x_t
+        eps = (x_t - alpha * x0) / s
+        return {"eps": eps, "x0": x0, "v": alpha * eps - s * x0}[target]
+
+    return net
+
+
+@pytest.mark.parametrize("name", ["ddpm", "vp", "ve"])
+def test_min_snr_gives_one_loss_whatever_the_network_predicts(name):
+    """Min-SNR-gamma weights the x0 error; its eps and v forms must turn an eps or v error back
+    into the same weighted x0 error (exact where alpha^2 + s^2 = 1)."""
+    process = PROCESSES[name]
+    x0 = torch.randn(256, 3, generator=_g(5), dtype=torch.float64)
+    weighted = {
+        target: loss(
+            _one_x0_guess_in_every_parameterization(process, target), process, x0, _g(6), weighting=min_snr(5.0, target)
+        )
+        for loss, target in [(eps_loss, "eps"), (x0_loss, "x0"), (v_loss, "v")]
+    }
+    torch.testing.assert_close(weighted["eps"], weighted["x0"])
+    torch.testing.assert_close(weighted["v"], weighted["x0"])
+    assert not torch.allclose(
+        weighted["x0"], x0_loss(_one_x0_guess_in_every_parameterization(process, "x0"), process, x0, _g(6))
+    )
+
+
+@pytest.mark.parametrize("target,diffusers_prediction", [("eps", "epsilon"), ("v", "v_prediction")])
+def test_min_snr_weights_equal_diffusers_snr_gamma(target, diffusers_prediction):
+    """Ours == the weights of diffusers' training scripts (train_text_to_image.py, --snr_gamma 5)."""
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import compute_snr
+
+    timesteps = torch.arange(0, 1000, 7)
+    snr = compute_snr(DDPMScheduler(num_train_timesteps=1000), timesteps)
+    theirs = torch.stack([snr, 5.0 * torch.ones_like(snr)], dim=1).min(dim=1)[0]
+    theirs = theirs / snr if diffusers_prediction == "epsilon" else theirs / (snr + 1)
+    ours = min_snr(5.0, target)(DDPM.linear(1000).sigma_ve(timesteps))
+    # diffusers' alphas_cumprod is float32: 1 - abar at the first timesteps carries ~1e-4 of rounding
+    torch.testing.assert_close(ours.float(), theirs, rtol=5e-4, atol=0)
+
+
+def test_the_config_chooses_the_weighting():
+    cfg = config.load(overrides=["diffusion.loss_weighting=min_snr", "diffusion.min_snr_gamma=2"]).diffusion
+    process = DDPM.linear()
+    x0 = torch.randn(64, 3, generator=_g(7), dtype=torch.float64)
+    net = lambda x, t: 0.5 * x  # noqa: E731
+    expected = v_loss(net, process, x0, _g(8), weighting=min_snr(2.0, "v"))
+    torch.testing.assert_close(build_loss(cfg)(net, process, x0, _g(8)), expected)
+    assert build_loss(config.load().diffusion)(net, process, x0, _g(8)) != expected
+    with pytest.raises(ConfigError, match="loss_weighting"):
+        config.load(
+            overrides=["diffusion.loss_weighting=min_snr", "diffusion.process=ve", "diffusion.prediction=score"]
+        )
 
 
 def test_dsm_default_weighting_is_sigma_squared_on_ncsn_levels():

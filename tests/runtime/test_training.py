@@ -166,14 +166,14 @@ def test_the_counter_sees_a_per_step_item(encoded, tmp_path, monkeypatch):
         "diffusion.log_every=100",
         "diffusion.checkpoint_every=100",
     )
-    real = diffusion.LOSSES["v"]
+    real = LOSSES["v"]
 
     def fetched_every_step(*args, **kwargs):
         loss = real(*args, **kwargs)
         loss.item()
         return loss
 
-    monkeypatch.setitem(diffusion.LOSSES, "v", fetched_every_step)
+    monkeypatch.setitem(LOSSES, "v", fetched_every_step)
     counts = StepCounts(monkeypatch)
     diffusion.run(cfg)
     with pytest.raises(AssertionError):

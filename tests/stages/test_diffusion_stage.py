@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline import artifacts, config, manifest
+from pipeline.diffusion.build import LOSSES
 from pipeline.errors import LatentpipeError, StageInterrupted
 from pipeline.runtime import checkpoint
 from pipeline.runtime.training import NonFiniteLossError
@@ -107,7 +108,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(encoded, tmp_path, monkeyp
 
 def test_non_finite_steps_roll_back_with_a_lower_learning_rate(encoded, tmp_path, monkeypatch):
     cfg = _cfg(_copy(encoded, tmp_path), "diffusion.max_nonfinite_steps=2", "diffusion.max_steps=10")
-    real = diffusion.LOSSES["v"]
+    real = LOSSES["v"]
     calls = {"n": 0}
 
     def nan_after_first_checkpoint(*args, **kwargs):
@@ -115,7 +116,7 @@ def test_non_finite_steps_roll_back_with_a_lower_learning_rate(encoded, tmp_path
         loss = real(*args, **kwargs)
         return loss * float("nan") if calls["n"] in (5, 6) else loss  # steps 4 and 4 again
 
-    monkeypatch.setitem(diffusion.LOSSES, "v", nan_after_first_checkpoint)
+    monkeypatch.setitem(LOSSES, "v", nan_after_first_checkpoint)
     found = manifest.read(diffusion.run(cfg))
     assert found["metrics"]["rollbacks"] == 1 and found["metrics"]["skipped_steps"] == 2
     assert found["metrics"]["steps"] == 10
@@ -123,8 +124,8 @@ def test_non_finite_steps_roll_back_with_a_lower_learning_rate(encoded, tmp_path
 
 def test_too_many_non_finite_steps_stop_with_a_clear_error(encoded, tmp_path, monkeypatch):
     cfg = _cfg(_copy(encoded, tmp_path), "diffusion.max_nonfinite_steps=2", "diffusion.on_nonfinite=stop")
-    real = diffusion.LOSSES["v"]
-    monkeypatch.setitem(diffusion.LOSSES, "v", lambda *a, **k: real(*a, **k) * float("inf"))
+    real = LOSSES["v"]
+    monkeypatch.setitem(LOSSES, "v", lambda *a, **k: real(*a, **k) * float("inf"))
     with pytest.raises(NonFiniteLossError, match="2 non-finite steps in a row"):
         diffusion.run(cfg)
 
