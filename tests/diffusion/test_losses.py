@@ -22,19 +22,25 @@ def _g(seed):
     return torch.Generator().manual_seed(seed)
 
 
-def _exact_network(process, target):
-    """The Bayes-optimal network for data concentrated at POINT, from the definitions at its input
-    x_t = alpha x_0 + s eps (alpha = input_scale, s = alpha sigma; the score network outputs the
-    score times the marginal std, std grad log p = -eps)."""
+def _network_from_x0(process, target, x0_estimate):
+    """The network whose x0 estimate at x_t is ``x0_estimate(x_t)``, reporting the target's
+    prediction derived from it at x_t = alpha x_0 + s eps (alpha = input_scale, s = alpha sigma;
+    the score network outputs the score times the marginal std, std grad log p = -eps)."""
 
     def net(x_t, time):
         sigma = process.sigma_ve(process_time(process, time)).to(x_t.dtype)[:, None]
         alpha = process.input_scale(sigma)
         s = alpha * sigma
-        eps = (x_t - alpha * POINT) / s
-        return {"eps": eps, "x0": POINT.expand_as(x_t), "v": alpha * eps - s * POINT, "score": -eps}[target]
+        x0 = x0_estimate(x_t)
+        eps = (x_t - alpha * x0) / s
+        return {"eps": eps, "x0": x0, "v": alpha * eps - s * x0, "score": -eps}[target]
 
     return net
+
+
+def _exact_network(process, target):
+    """The Bayes-optimal network for data concentrated at POINT."""
+    return _network_from_x0(process, target, lambda x_t: POINT.expand_as(x_t))
 
 
 @pytest.mark.parametrize("name", sorted(PROCESSES))
@@ -60,18 +66,8 @@ def test_weighting_is_explicit(loss):
 
 
 def _one_x0_guess_in_every_parameterization(process, target):
-    """A fixed, wrong x0 estimate (0.5 x_t) reported as the target's prediction: eps, x0 and v
-    derived from the same x0 guess at x_t = alpha x_0 + s eps."""
-
-    def net(x_t, time):
-        sigma = process.sigma_ve(process_time(process, time)).to(x_t.dtype)[:, None]
-        alpha = process.input_scale(sigma)
-        s = alpha * sigma
-        x0 = 0.5 * x_t
-        eps = (x_t - alpha * x0) / s
-        return {"eps": eps, "x0": x0, "v": alpha * eps - s * x0}[target]
-
-    return net
+    """A fixed, wrong x0 estimate (0.5 x_t) reported as the target's prediction."""
+    return _network_from_x0(process, target, lambda x_t: 0.5 * x_t)
 
 
 @pytest.mark.parametrize("name", ["ddpm", "vp", "ve"])
