@@ -43,7 +43,7 @@ from pipeline.errors import LatentpipeError
 from pipeline.interop import load_pretrained_autoencoder
 from pipeline.metrics.recon import psnr, ssim
 from pipeline.runtime.dist import Runtime
-from pipeline.runtime.optim import build_optimizer
+from pipeline.runtime.optim import build_optimizer, lr_schedule
 from pipeline.runtime.training import TrainingLoop, configure_backends, prepare_network, start_training, to_device
 from pipeline.seeding import derive_seed, generator
 
@@ -177,6 +177,7 @@ def run(cfg: config.Config) -> Path:
             )
             pairs["discriminator"] = runtime.prepare(discriminator, _adamw(discriminator, ae, weight_decay=0.01))
         (model, optimizer), (discriminator, d_optimizer) = pairs["model"], pairs.get("discriminator", (None, None))
+        scheduler = lr_schedule(optimizer, warmup_steps=ae.warmup_steps, total_steps=ae.max_steps, kind=ae.lr_schedule)
         loader = ShardLoader(
             [str(path) for path in prepared.files("train")],
             batch_size=ae.batch_size,
@@ -199,6 +200,7 @@ def run(cfg: config.Config) -> Path:
             keep=ae.keep_checkpoints,
             loader=loader,
             pairs=pairs,
+            scheduler=scheduler,
         )
         objective = Objective(ae, lpips)
         with TrainingLoop(state, ae, NAME, metrics_log=metrics_log) as loop:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -436,7 +437,9 @@ class TrainingLoop:
         checkpoint steps. Returns the new step count."""
         state, cfg, runtime = self.state, self.cfg, self.runtime
         if state.scheduler is not None:
-            state.scheduler.step()
+            with warnings.catch_warnings():  # fp16: the grad scaler skipped an overflowing step, as it should
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+                state.scheduler.step()
         step = state.progress.step = state.progress.step + 1
         if state.ema is not None:
             with runtime.full_parameters(state.model):

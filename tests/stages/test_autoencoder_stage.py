@@ -1,5 +1,7 @@
 """`latentpipe autoencoder` end to end on real digits: outputs, exact resume, bad input."""
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -8,6 +10,7 @@ from pipeline import artifacts, config, manifest
 from pipeline.autoencoder.build import build_autoencoder
 from pipeline.errors import LatentpipeError, StageInterrupted
 from pipeline.runtime import checkpoint
+from pipeline.runtime.optim import lr_factor
 from pipeline.runtime.training import NonFiniteLossError
 from stages import autoencoder, prepare
 from tests.support import signal_before_step
@@ -72,12 +75,31 @@ def test_trains_exports_and_reports(prepared, tmp_path, lpips_cache, kind, preci
     assert list((out / "images").glob("reconstructions-*.png"))
 
 
+def test_the_learning_rate_follows_the_configured_schedule(prepared, tmp_path, lpips_cache):
+    cfg = _cfg(
+        _fresh_copy(prepared, tmp_path),
+        "autoencoder.max_steps=6",
+        "autoencoder.lr_schedule=cosine",
+        "autoencoder.warmup_steps=2",
+        "autoencoder.lpips=none",
+    )
+    out = autoencoder.run(cfg)
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    ae = cfg.autoencoder
+    # the rate logged at step s is the one the next step (s, counted from 0) will use
+    expected = [ae.learning_rate * lr_factor(s, warmup_steps=2, total_steps=6, kind="cosine") for s in (2, 4, 6)]
+    assert [row["lr"] for row in logged] == pytest.approx(expected)
+    assert expected[-1] == 0.0
+
+
 def test_interrupted_and_resumed_equals_uninterrupted(prepared, tmp_path, lpips_cache, monkeypatch):
-    reference = _cfg(_fresh_copy(prepared, tmp_path / "a"), "autoencoder.max_steps=8")
+    # a schedule with a warm-up: the resumed run must also pick up the schedule where it stopped
+    schedule = ("autoencoder.max_steps=8", "autoencoder.lr_schedule=cosine", "autoencoder.warmup_steps=3")
+    reference = _cfg(_fresh_copy(prepared, tmp_path / "a"), *schedule)
     autoencoder.run(reference)
     expected = load_file(reference.stage_dir("autoencoder") / artifacts.TrainedAutoencoder.WEIGHTS_FILE)
 
-    cfg = _cfg(_fresh_copy(prepared, tmp_path / "b"), "autoencoder.max_steps=8")
+    cfg = _cfg(_fresh_copy(prepared, tmp_path / "b"), *schedule)
     signal_before_step(monkeypatch, 5)
     with pytest.raises(StageInterrupted, match="step 5"):
         autoencoder.run(cfg)
