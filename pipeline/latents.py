@@ -124,3 +124,9 @@ class LatentSpace:
         when ``snap``)."""
         z = self.from_model(x)
         return self.snap(z) if snap and self.kind == "vq" else z
+
+
+def point_latent(encoded, kind: str) -> Tensor:
+    """The one latent ``autoencoder.encode(x)`` stands for outside training, as the decoder reads
+    it: a VQ's codebook vectors z_q, a KL posterior's mean (``kind``: the latent's kind)."""
+    return encoded.z_q if kind == "vq" else encoded.mean

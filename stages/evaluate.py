@@ -43,6 +43,7 @@ import torch
 from pipeline import artifacts, atomic, config, manifest, report, stage_registry, weights
 from pipeline.data.stream import sequential_batches
 from pipeline.diffusion.likelihood import log_likelihood
+from pipeline.latents import point_latent
 from pipeline.metrics import classifier
 from pipeline.metrics.features import InceptionFeatures
 from pipeline.metrics.fid import FeatureStats, frechet_distance
@@ -159,7 +160,7 @@ def _reconstruction(cfg: config.Config, inception, val: Reference, prepared: art
     )
     for batch in sequential_batches([str(path) for path in prepared.files("val")], cfg.evaluate.batch_size):
         encoded = autoencoder.encode(batch["image"].to(device))
-        x_hat = autoencoder.decode(encoded.z_q if trained.latent.kind == "vq" else encoded.mean)
+        x_hat = autoencoder.decode(point_latent(encoded, trained.latent.kind))
         reconstructions.append(to_uint8(x_hat))  # as a PNG would store them, like the samples
         progress.update(sum(map(len, reconstructions)))
     progress.finish()

@@ -31,6 +31,7 @@ from pipeline.data.shards import ShardWriter, make_sample
 from pipeline.data.stream import sequential_batches
 from pipeline.diffusion.build import sampling_sigmas
 from pipeline.labels import labels_for
+from pipeline.latents import point_latent
 from pipeline.metrics.images import to_uint8
 from pipeline.runtime.dist import Runtime
 from pipeline.sampling import SOLVERS
@@ -112,8 +113,7 @@ def _inpaint(trained: artifacts.TrainedDiffusion, autoencoder, cfg: config.Confi
     batch = next(iter(sequential_batches([str(path) for path in val], s.inpaint_count)))
     images = batch["image"].to(device)
     with torch.no_grad():
-        encoded = autoencoder.encode(images)
-        z = encoded.z_q if trained.latent.kind == "vq" else encoded.mean
+        z = point_latent(autoencoder.encode(images), trained.latent.kind)
     known = trained.space.to_model(z)
     mask = torch.zeros_like(known)
     h, w = known.shape[-2:]

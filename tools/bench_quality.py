@@ -6,6 +6,12 @@ on and off.
         [--settings ddpm:process:1000 ddim:process:10 ... dpmpp_2m:karras:20] [--snap-off dpmpp_2m:karras:20]
     python tools/bench_quality.py [key=value ...] --nfe 5 10 20   # the few-step frontier
     python tools/bench_quality.py [key=value ...] --settings ipndm:karras:20 --guidance 1 1.5 2 3
+    python tools/bench_quality.py [key=value ...] --reconstructions --settings   # the autoencoder alone
+
+``--reconstructions`` adds a first row: the autoencoder's reconstructions of as many train images
+as samples, against the same val images. It is what a perfect denoiser would score, so it says
+whether the autoencoder or the denoiser limits the samples' FID. With an empty ``--settings`` it
+needs no denoiser: a run that has only trained its autoencoder can be compared.
 
 A setting is ``[family/]method:grid:steps[:option=value,...]``:
 
@@ -57,6 +63,7 @@ from pipeline.data.stream import sequential_batches
 from pipeline.diffusion import DDPM
 from pipeline.diffusion.build import sampling_sigmas, sigma_range
 from pipeline.labels import labels_for
+from pipeline.latents import point_latent
 from pipeline.metrics import classifier
 from pipeline.metrics.features import InceptionFeatures
 from pipeline.metrics.fid import FeatureStats, frechet_distance
@@ -249,6 +256,24 @@ def render(
     return torch.cat(images), labels, off / count, calls / count
 
 
+def reconstructions(autoencoder, kind: str, prepared, count: int) -> tuple[Tensor, Tensor]:
+    """(decoded encodings, labels) of ``count`` train images spread evenly over the split (image
+    floor(i * total / count)): what a perfect denoiser would generate, so their FID against the
+    val images is the best any denoiser on this autoencoder reaches at this sample count."""
+    total = prepared.count("train")
+    wanted = {i * total // count for i in range(min(count, total))}
+    images, labels, seen = [], [], 0
+    for batch in sequential_batches([str(path) for path in prepared.files("train")], 250):
+        keep = [j for j in range(len(batch["image"])) if seen + j in wanted]
+        seen += len(batch["image"])
+        if keep:
+            with torch.no_grad():
+                encoded = autoencoder.encode(batch["image"][keep])
+                images.append(autoencoder.decode(point_latent(encoded, kind)).clamp(-1, 1))
+            labels.append(batch["label"][keep] if "label" in batch else torch.full((len(keep),), -1))
+    return torch.cat(images), torch.cat(labels)
+
+
 def summary(rows: list[dict], budgets: list[int]) -> str:
     """Per NFE budget, among the rows with NFE <= it: our best and the best peer by FID (with that
     row's accuracy) and by accuracy."""
@@ -284,7 +309,9 @@ def main() -> None:
     parser.add_argument("--config")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     parser.add_argument("--samples", type=int, default=500)
-    parser.add_argument("--settings", nargs="+", default=None, help="[family/]method:grid:steps[:key=value,...]")
+    parser.add_argument(
+        "--settings", nargs="*", default=None, help="[family/]method:grid:steps[:key=value,...] (none: no samplers)"
+    )
     parser.add_argument("--nfe", type=int, nargs="+", help="run the frontier at these NFE budgets (after --settings)")
     parser.add_argument("--snap-off", nargs="*", default=None, help="settings also run unsnapped")
     parser.add_argument(
@@ -293,22 +320,25 @@ def main() -> None:
         nargs="+",
         help="run every setting at each of these guidance scales (default: the run's)",
     )
+    parser.add_argument(
+        "--reconstructions",
+        action="store_true",
+        help="first, a row for the autoencoder's reconstructions of as many train images (a perfect denoiser)",
+    )
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--seed", type=int, help="seed of the initial noises (default: the experiment's)")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "latentpipe-bench-quality")
     args = parser.parse_args()
     torch.manual_seed(0)
+    if args.snap_off is None:  # an empty --settings asks for no sampler at all
+        args.snap_off = [] if args.nfe or args.settings == [] else ["dpmpp_2m:karras:20"]
     if args.settings is None:
         args.settings = [] if args.nfe else list(DEFAULT_SETTINGS)
-    if args.snap_off is None:
-        args.snap_off = [] if args.nfe else ["dpmpp_2m:karras:20"]
     runs = [(Setting.parse(s), True) for s in args.settings]
     runs += [(s, True) for s in (frontier(args.nfe) if args.nfe else [])]
     runs += [(Setting.parse(s), False) for s in args.snap_off]
 
     cfg = config.load(args.config, args.overrides)
-    encoded = artifacts.EncodedLatents.from_stage_dir(cfg)
-    trained = artifacts.TrainedDenoiser.from_stage_dir(cfg).load(cfg, encoded, "cpu")
     autoencoder = artifacts.load_autoencoder(cfg, "cpu")
     inception = InceptionFeatures()
     prepared = artifacts.PreparedShards.from_stage_dir(cfg)
@@ -317,9 +347,12 @@ def main() -> None:
     real_stats = FeatureStats.of(real)
     source = {"shards": sorted(prepared.shard_hashes("train") + prepared.shard_hashes("val"))}
     settings = classifier.Settings(steps=cfg.evaluate.classifier_steps)  # the evaluate stage's classifier
-    digits = classifier.load_or_train(args.cache, source, train, val, trained.num_classes, settings)
-    latents = [str(path) for path in encoded.files("val")]
-    data_absmax = max(float(trained.latents_from_batch(b).abs().max()) for b in sequential_batches(latents, 500))
+    digits = classifier.load_or_train(args.cache, source, train, val, len(prepared.classes), settings)
+    if runs:  # --reconstructions alone needs only the autoencoder
+        encoded = artifacts.EncodedLatents.from_stage_dir(cfg)
+        trained = artifacts.TrainedDenoiser.from_stage_dir(cfg).load(cfg, encoded, "cpu")
+        latents = [str(path) for path in encoded.files("val")]
+        data_absmax = max(float(trained.latents_from_batch(b).abs().max()) for b in sequential_batches(latents, 500))
     print(
         f"{args.samples} samples vs {len(real)} real val images; prediction {cfg.diffusion.prediction}; guidance "
         f"{cfg.sample.guidance_scale}; classifier accuracy on real val {digits.val_accuracy:.1%}\n"
@@ -329,7 +362,32 @@ def main() -> None:
         "| off-data | s/sample |"
     )
     print("|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    rows = []
+    rows, ceiling = [], []  # ceiling: the reconstructions' row, kept out of the sampler summary
+
+    def scores(images: Tensor, labels: Tensor) -> dict:
+        features = torch.cat([inception(images[i : i + 250]) for i in range(0, len(images), 250)])
+        kid, _ = kernel_inception_distance(features, real, generator=torch.Generator().manual_seed(0), subsets=50)
+        precision, recall = precision_recall(real, features, k=cfg.evaluate.nearest_k)
+        labelled = bool((labels >= 0).all())
+        return {
+            "fid": frechet_distance(FeatureStats.of(features), real_stats),
+            "kid": kid,
+            "precision": precision,
+            "recall": recall,
+            "accuracy": classifier.accuracy(digits.model, images, labels)["accuracy"] if labelled else float("nan"),
+        }
+
+    if args.reconstructions:
+        kind = artifacts.TrainedAutoencoder.from_stage_dir(cfg).latent.kind
+        s = scores(*reconstructions(autoencoder, kind, prepared, args.samples))
+        print(
+            f"| autoencoder: {args.samples} train reconstructions | - | - | - | - | - | {s['fid']:.2f} | "
+            f"{s['kid'] * 1e3:.2f} | {s['precision']:.3f} | {s['recall']:.3f} | {s['accuracy']:.1%} | - | - |",
+            flush=True,
+        )
+        ceiling.append({"setting": "reconstructions", "family": "autoencoder", "samples": args.samples, **s})
+        if args.json:
+            args.json.write_text(json.dumps(ceiling, indent=1))
     counts = prepared.class_counts("train")
     for (setting, snap), guidance in itertools.product(runs, args.guidance or [cfg.sample.guidance_scale]):
         start = time.perf_counter()
@@ -338,11 +396,8 @@ def main() -> None:
             trained, autoencoder, cfg, setting, args.samples, snap, data_absmax, seed, counts, guidance
         )
         seconds = (time.perf_counter() - start) / args.samples
-        features = torch.cat([inception(images[i : i + 250]) for i in range(0, len(images), 250)])
-        fid = frechet_distance(FeatureStats.of(features), real_stats)
-        kid, _ = kernel_inception_distance(features, real, generator=torch.Generator().manual_seed(0), subsets=50)
-        precision, recall = precision_recall(real, features, k=cfg.evaluate.nearest_k)
-        accuracy = classifier.accuracy(digits.model, images, labels)["accuracy"]
+        s = scores(images, labels)
+        fid, kid, precision, recall, accuracy = (s[k] for k in ("fid", "kid", "precision", "recall", "accuracy"))
         row = {
             "setting": str(setting),
             "family": setting.family,
@@ -368,7 +423,7 @@ def main() -> None:
             flush=True,
         )
         if args.json:
-            args.json.write_text(json.dumps(rows, indent=1))
+            args.json.write_text(json.dumps(ceiling + rows, indent=1))
     if args.nfe:
         print("\n" + summary(rows, args.nfe), flush=True)
 

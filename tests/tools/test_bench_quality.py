@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -135,7 +136,7 @@ def test_runs_ours_and_the_peers_on_a_tiny_trained_model(trained, tmp_path, weig
     overrides = [f"experiment.runs_dir={trained}", *ARGS, "evaluate.classifier_steps=30"]
     settings = ["ipndm:karras:3", "k-diffusion/heun:karras:2", "diffusers/DDIM:own:3"]
     before = sorted(p for p in trained.rglob("*"))
-    options = ["--samples", "6", "--settings", *settings, "--snap-off", "--guidance", "1", "2"]
+    options = ["--samples", "6", "--settings", *settings, "--snap-off", "--guidance", "1", "2", "--reconstructions"]
     options += ["--json", str(out), "--cache", str(tmp_path)]
     done = subprocess.run(
         [sys.executable, str(ROOT / "tools" / "bench_quality.py"), *overrides, *options],
@@ -147,8 +148,29 @@ def test_runs_ours_and_the_peers_on_a_tiny_trained_model(trained, tmp_path, weig
         check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = json.loads(out.read_text())
+    ceiling, *rows = json.loads(out.read_text())
+    assert ceiling["setting"] == "reconstructions" and ceiling["samples"] == 6  # six train images through the AE
+    assert ceiling["fid"] > 0 and 0 <= ceiling["accuracy"] <= 1
     assert [(r["setting"], r["guidance"]) for r in rows] == [(s, g) for s in settings for g in (1.0, 2.0)]
     assert [r["nfe"] for r in rows] == [3] * 6
     assert all(r["fid"] > 0 and 0 <= r["accuracy"] <= 1 and 0 <= r["recall"] <= 1 for r in rows)
     assert sorted(p for p in trained.rglob("*")) == before  # the run directory is only read
+
+    # the autoencoder's ceiling alone needs no denoiser: a run that stopped after its autoencoder
+    shutil.copytree(trained, tmp_path / "ae-only")
+    for stage_dir in (tmp_path / "ae-only").glob("*/*"):
+        if stage_dir.name not in ("prepare", "autoencoder"):
+            shutil.rmtree(stage_dir)
+    overrides[0] = f"experiment.runs_dir={tmp_path / 'ae-only'}"
+    only = ["--samples", "4", "--settings", "--reconstructions", "--json", str(out), "--cache", str(tmp_path)]
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "bench_quality.py"), *overrides, *only],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [(r["setting"], r["samples"]) for r in json.loads(out.read_text())] == [("reconstructions", 4)]
