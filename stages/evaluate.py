@@ -50,7 +50,7 @@ from pipeline.metrics.fid import FeatureStats, frechet_distance
 from pipeline.metrics.images import as_network_input, to_uint8
 from pipeline.metrics.kid import kernel_inception_distance
 from pipeline.metrics.precision_recall import precision_recall
-from pipeline.metrics.reference import Reference, reference_features
+from pipeline.metrics.reference import Reference, evenly_spread, reference_features
 from pipeline.runtime.dist import Runtime
 from pipeline.runtime.progress import Countdown
 from pipeline.seeding import generator
@@ -80,12 +80,11 @@ def _real_reference(
     cfg: config.Config, inception, prepared: artifacts.PreparedShards, split: str, cache: Path, count: int | None = None
 ) -> Reference:
     """Cached features of ``count`` (None: all) real images of a split, spread evenly over it
-    (image floor(i * total / count)): shards written in source order can hold one class each,
-    so the first ``count`` would not be a fair sample."""
+    (``evenly_spread``)."""
     shards = [str(path) for path in prepared.files(split)]
     total = prepared.count(split)
-    count = total if count is None else min(count, total)
-    wanted = {i * total // count for i in range(count)}
+    wanted = evenly_spread(total, total if count is None else count)
+    count = len(wanted)
     source = {**_shards(prepared, split), "count": count, "selection": "evenly spread"}
 
     def batches():  # called only when the features are not cached

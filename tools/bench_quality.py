@@ -69,6 +69,7 @@ from pipeline.metrics.features import InceptionFeatures
 from pipeline.metrics.fid import FeatureStats, frechet_distance
 from pipeline.metrics.kid import kernel_inception_distance
 from pipeline.metrics.precision_recall import precision_recall
+from pipeline.metrics.reference import evenly_spread
 from pipeline.sampling import logsnr_sigmas, sample
 from pipeline.sampling.generate import conditioned, initial_noise
 from pipeline.seeding import generator
@@ -257,11 +258,10 @@ def render(
 
 
 def reconstructions(autoencoder, kind: str, prepared, count: int) -> tuple[Tensor, Tensor]:
-    """(decoded encodings, labels) of ``count`` train images spread evenly over the split (image
-    floor(i * total / count)): what a perfect denoiser would generate, so their FID against the
-    val images is the best any denoiser on this autoencoder reaches at this sample count."""
-    total = prepared.count("train")
-    wanted = {i * total // count for i in range(min(count, total))}
+    """(decoded encodings, labels) of ``count`` train images spread evenly over the split: what a
+    perfect denoiser would generate, so their FID against the val images is the best any
+    denoiser on this autoencoder reaches at this sample count."""
+    wanted = evenly_spread(prepared.count("train"), count)
     images, labels, seen = [], [], 0
     for batch in sequential_batches([str(path) for path in prepared.files("train")], 250):
         keep = [j for j in range(len(batch["image"])) if seen + j in wanted]

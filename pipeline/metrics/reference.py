@@ -47,6 +47,14 @@ class Reference:
     stats: FeatureStats
 
 
+def evenly_spread(total: int, count: int) -> set[int]:
+    """Indices floor(i * total / count) of ``count`` items (at most ``total``) spread evenly over
+    ``total``: shards written in source order can hold one class each, so the first ``count``
+    would not be a fair sample."""
+    count = min(count, total)
+    return {i * total // count for i in range(count)}
+
+
 def cache_inputs(source: Mapping[str, Any], extractor_identity: Mapping[str, Any]) -> str:
     """The canonical JSON that :func:`cache_key` hashes."""
     return json.dumps({"source": source, "extractor": extractor_identity}, sort_keys=True, separators=(",", ":"))

@@ -138,16 +138,20 @@ def test_runs_ours_and_the_peers_on_a_tiny_trained_model(trained, tmp_path, weig
     before = sorted(p for p in trained.rglob("*"))
     options = ["--samples", "6", "--settings", *settings, "--snap-off", "--guidance", "1", "2", "--reconstructions"]
     options += ["--json", str(out), "--cache", str(tmp_path)]
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "bench_quality.py"), *overrides, *options],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1200,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+
+    def bench(*args: str) -> None:
+        done = subprocess.run(
+            [sys.executable, str(ROOT / "tools" / "bench_quality.py"), *args],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=1200,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    bench(*overrides, *options)
     ceiling, *rows = json.loads(out.read_text())
     assert ceiling["setting"] == "reconstructions" and ceiling["samples"] == 6  # six train images through the AE
     assert ceiling["fid"] > 0 and 0 <= ceiling["accuracy"] <= 1
@@ -163,14 +167,5 @@ def test_runs_ours_and_the_peers_on_a_tiny_trained_model(trained, tmp_path, weig
             shutil.rmtree(stage_dir)
     overrides[0] = f"experiment.runs_dir={tmp_path / 'ae-only'}"
     only = ["--samples", "4", "--settings", "--reconstructions", "--json", str(out), "--cache", str(tmp_path)]
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "bench_quality.py"), *overrides, *only],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    bench(*overrides, *only)
     assert [(r["setting"], r["samples"]) for r in json.loads(out.read_text())] == [("reconstructions", 4)]
